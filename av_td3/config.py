@@ -1,0 +1,330 @@
+"""Typed configuration schemas: the single source of every config key, its default and its valid range.
+
+Hydra composes ``conf/`` on top of these dataclasses (registered in the ConfigStore below), so a wrong type or
+an unknown key fails at compose time. Ranges and cross-field rules are checked by :func:`validate`, which names
+the full key and the fix. Every key here is read somewhere in ``av_td3``; ``tests/test_config_effects.py``
+shows each one changing behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key and the fix."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+           choices: tuple | None = None) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+
+
+def rng(default: Any, lo: float | None = None, hi: float | None = None, **kw: Any) -> Any:
+    """A dataclass field with a valid range (checked by :func:`validate`)."""
+    return field(default=default, metadata=_range(lo, hi, **kw))
+
+
+def one_of(default: Any, *choices: Any) -> Any:
+    return field(default=default, metadata=_range(choices=tuple(choices)))
+
+
+# ----------------------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainerConfig:
+    total_steps: int = rng(50_000, 1)
+    learning_starts: int = rng(1_000, 0)
+    eval_every: int = rng(5_000, 1)
+    eval_episodes: int = rng(5, 1)
+    checkpoint_every: int = rng(5_000, 1)
+    checkpoint_keep: int = rng(2, 1)
+    # Save the replay buffer with each checkpoint, so a resumed run continues exactly.
+    checkpoint_buffer: bool = True
+    log_every: int = rng(1_000, 1)
+    # Critic updates per environment step once learning has started (the replay ratio).
+    updates_per_step: int = rng(1, 1)
+    device: str = one_of("auto", "auto", "cpu", "cuda")
+    # Checkpoint to resume from: "auto" (latest in this run's output dir, if any), "none", or a file path.
+    resume: str = "auto"
+    # Threads torch may use; 0 keeps torch's default. Sweep launchers split cores between jobs with it.
+    torch_threads: int = rng(0, 0)
+    # Show a progress bar when attached to a terminal.
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------------------------- agent
+@dataclass
+class LrConfig:
+    actor: float = rng(3e-4, 0, lo_open=True)
+    critic: float = rng(3e-4, 0, lo_open=True)
+
+
+@dataclass
+class ClipConfig:
+    # Max global L2 norm of each network's gradients (CNN + MLP together); null disables clipping.
+    actor: Optional[float] = rng(1.0, 0, lo_open=True)
+    critic: Optional[float] = rng(10.0, 0, lo_open=True)
+
+
+@dataclass
+class PidConfig:
+    """Classical baseline: PID on speed + pure pursuit on the observation's lane-centre points."""
+    target_speed: float = rng(5.0, 0, lo_open=True)
+    kp: float = rng(0.5, 0)
+    ki: float = rng(0.05, 0)
+    kd: float = rng(0.0, 0)
+    lookahead: float = rng(6.0, 0, lo_open=True)
+    wheelbase: float = rng(2.5, 0, lo_open=True)
+    max_steer_rad: float = rng(0.7854, 0, lo_open=True)
+
+
+@dataclass
+class AgentConfig:
+    name: str = one_of("td3", "td3", "ddpg", "pid")
+    lr: LrConfig = field(default_factory=LrConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    policy_freq: int = rng(2, 1)
+    tau: float = rng(0.005, 0, 1, lo_open=True)
+    gamma: float = rng(0.99, 0, 1, hi_open=True)
+    policy_noise: float = rng(0.2, 0)
+    noise_clip: float = rng(0.5, 0)
+    exploration_noise: float = rng(0.1, 0)
+    batch_size: int = rng(128, 1)
+    buffer_size: int = rng(100_000, 1)
+    # Twin critics (TD3) = 2; DDPG = 1.
+    num_critics: int = rng(2, 1, 2)
+    # separate: actor and critic each own a CNN; shared: one CNN trained by the critic, actor reads detached features.
+    encoder: str = one_of("separate", "separate", "shared")
+    features_dim: int = rng(64, 1)
+    hidden_dim: int = rng(256, 1)
+    hidden_layers: int = rng(2, 1)
+    # Feed the lane-state vector to the networks next to the image features.
+    use_state: bool = True
+    compile: bool = False
+    # Gains of the classical baseline (used when agent.name=pid).
+    pid: PidConfig = field(default_factory=PidConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------- env
+@dataclass
+class ImageConfig:
+    height: int = rng(84, 16, 512)
+    width: int = rng(84, 16, 512)
+    stack: int = rng(4, 1, 16)
+
+
+@dataclass
+class RewardConfig:
+    """Weights of each reward component (see ``av_td3.envs.base.RewardFunction``)."""
+    # efficiency: speed along the lane / target_speed, capped at 1.
+    efficiency: float = 1.0
+    target_speed: float = rng(10.0, 0, lo_open=True)
+    # lane keeping: -(|lateral offset| / half lane width) - |heading error| / (pi/2).
+    lane_keeping: float = 0.5
+    # comfort: -|jerk| (m/s^3) / 10.
+    comfort: float = 0.05
+    # safety: -collision_penalty on collision, -offroad_penalty when leaving the road.
+    collision_penalty: float = rng(10.0, 0)
+    offroad_penalty: float = rng(10.0, 0)
+    lane_invasion_penalty: float = rng(0.5, 0)
+    # progress: metres travelled along the route this step.
+    progress: float = 0.1
+
+
+@dataclass
+class CameraConfig:
+    """CARLA RGB camera (converted to grayscale of env.image size)."""
+    width: int = rng(84, 16, 2048)
+    height: int = rng(84, 16, 2048)
+    fov: float = rng(90.0, 10, 170)
+    x: float = 1.5
+    y: float = 0.0
+    z: float = 2.4
+    pitch: float = -15.0
+
+
+@dataclass
+class RouteConfig:
+    """CARLA route built from the map's own waypoints."""
+    length_m: float = rng(500.0, 10)
+    spacing_m: float = rng(2.0, 0.5, 20)
+    start_index: int = rng(-1, -1)  # -1: a seeded random spawn point
+
+
+@dataclass
+class EnvConfig:
+    name: str = one_of("highway", "highway", "carla")
+    town: str = "racetrack"
+    npcs: int = rng(5, 0, 200)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    max_episode_steps: int = rng(500, 1)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    # Lane-centre points in the state vector (ego frame), spaced `lane_point_spacing` metres apart.
+    lane_points: int = rng(5, 1, 32)
+    lane_point_spacing: float = rng(4.0, 0.5)
+    num_envs: int = rng(1, 1, 64)
+    # Embedded simulator: physics steps per second and agent decisions per second.
+    simulation_frequency: int = rng(15, 1, 120)
+    policy_frequency: int = rng(5, 1, 60)
+    # Which seeds the evaluation episodes use (eval episode i uses eval_seed + i).
+    eval_seed: int = rng(10_000, 0)
+    # ---- CARLA only (ignored with a warning by the embedded simulator when changed) ----
+    host: str = "localhost"
+    port: int = rng(2000, 1, 65535)
+    tm_port: int = rng(8000, 1, 65535)
+    timeout_s: float = rng(10.0, 0.1)
+    fixed_delta_s: float = rng(0.05, 0.001, 0.1)
+    weather: str = "ClearNoon"
+    max_reconnects: int = rng(3, 0)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    route: RouteConfig = field(default_factory=RouteConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------- monitor
+@dataclass
+class MonitorConfig:
+    enabled: bool = True
+    # clip_violation fires when an after-clip norm exceeds limit * (1 + tolerance).
+    tolerance: float = rng(1e-4, 0)
+    # grad_explosion: before-clip norm above `warn_factor` (warning) / `critical_factor` (critical) x the clip
+    # limit, or x reference_limit.<net> for an unclipped network.
+    warn_factor: float = rng(10.0, 1)
+    critical_factor: float = rng(100.0, 1)
+    reference_limit_actor: float = rng(1.0, 0, lo_open=True)
+    reference_limit_critic: float = rng(10.0, 0, lo_open=True)
+    # Growth detector: interval mean above `growth_factor` x its running average (EMA with `growth_ema`).
+    growth_factor: float = rng(20.0, 1, lo_open=True)
+    growth_ema: float = rng(0.9, 0, 1, hi_open=True)
+    # q_divergence: |Q| or |actor loss| above q_margin * max|r| / (1 - gamma).
+    q_margin: float = rng(2.0, 0, lo_open=True)
+    # dead_gradient: a part's norm exactly 0 for this many consecutive updates of its net.
+    dead_steps: int = rng(50, 1)
+    # action_saturation: share of actions with |a| > saturation_level above saturation_threshold.
+    saturation_level: float = rng(0.99, 0, 1, lo_open=True)
+    saturation_threshold: float = rng(0.9, 0, 1)
+    # skip: drop a non-finite update and count it; stop: checkpoint the last good state and exit non-zero.
+    nan_policy: str = one_of("stop", "stop", "skip")
+
+
+# ------------------------------------------------------------------------------------------------------------ logger
+@dataclass
+class TensorboardConfig:
+    flush_secs: int = rng(30, 1)
+    # Observation frames written as images at each evaluation.
+    eval_images: int = rng(4, 0)
+
+
+@dataclass
+class CsvConfig:
+    filename: str = "scalars.csv"
+
+
+@dataclass
+class WandbConfig:
+    project: str = "av-td3"
+    mode: str = one_of("offline", "offline", "online", "disabled")
+    entity: Optional[str] = None
+
+
+@dataclass
+class MlflowConfig:
+    # null: a local SQLite store in the run's output dir.
+    tracking_uri: Optional[str] = None
+    experiment: str = "av-td3"
+
+
+@dataclass
+class LoggerConfig:
+    """Each backend selected in ``logger=[...]`` fills its own key; unselected backends stay null (off)."""
+    tensorboard: Optional[TensorboardConfig] = None
+    csv: Optional[CsvConfig] = None
+    wandb: Optional[WandbConfig] = None
+    mlflow: Optional[MlflowConfig] = None
+
+
+# ------------------------------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    seed: int = rng(0, 0)
+    # Deterministic torch kernels (slower); makes interrupted + resumed runs reproduce uninterrupted ones.
+    deterministic: bool = False
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Label of the experiment file in use (set by conf/experiment/*.yaml); names sweep dirs.
+    experiment_name: Optional[str] = None
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml`` (whose defaults list starts with ``schema``) is typed."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+register_configs()
+
+
+# ---------------------------------------------------------------------------------------------------------- checks
+def _check_field(key: str, value: Any, meta: dict) -> None:
+    choices = meta.get("choices")
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid: choose one of {', '.join(map(str, choices))} "
+                              f"(e.g. `{key}={choices[0]}`).")
+        return
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} is not a finite number: give a finite value.")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"{key}={value} is out of range: it must be {op} {lo}.")
+    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
+        op = "<" if meta.get("hi_open") else "<="
+        raise ConfigError(f"{key}={value} is out of range: it must be {op} {hi}.")
+
+
+def _walk(obj: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _walk(value, key + ".")
+        elif f.metadata:
+            _check_field(key, value, f.metadata)
+
+
+def validate(cfg: Config) -> Config:
+    """Check every range and cross-field rule; raise :class:`ConfigError` naming the key and the fix."""
+    _walk(cfg, "")
+    t, a, e = cfg.trainer, cfg.agent, cfg.env
+    if a.batch_size > a.buffer_size:
+        raise ConfigError(f"agent.batch_size={a.batch_size} is larger than agent.buffer_size={a.buffer_size}: "
+                          "lower agent.batch_size or raise agent.buffer_size.")
+    if e.policy_frequency > e.simulation_frequency:
+        raise ConfigError(f"env.policy_frequency={e.policy_frequency} exceeds env.simulation_frequency="
+                          f"{e.simulation_frequency}: the policy cannot act more often than the simulator steps.")
+    if t.resume not in ("auto", "none") and not t.resume.endswith((".pt", "latest")):
+        raise ConfigError(f"trainer.resume={t.resume!r}: use auto, none, or the path of a checkpoint (.pt) file.")
+    if not cfg.logger.tensorboard and not cfg.logger.csv and not cfg.logger.wandb and not cfg.logger.mlflow:
+        raise ConfigError("logger selects no backend: use e.g. `logger=[tensorboard,csv]`.")
+    return cfg
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """Turn a composed DictConfig into a validated :class:`Config` object."""
+    if isinstance(cfg, Config):
+        return validate(cfg)
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):  # composed without the schema (e.g. a bare dict in a test)
+        obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    return validate(obj)  # type: ignore[arg-type]

@@ -1,0 +1,174 @@
+"""The one environment contract every backend (embedded highway-env, CARLA) follows.
+
+Observation: ``{"image": uint8[stack, H, W] grayscale frames (oldest first), "state": float32[STATE_DIM(K)]}``.
+Action: ``[steer, throttle_brake]`` in [-1, 1]^2 (throttle_brake > 0 accelerates, < 0 brakes).
+``info`` holds the keys in :data:`INFO_KEYS` on every step, plus ``reward_components`` (dict of floats).
+Terminate on collision or leaving the road; truncate at ``env.max_episode_steps`` (bootstrap on truncation only).
+
+State vector layout, all in SI units in the ego frame (x forward, y left):
+``[speed m/s, lateral_offset m (left of lane centre > 0), heading_error rad (car heading - lane heading, wrapped
+to [-pi, pi]), x_1, y_1, ..., x_K, y_K]`` where (x_k, y_k) are the next K lane-centre points.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+from av_td3.config import RewardConfig
+
+ACTION_NAMES = ("steer", "throttle_brake")
+REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
+INFO_KEYS = ("collision", "lane_invasion", "off_road", "speed", "progress")
+
+SPEED, LATERAL, HEADING = 0, 1, 2
+STATE_HEAD = 3
+
+
+def state_dim(lane_points: int) -> int:
+    return STATE_HEAD + 2 * lane_points
+
+
+def lane_point_slice(lane_points: int) -> slice:
+    return slice(STATE_HEAD, STATE_HEAD + 2 * lane_points)
+
+
+def state_scale(lane_points: int, lane_point_spacing: float) -> np.ndarray:
+    """Typical magnitudes of each state entry; networks divide by these so inputs are O(1)."""
+    reach = max(lane_points * lane_point_spacing, 1.0)
+    return np.array([10.0, 2.0, 1.0] + [reach] * (2 * lane_points), dtype=np.float32)
+
+
+def observation_space(stack: int, height: int, width: int, lane_points: int) -> gym.spaces.Dict:
+    return gym.spaces.Dict({
+        "image": gym.spaces.Box(0, 255, shape=(stack, height, width), dtype=np.uint8),
+        "state": gym.spaces.Box(-np.inf, np.inf, shape=(state_dim(lane_points),), dtype=np.float32),
+    })
+
+
+def action_space() -> gym.spaces.Box:
+    return gym.spaces.Box(-1.0, 1.0, shape=(len(ACTION_NAMES),), dtype=np.float32)
+
+
+def wrap_angle(angle: float) -> float:
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+def to_ego_frame(points_xy: np.ndarray, ego_xy: np.ndarray, ego_heading: float) -> np.ndarray:
+    """World points [N, 2] → ego frame (x forward, y left) for a car at ``ego_xy`` heading ``ego_heading`` (rad,
+    counter-clockwise from the world x axis). Backends with a left-handed world (CARLA) flip y before calling."""
+    d = np.asarray(points_xy, dtype=np.float64) - np.asarray(ego_xy, dtype=np.float64)
+    c, s = math.cos(ego_heading), math.sin(ego_heading)
+    return np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=1)
+
+
+@dataclass
+class DrivingSignals:
+    """What a backend measures on one step; the reward and ``info`` are computed from it alone."""
+    speed: float                # m/s, signed along the car's heading
+    speed_along_lane: float     # m/s, component of velocity along the lane direction
+    lateral_offset: float       # m, left of lane centre > 0
+    lane_half_width: float      # m
+    heading_error: float        # rad, wrapped to [-pi, pi]
+    collision: bool
+    off_road: bool
+    lane_invasion: bool         # crossed a lane marking this step
+    progress: float             # m travelled along the route this step (negative when going backwards)
+
+
+class RewardFunction:
+    """The seed system's reward components, each weighted by ``env.reward.*``.
+
+    efficiency   = w * clip(speed_along_lane / target_speed, -1, 1)
+    lane_keeping = -w * (min(|offset| / half_width, 2) + |heading_error| / (pi/2))
+    comfort      = -w * min(|jerk| / 10, 10)          (jerk from the speed history, m/s^3)
+    safety       = -collision_penalty * collision - offroad_penalty * off_road - lane_invasion_penalty * invasion
+    progress     = w * metres travelled along the route this step
+    """
+
+    def __init__(self, cfg: RewardConfig, dt: float) -> None:
+        self.cfg = cfg
+        self.dt = dt
+        self.reset()
+
+    def reset(self) -> None:
+        self._prev_speed: float | None = None
+        self._prev_accel: float | None = None
+
+    def __call__(self, s: DrivingSignals) -> tuple[float, dict[str, float]]:
+        c = self.cfg
+        accel = None if self._prev_speed is None else (s.speed - self._prev_speed) / self.dt
+        jerk = 0.0 if accel is None or self._prev_accel is None else (accel - self._prev_accel) / self.dt
+        self._prev_speed, self._prev_accel = s.speed, accel
+        half = max(s.lane_half_width, 1e-3)
+        components = {
+            "efficiency": c.efficiency * float(np.clip(s.speed_along_lane / c.target_speed, -1.0, 1.0)),
+            "lane_keeping": -c.lane_keeping * (min(abs(s.lateral_offset) / half, 2.0)
+                                               + abs(s.heading_error) / (math.pi / 2)),
+            "comfort": -c.comfort * min(abs(jerk) / 10.0, 10.0),
+            "safety": -(c.collision_penalty * float(s.collision) + c.offroad_penalty * float(s.off_road)
+                        + c.lane_invasion_penalty * float(s.lane_invasion)),
+            "progress": c.progress * s.progress,
+        }
+        return float(sum(components.values())), components
+
+
+def make_info(s: DrivingSignals, components: dict[str, float]) -> dict:
+    return {"collision": bool(s.collision), "lane_invasion": bool(s.lane_invasion), "off_road": bool(s.off_road),
+            "speed": float(s.speed), "progress": float(s.progress), "reward_components": dict(components)}
+
+
+class DrivingEnv(gym.Env):
+    """Shared half of every backend: frame stacking, reward, info, termination and truncation, action guard.
+
+    A backend implements :meth:`_sim_reset` and :meth:`_sim_step`, each returning the newest grayscale frame
+    (uint8[H, W]), the state vector (float32, layout above) and the :class:`DrivingSignals` of that step.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, height: int, width: int, stack: int, lane_points: int, max_episode_steps: int,
+                 reward: RewardConfig, dt: float) -> None:
+        self.observation_space = observation_space(stack, height, width, lane_points)
+        self.action_space = action_space()
+        self.stack = stack
+        self.max_episode_steps = max_episode_steps
+        self.reward_fn = RewardFunction(reward, dt)
+        self._frames = np.zeros((stack, height, width), dtype=np.uint8)
+        self._t = 0
+
+    # --- backend hooks -------------------------------------------------------------------------------------
+    def _sim_reset(self, seed: int | None) -> tuple[np.ndarray, np.ndarray, DrivingSignals]:
+        raise NotImplementedError
+
+    def _sim_step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, DrivingSignals]:
+        raise NotImplementedError
+
+    # --- gymnasium API -------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        frame, state, signals = self._sim_reset(seed)
+        self._frames[:] = frame  # an episode starts with its first frame repeated (the replay buffer agrees)
+        self._t = 0
+        self.reward_fn.reset()
+        self.reward_fn(signals)  # primes the speed history so the first step's jerk is well defined
+        return self._obs(state), make_info(signals, dict.fromkeys(REWARD_COMPONENTS, 0.0))
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        action = np.asarray(action, dtype=np.float32).reshape(self.action_space.shape)
+        if not np.all(np.isfinite(action)):
+            raise ValueError(f"non-finite action {action.tolist()} refused before it reached the simulator")
+        frame, state, signals = self._sim_step(np.clip(action, -1.0, 1.0))
+        self._frames[:-1] = self._frames[1:]
+        self._frames[-1] = frame
+        self._t += 1
+        reward, components = self.reward_fn(signals)
+        terminated = bool(signals.collision or signals.off_road)
+        truncated = (not terminated) and self._t >= self.max_episode_steps
+        return self._obs(state), reward, terminated, truncated, make_info(signals, components)
+
+    def _obs(self, state: np.ndarray) -> dict:
+        return {"image": self._frames.copy(), "state": np.asarray(state, dtype=np.float32)}
