@@ -28,6 +28,15 @@ SPEED, LATERAL, HEADING = 0, 1, 2
 STATE_HEAD = 3
 
 
+class EnvUnavailableError(RuntimeError):
+    """The simulator cannot be started or reached. The message says what to do (start the server, install an
+    extra); the launcher prints it without a traceback and exits non-zero."""
+
+
+class SimulatorLostError(RuntimeError):
+    """The simulator went away mid-run and reconnecting failed; the trainer checkpoints and exits non-zero."""
+
+
 def state_dim(lane_points: int) -> int:
     return STATE_HEAD + 2 * lane_points
 
