@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from av_td3.config import RewardConfig
+from av_td3.config import EnvConfig, RewardConfig
 
 ACTION_NAMES = ("steer", "throttle_brake")
 REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
@@ -181,3 +181,18 @@ class DrivingEnv(gym.Env):
 
     def _obs(self, state: np.ndarray) -> dict:
         return {"image": self._frames.copy(), "state": np.asarray(state, dtype=np.float32)}
+
+
+MAX_SPEED_M_S = 40.0  # no backend's car goes faster; bounds the progress term per step
+
+
+def max_abs_reward(reward: RewardConfig, policy_frequency: float) -> float:
+    """Largest per-step |reward| :class:`RewardFunction` can produce; with gamma it bounds |Q| (alerts, validator)."""
+    return (abs(reward.efficiency) + abs(reward.lane_keeping) * 4.0 + abs(reward.comfort) * 10.0
+            + reward.collision_penalty + reward.offroad_penalty + reward.lane_invasion_penalty
+            + abs(reward.progress) * MAX_SPEED_M_S / policy_frequency)
+
+
+def decision_dt(cfg: EnvConfig) -> float:
+    """Seconds between two agent decisions for a backend configuration."""
+    return cfg.fixed_delta_s if cfg.name == "carla" else 1.0 / cfg.policy_frequency

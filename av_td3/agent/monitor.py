@@ -1,0 +1,276 @@
+"""Gradient clipping, its measurement, alerts and numerical guards — in one place, so they cannot drift apart.
+
+For each network ("actor", "critic") and part ("cnn", "mlp", "total"):
+
+* norms are global L2 norms of that part's gradients (``torch.nn.utils.get_total_norm``); ``total`` is the L2
+  norm of the part norms, i.e. the norm over exactly the parameter set that is clipped;
+* the before-clip norm is measured before clipping, the after-clip norm after clipping, on the same backward;
+* a network is observed only on updates where it is actually updated (the delayed actor is not padded with 0);
+* every update is aggregated on the training device (mean and max per interval, update count, clipped count);
+  :meth:`GradMonitor.flush` moves everything to the host in ONE transfer and evaluates the alerts there.
+
+Alert thresholds follow the configuration (clip limits, ``monitor.*``, the reward scale), never fixed numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from av_td3.config import ClipConfig, MonitorConfig
+
+log = logging.getLogger(__name__)
+
+CRITICAL_ALERTS = ("clip_violation", "grad_explosion_critical", "q_divergence")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient norm or action went non-finite under ``monitor.nan_policy=stop``."""
+
+    def __init__(self, quantity: str, step: int) -> None:
+        super().__init__(f"non-finite {quantity} at env step {step}")
+        self.quantity = quantity
+        self.step = step
+
+
+class DeviceStats:
+    """Mean/max accumulators that live on the device; reading them is one host transfer for all keys."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._sum: dict[str, torch.Tensor] = {}
+        self._max: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        """Add one observation (a 0-d or 1-d tensor; 1-d entries are tracked element-wise)."""
+        value = value.detach()
+        if key in self._sum:
+            self._sum[key] += value
+            torch.maximum(self._max[key], value, out=self._max[key])
+            self._count[key] += 1
+        else:
+            self._sum[key] = value.clone().to(torch.float32)
+            self._max[key] = value.clone().to(torch.float32)
+            self._count[key] = 1
+
+    def count(self, key: str) -> int:
+        return self._count.get(key, 0)
+
+    def tensors(self) -> list[tuple[str, str, torch.Tensor]]:
+        """(key, 'mean'|'max', tensor) for everything accumulated, means still on the device."""
+        out = []
+        for key, total in self._sum.items():
+            out.append((key, "mean", total / self._count[key]))
+            out.append((key, "max", self._max[key]))
+        return out
+
+    def reset(self) -> None:
+        self._sum.clear()
+        self._max.clear()
+        self._count.clear()
+
+
+@dataclass
+class FlushResult:
+    scalars: dict[str, float]
+    fired: list[str] = field(default_factory=list)  # "<net>/<alert>" that fired in this interval
+
+
+class GradMonitor:
+    """Clips each network's gradients (when a limit is set) and records what clipping did.
+
+    ``parts`` maps net → part → parameters, e.g. ``{"actor": {"cnn": [...], "mlp": [...]}, "critic": {...}}``;
+    a part with no parameters (the actor's CNN with a shared encoder) is left out of the tags, not logged as 0.
+    """
+
+    def __init__(self, cfg: MonitorConfig, clip: ClipConfig, parts: dict[str, dict[str, list[nn.Parameter]]],
+                 q_bound: float, action_names: tuple[str, ...], device: torch.device) -> None:
+        self.cfg = cfg
+        self.limits = {"actor": clip.actor, "critic": clip.critic}
+        self.reference = {"actor": cfg.reference_limit_actor, "critic": cfg.reference_limit_critic}
+        self.parts = {net: {p: list(ps) for p, ps in np_.items() if len(ps) > 0} for net, np_ in parts.items()}
+        self.params = {net: [p for ps in np_.values() for p in ps] for net, np_ in self.parts.items()}
+        self.q_bound = q_bound
+        self.action_names = action_names
+        self.device = device
+        self.stats = DeviceStats(device)
+        self._zero_run = {net: torch.zeros(len(np_), device=device) for net, np_ in self.parts.items()}
+        self._growth_ema: dict[str, float] = {}
+        self.alert_counts: dict[str, int] = {}
+        self.skipped_updates = 0
+        self.nonfinite_actions = 0
+
+    # ------------------------------------------------------------------------------------------------ per update
+    def clip_and_observe(self, net: str, loss: torch.Tensor, step: int) -> bool:
+        """Measure, guard and clip ``net``'s gradients after ``loss.backward()``; return False when the update
+        must be dropped (non-finite under ``nan_policy=skip``). Raises :class:`NonFiniteError` under ``stop``."""
+        limit = self.limits[net]
+        if not self.cfg.enabled:  # monitoring off: one norm over all gradients, still guarded and clipped
+            total = torch.nn.utils.get_total_norm([p.grad for p in self.params[net] if p.grad is not None],
+                                                  foreach=True)
+            if not bool(torch.isfinite(loss) & torch.isfinite(total)):
+                return self._non_finite(net, loss, total.reshape(1), step)
+            if limit is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.params[net], limit, total, foreach=True)
+            return True
+
+        grads = {part: [p.grad for p in ps if p.grad is not None] for part, ps in self.parts[net].items()}
+        part_norms = torch.stack([torch.nn.utils.get_total_norm(g, foreach=True) if g
+                                  else torch.zeros((), device=self.device) for g in grads.values()])
+        total = torch.linalg.vector_norm(part_norms)  # L2 norm of norms == norm over all clipped parameters
+
+        # The one host sync of an update: the guard must know before optimizer.step() whether to step.
+        if not bool(torch.isfinite(loss) & torch.isfinite(total)):
+            return self._non_finite(net, loss, part_norms, step)
+
+        if limit is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params[net], limit, total, foreach=True)
+
+        if limit is None:
+            after_norms, after_total = part_norms, total
+        else:  # measured again, not inferred from the clip coefficient: a broken clip must show up here
+            after_norms = torch.stack([torch.nn.utils.get_total_norm(g, foreach=True) if g
+                                       else torch.zeros((), device=self.device) for g in grads.values()])
+            after_total = torch.linalg.vector_norm(after_norms)
+        self.stats.add(f"grad/{net}/before", torch.cat([part_norms, total.reshape(1)]))
+        self.stats.add(f"grad/{net}/after", torch.cat([after_norms, after_total.reshape(1)]))
+        coef = torch.where(total > 0, after_total / total, torch.ones_like(total))
+        clipped = (total > limit).float() if limit is not None else torch.zeros_like(total)
+        self.stats.add(f"grad/{net}/coef", torch.stack([coef, clipped]))
+        zr = self._zero_run[net]
+        torch.where(part_norms == 0, zr + 1, torch.zeros_like(zr), out=zr)
+        self.stats.add(f"grad/{net}/zero_run", zr)
+        return True
+
+    def observe(self, key: str, value: torch.Tensor) -> None:
+        """Record a training quantity (loss, Q statistics, action saturation); mean and max per interval."""
+        self.stats.add(key, value)
+
+    def _non_finite(self, net: str, loss: torch.Tensor, part_norms: torch.Tensor, step: int) -> bool:
+        if not math.isfinite(loss.item()):
+            quantity = f"{net} loss"
+        else:
+            names = list(self.parts[net]) if len(part_norms) == len(self.parts[net]) else ["total"]
+            bad = [p for p, n in zip(names, part_norms.tolist()) if not math.isfinite(n)]
+            quantity = f"{net} gradient norm ({', '.join(bad)})"
+        if self.cfg.nan_policy == "stop":
+            raise NonFiniteError(quantity, step)
+        self.skipped_updates += 1
+        log.warning("guard: skipped an update with non-finite %s at step %d (monitor.nan_policy=skip)",
+                    quantity, step)
+        for p in self.params[net]:
+            p.grad = None
+        return False
+
+    # ------------------------------------------------------------------------------------------------- per flush
+    def flush(self, step: int) -> FlushResult:
+        """Turn the interval's device accumulators into scalars (one host transfer) and evaluate the alerts."""
+        items = self.stats.tensors()
+        values = torch.cat([t.reshape(-1).float() for _, _, t in items]).cpu().tolist() if items else []
+        raw: dict[tuple[str, str], list[float]] = {}
+        i = 0
+        for key, kind, t in items:
+            n = t.numel()
+            raw[(key, kind)] = values[i:i + n]
+            i += n
+        counts = {key: self.stats.count(key) for key, _, _ in items}
+        self.stats.reset()
+
+        scalars: dict[str, float] = {"guard/skipped_updates": float(self.skipped_updates),
+                                     "guard/nonfinite_actions": float(self.nonfinite_actions)}
+        fired: list[str] = []
+        for net in self.parts:
+            if (f"grad/{net}/before", "mean") not in raw:
+                continue  # this net was not updated in the interval: no metrics rather than zeros
+            fired += self._grad_scalars(net, raw, counts, scalars)
+        for (key, kind), vals in raw.items():
+            if key.startswith("grad/"):
+                continue
+            if key == "train/action_saturation":
+                if kind == "mean":
+                    for name, v in zip(self.action_names, vals):
+                        scalars[f"train/action_saturation/{name}"] = v
+                    if max(vals) > self.cfg.saturation_threshold:
+                        fired.append("actor/action_saturation")
+                continue
+            scalars[key if kind == "mean" else f"{key}_max"] = vals[0]
+        if scalars.get("train/q_abs_max", 0.0) > self.q_bound:
+            fired.append("critic/q_divergence")
+        if abs(scalars.get("train/actor_loss_max", 0.0)) > self.q_bound or \
+                abs(scalars.get("train/actor_loss", 0.0)) > self.q_bound:
+            fired.append("actor/q_divergence")
+
+        for net in self.parts:
+            for name in ("clip_violation", "grad_explosion_warning", "grad_explosion_critical", "grad_growth",
+                         "q_divergence", "dead_gradient", "action_saturation"):
+                if name == "action_saturation" and net != "actor":
+                    continue
+                tag = f"{net}/{name}"
+                scalars[f"alert/{tag}"] = float(tag in fired)
+        for tag in fired:
+            self.alert_counts[tag] = self.alert_counts.get(tag, 0) + 1
+            log.warning("ALERT %s at step %d: %s", tag, step, self._explain(tag, scalars))
+        return FlushResult(scalars, fired)
+
+    def _grad_scalars(self, net: str, raw: dict, counts: dict, scalars: dict[str, float]) -> list[str]:
+        names = [*self.parts[net], "total"]
+        for when in ("before", "after"):
+            for part, mean, mx in zip(names, raw[(f"grad/{net}/{when}", "mean")], raw[(f"grad/{net}/{when}", "max")]):
+                scalars[f"grad/{net}/{part}/{when}_clip"] = mean
+                scalars[f"grad/{net}/{part}/{when}_clip_max"] = mx
+        coef_mean, clipped_share = raw[(f"grad/{net}/coef", "mean")]
+        scalars[f"grad/{net}/clip_coef"] = coef_mean
+        scalars[f"grad/{net}/clip_fraction"] = clipped_share
+        scalars[f"grad/{net}/updates"] = float(counts[f"grad/{net}/before"])
+
+        fired = []
+        limit = self.limits[net]
+        yardstick = limit if limit is not None else self.reference[net]
+        before_max = scalars[f"grad/{net}/total/before_clip_max"]
+        if limit is not None and scalars[f"grad/{net}/total/after_clip_max"] > limit * (1 + self.cfg.tolerance):
+            fired.append(f"{net}/clip_violation")
+        if before_max > self.cfg.critical_factor * yardstick:
+            fired.append(f"{net}/grad_explosion_critical")
+        elif before_max > self.cfg.warn_factor * yardstick:
+            fired.append(f"{net}/grad_explosion_warning")
+        mean = scalars[f"grad/{net}/total/before_clip"]
+        ema = self._growth_ema.get(net)
+        if ema is not None and ema > 0 and mean > self.cfg.growth_factor * ema:
+            fired.append(f"{net}/grad_growth")
+        a = self.cfg.growth_ema
+        self._growth_ema[net] = mean if ema is None else a * ema + (1 - a) * mean
+        if max(raw[(f"grad/{net}/zero_run", "max")]) >= self.cfg.dead_steps:
+            fired.append(f"{net}/dead_gradient")
+        return fired
+
+    def _explain(self, tag: str, s: dict[str, float]) -> str:
+        net, name = tag.split("/")
+        limit = self.limits.get(net)
+        if name == "clip_violation":
+            return f"after-clip norm {s[f'grad/{net}/total/after_clip_max']:.4g} > limit {limit}"
+        if name.startswith("grad_explosion") or name == "grad_growth":
+            return f"before-clip norm max {s[f'grad/{net}/total/before_clip_max']:.4g} (limit {limit})"
+        if name == "q_divergence":
+            return f"|Q| or |actor loss| beyond {self.q_bound:.4g} = margin x max|r| / (1 - gamma)"
+        if name == "dead_gradient":
+            return f"a part of the {net} had zero gradient for {self.cfg.dead_steps}+ consecutive updates"
+        return f"actions pinned at the bounds more than {self.cfg.saturation_threshold:.0%} of the time"
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"zero_run": {k: v.cpu() for k, v in self._zero_run.items()}, "growth_ema": dict(self._growth_ema),
+                "alert_counts": dict(self.alert_counts), "skipped_updates": self.skipped_updates,
+                "nonfinite_actions": self.nonfinite_actions}
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d["zero_run"].items():
+            self._zero_run[k] = v.to(self.device)
+        self._growth_ema = dict(d["growth_ema"])
+        self.alert_counts = dict(d["alert_counts"])
+        self.skipped_updates = d["skipped_updates"]
+        self.nonfinite_actions = d["nonfinite_actions"]

@@ -1,0 +1,190 @@
+"""TD3 (Fujimoto et al., 2018) from camera images, readable top to bottom in :meth:`TD3.update`.
+
+DDPG is the same update configured with one critic, no target smoothing and ``policy_freq=1`` (``agent=ddpg``).
+
+Encoder modes (``agent.encoder``):
+* ``separate``: actor and critic each own a CNN, each trained by its own loss (the seed system, SB3's default);
+* ``shared``: one CNN, owned and trained by the critic; the actor reads its detached features (DrQ-v2). The
+  target critic's encoder feeds both target networks.
+In both modes the batch is encoded once per network per update and the features are reused: the actor loss
+reads the critic's features of the same batch (detached, computed before the critic step, as in DrQ-v2).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from av_td3.agent.monitor import GradMonitor, NonFiniteError
+from av_td3.agent.networks import Actor, Critic, Encoder
+from av_td3.config import AgentConfig, MonitorConfig
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Shapes the agent is built for (passed in rather than written into the config)."""
+    stack: int
+    height: int
+    width: int
+    state_dim: int
+    action_dim: int
+    state_scale: np.ndarray  # typical magnitude of each state entry (divides the state vector)
+    action_names: tuple[str, ...]
+
+
+def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    # foreach: one multi-tensor kernel for all parameters instead of a Python loop over them.
+    return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+class TD3:
+    def __init__(self, cfg: AgentConfig, monitor_cfg: MonitorConfig, spec: Spec, device: torch.device,
+                 q_bound: float, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.device = device
+        self.shared = cfg.encoder == "shared"
+        state_dim = spec.state_dim if cfg.use_state else 0
+        self._state_scale = torch.as_tensor(1.0 / spec.state_scale, dtype=torch.float32, device=device)
+        enc = lambda: Encoder(spec.stack, spec.height, spec.width, cfg.features_dim)  # noqa: E731
+        torch.manual_seed(seed)
+        self.critic = Critic(enc(), state_dim, spec.action_dim, cfg.hidden_dim, cfg.hidden_layers,
+                             cfg.num_critics).to(device)
+        self.actor = Actor(None if self.shared else enc(), cfg.features_dim, state_dim, spec.action_dim,
+                           cfg.hidden_dim, cfg.hidden_layers).to(device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.actor_opt = _optimizer(list(self.actor.parameters()), cfg.lr.actor)
+        self.critic_opt = _optimizer(list(self.critic.parameters()), cfg.lr.critic)
+        self._online = list(self.actor.parameters()) + list(self.critic.parameters())
+        self._target = list(self.actor_target.parameters()) + list(self.critic_target.parameters())
+        self.monitor = GradMonitor(monitor_cfg, cfg.clip, {"actor": self.actor.parts(), "critic": self.critic.parts()},
+                                   q_bound, spec.action_names, device)
+        self._noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        self.critic_updates = 0
+        self.actor_updates = 0
+        if cfg.compile:
+            self._encode = torch.compile(self._encode)
+
+    # ------------------------------------------------------------------------------------------------- helpers
+    def _images(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 frames → floats in [0, 1], once per batch, on the training device."""
+        return image.to(self.device, non_blocking=True).float().div_(255.0)
+
+    def _states(self, state: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.use_state:
+            return state.new_zeros(state.shape[0], 0, device=self.device)
+        return state.to(self.device, non_blocking=True) * self._state_scale
+
+    def _encode(self, encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+        return encoder(images)
+
+    def parts(self) -> dict[str, dict[str, list[str]]]:
+        """Which named parameters each optimizer owns, per part (logged at start-up)."""
+        names = {id(p): n for net in (self.actor, self.critic) for n, p in net.named_parameters()}
+        return {net: {part: [names[id(p)] for p in ps] for part, ps in m.parts().items()}
+                for net, m in (("actor", self.actor), ("critic", self.critic))}
+
+    # ----------------------------------------------------------------------------------------------------- act
+    @torch.no_grad()
+    def act(self, obs: dict[str, np.ndarray], noise: float = 0.0) -> np.ndarray:
+        """Policy action for a batch of observations (image uint8 [n, stack, H, W], state [n, k]) → [n, a].
+        ``noise`` is the std of Gaussian exploration noise (0 for evaluation)."""
+        images = self._images(torch.as_tensor(obs["image"]))
+        states = self._states(torch.as_tensor(obs["state"]))
+        encoder = self.critic.encoder if self.shared else self.actor.encoder
+        action = self.actor(self._encode(encoder, images), states)
+        if noise > 0:
+            action = action + noise * torch.randn(action.shape, generator=self._noise_gen, device=self.device)
+        return action.clamp(-1.0, 1.0).cpu().numpy()
+
+    # -------------------------------------------------------------------------------------------------- update
+    def update(self, batch, step: int) -> None:
+        """One critic update and, every ``policy_freq`` critic updates, one actor + target update.
+        Metrics are aggregated on the device by ``self.monitor``; nothing here waits on the device except the
+        one finiteness check per network update (the guard)."""
+        cfg, mon = self.cfg, self.monitor
+        images, next_images = self._images(batch.obs_image), self._images(batch.next_image)
+        states, next_states = self._states(batch.obs_state), self._states(batch.next_state)
+        action = batch.action.to(self.device, non_blocking=True)
+        reward = batch.reward.to(self.device, non_blocking=True)
+        not_done = 1.0 - batch.done.to(self.device, non_blocking=True)
+
+        # --- critic target: y = r + gamma * (1 - terminated) * min_i Q'_i(s', pi'(s') + clipped noise)
+        with torch.no_grad():
+            next_critic_features = self._encode(self.critic_target.encoder, next_images)
+            next_actor_features = (next_critic_features if self.shared
+                                   else self._encode(self.actor_target.encoder, next_images))
+            next_action = self.actor_target(next_actor_features, next_states)
+            if cfg.policy_noise > 0:  # target policy smoothing
+                noise = torch.randn(next_action.shape, generator=self._noise_gen, device=self.device)
+                noise = (noise * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
+                next_action = (next_action + noise).clamp(-1.0, 1.0)
+            target_q = torch.stack(self.critic_target(next_critic_features, next_states, next_action)).min(0).values
+            y = reward + cfg.gamma * not_done * target_q
+
+        # --- critic step (the critic's CNN and MLP in one optimizer, clipped together)
+        features = self._encode(self.critic.encoder, images)
+        qs = self.critic(features, states, action)
+        critic_loss = sum(F.mse_loss(q, y) for q in qs)
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        if mon.clip_and_observe("critic", critic_loss, step):
+            self.critic_opt.step()
+        self.critic_updates += 1
+        mon.observe("train/critic_loss", critic_loss)
+        mon.observe("train/q1", qs[0].mean())
+        if len(qs) > 1:
+            mon.observe("train/q2", qs[1].mean())
+        mon.observe("train/q_abs", torch.stack([q.abs().max() for q in qs]).max())
+
+        # --- delayed actor step and target update, every policy_freq critic updates
+        if self.critic_updates % cfg.policy_freq != 0:
+            return
+        actor_features = features.detach() if self.shared else self._encode(self.actor.encoder, images)
+        policy_action = self.actor(actor_features, states)
+        actor_loss = -self.critic.q1(features.detach(), states, policy_action).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        if not mon.clip_and_observe("actor", actor_loss, step):
+            return
+        self.actor_opt.step()
+        self.actor_updates += 1
+        mon.observe("train/actor_loss", actor_loss)
+        mon.observe("train/action_saturation",
+                    (policy_action.detach().abs() > mon.cfg.saturation_level).float().mean(0))
+        with torch.no_grad():  # Polyak averaging of every target parameter in one multi-tensor op
+            torch._foreach_lerp_(self._target, self._online, cfg.tau)
+
+    def check_action(self, action: np.ndarray, step: int) -> np.ndarray:
+        """Guard: a non-finite action never reaches the simulator."""
+        if np.all(np.isfinite(action)):
+            return action
+        if self.monitor.cfg.nan_policy == "stop":
+            raise NonFiniteError("policy action", step)
+        self.monitor.nonfinite_actions += 1
+        return np.zeros_like(action)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "actor_target": self.actor_target.state_dict(), "critic_target": self.critic_target.state_dict(),
+                "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+                "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
+                "noise_gen": self._noise_gen.get_state(), "monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.actor.load_state_dict(d["actor"])
+        self.critic.load_state_dict(d["critic"])
+        self.actor_target.load_state_dict(d["actor_target"])
+        self.critic_target.load_state_dict(d["critic_target"])
+        self.actor_opt.load_state_dict(d["actor_opt"])
+        self.critic_opt.load_state_dict(d["critic_opt"])
+        self.critic_updates = d["critic_updates"]
+        self.actor_updates = d["actor_updates"]
+        self._noise_gen.set_state(d["noise_gen"])
+        self.monitor.load_state_dict(d["monitor"])

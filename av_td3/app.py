@@ -1,0 +1,73 @@
+"""One job from a composed config to an objective and an exit code, with every failure explained in one
+paragraph (no traceback wall for problems the user can fix)."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from av_td3.agent.monitor import NonFiniteError
+from av_td3.checkpoint import CheckpointError
+from av_td3.config import ConfigError, to_config
+from av_td3.envs.base import EnvUnavailableError, SimulatorLostError
+
+log = logging.getLogger("av_td3")
+
+EXIT_CONFIG = 2       # bad configuration or checkpoint: fix the input
+EXIT_FAILED = 1       # crashed, or the simulator could not be reached
+EXIT_NAN_GUARD = 3    # stopped by monitor.nan_policy=stop; interrupted by a signal: 128 + signal number
+# Objective of a job that produced no evaluation at all (finite: a NaN objective crashes Optuna).
+FAILED_OBJECTIVE = -1e9
+
+
+def run_job(cfg: DictConfig, run_dir: Path) -> tuple[float, int]:
+    """Train one run into ``run_dir``; return (objective, exit code). The objective is always finite."""
+    from av_td3.train import Interrupted, run
+
+    try:
+        config = to_config(cfg)
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        return FAILED_OBJECTIVE, EXIT_CONFIG
+    try:
+        summary = run(config, run_dir)
+        log.info("run completed: %s (objective %.3f)", run_dir, summary.objective)
+        return summary.objective, 0
+    except (ConfigError, CheckpointError) as e:
+        log.error("%s", e)
+        return FAILED_OBJECTIVE, EXIT_CONFIG
+    except EnvUnavailableError as e:
+        log.error("simulator unavailable: %s", e)
+        return FAILED_OBJECTIVE, EXIT_FAILED
+    except SimulatorLostError as e:
+        log.error("simulator lost: %s. Rerun the same command to resume from the checkpoint.", e)
+        return FAILED_OBJECTIVE, EXIT_FAILED
+    except NonFiniteError as e:
+        log.error("stopped by the NaN guard: %s (see %s/summary.json)", e, run_dir)
+        return _objective(run_dir), EXIT_NAN_GUARD
+    except Interrupted as e:
+        log.warning("%s: checkpoint saved in %s; rerun the same command to resume.", e, run_dir / "checkpoints")
+        return _objective(run_dir), 128 + e.signum
+    except MemoryError as e:
+        log.error("out of memory: %s. Lower agent.buffer_size or agent.batch_size.", e)
+        return FAILED_OBJECTIVE, EXIT_FAILED
+    except OSError as e:
+        log.error("cannot write the run's files (%s). Free disk space or choose another output dir with "
+                  "hydra.run.dir=PATH.", e)
+        return FAILED_OBJECTIVE, EXIT_FAILED
+    except Exception:
+        log.error("the run crashed:\n%s", traceback.format_exc())
+        return FAILED_OBJECTIVE, EXIT_FAILED
+
+
+def _objective(run_dir: Path) -> float:
+    import json
+
+    try:
+        return float(json.loads((run_dir / "summary.json").read_text())["objective"])
+    except (OSError, ValueError, KeyError):
+        return FAILED_OBJECTIVE
+

@@ -1,0 +1,431 @@
+"""The training loop: act, step, store, update, evaluate, log, checkpoint. Builds everything from the config.
+
+Everything a run writes goes into ``run_dir`` (the Hydra output dir): ``tb/`` (TensorBoard), ``scalars.csv``,
+``checkpoints/``, ``summary.json`` and ``train.log``. The x-axis of every scalar is the environment step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from av_td3 import envs as envs_lib
+from av_td3 import loggers
+from av_td3.agent.monitor import CRITICAL_ALERTS, NonFiniteError
+from av_td3.agent.td3 import TD3, Spec
+from av_td3.checkpoint import CheckpointManager, atomic_write_bytes, check_compatible, load
+from av_td3.config import Config, ConfigError
+from av_td3.envs.base import (ACTION_NAMES, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError,
+                              decision_dt, max_abs_reward, state_dim, state_scale)
+from av_td3.replay import ReplayBuffer
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(RuntimeError):
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@dataclass
+class Summary:
+    """``summary.json``: what `av-td3 compare` reads instead of re-reading every event file."""
+    status: str = "running"                # running | completed | stopped | failed
+    reason: str | None = None
+    steps: int = 0
+    total_steps: int = 0
+    final_eval: dict[str, float] | None = None
+    alerts: dict[str, int] = field(default_factory=dict)
+    critical_alerts: int = 0
+    nan_guard: dict[str, Any] = field(default_factory=lambda: {"triggered": False, "quantity": None, "step": None})
+    skipped_updates: int = 0
+    objective: float = 0.0
+    wall_s: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available: use trainer.device=auto or cpu.")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def provenance() -> dict[str, str]:
+    """Git commit and package versions, recorded with every run."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"python": platform.python_version(), "host": platform.node()}
+    for pkg in ("av-td3", "torch", "numpy", "gymnasium", "highway-env", "hydra-core"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            info[pkg] = "not installed"
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip() + (" (dirty)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def flat_hparams(cfg: Config) -> dict[str, float | int | str | bool]:
+    """The hyper-parameters runs are compared by (TensorBoard HParams tab); null clip → "off"."""
+    a, e = cfg.agent, cfg.env
+    return {"seed": cfg.seed, "agent": a.name, "encoder": a.encoder, "clip_actor": a.clip.actor or "off",
+            "clip_critic": a.clip.critic or "off", "lr_actor": a.lr.actor, "lr_critic": a.lr.critic,
+            "policy_freq": a.policy_freq, "tau": a.tau, "gamma": a.gamma, "batch_size": a.batch_size,
+            "town": e.town, "npcs": e.npcs, "total_steps": cfg.trainer.total_steps}
+
+
+def crossed(prev: int, now: int, every: int) -> bool:
+    """True when a multiple of ``every`` lies in (prev, now] (steps advance by num_envs)."""
+    return now // every > prev // every
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        t, a, e = cfg.trainer, cfg.agent, cfg.env
+        if t.torch_threads > 0:
+            torch.set_num_threads(t.torch_threads)
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.device = resolve_device(t.device)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.n = e.num_envs
+        self.spec = Spec(stack=e.image.stack, height=e.image.height, width=e.image.width,
+                         state_dim=state_dim(e.lane_points), action_dim=len(ACTION_NAMES),
+                         state_scale=state_scale(e.lane_points, e.lane_point_spacing), action_names=ACTION_NAMES)
+        self.reward_bound = max_abs_reward(e.reward, 1.0 / decision_dt(e))
+        self.q_bound = cfg.monitor.q_margin * self.reward_bound / (1.0 - a.gamma)
+
+        self.summary = Summary(total_steps=t.total_steps)
+        self.ckpt = CheckpointManager(run_dir / "checkpoints", t.checkpoint_keep)
+        bpr = ReplayBuffer.bytes_per_row(
+            (e.image.height, e.image.width), self.spec.state_dim, self.spec.action_dim)
+        self.buffer = ReplayBuffer(a.buffer_size, (e.image.height, e.image.width), e.image.stack,
+                                   self.spec.state_dim, self.spec.action_dim, num_envs=self.n, seed=cfg.seed,
+                                   device=self.device)
+        log.info("replay buffer: %d transitions, %d bytes per transition (%.1f MB allocated)",
+                 a.buffer_size, bpr, self.buffer.nbytes / 1e6)
+        self.agent = TD3(a, cfg.monitor, self.spec, self.device, self.q_bound, seed=cfg.seed)
+        for net, parts in self.agent.parts().items():
+            for part, names in parts.items():
+                log.info("%s optimizer owns %s params: %s", net, part, ", ".join(names) if names else "(none)")
+
+        self.envs = envs_lib.make_vector(e, self.n)
+        self.eval_env = envs_lib.make(e)
+        self.step = 0
+        self.episodes = 0
+        self.resumed_from: Path | None = None
+        self._maybe_resume()
+        self.logger = loggers.make(cfg.logger, run_dir, purge_step=self.step if self.resumed_from else None)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------------------------------------ resume
+    def _compat(self) -> dict[str, Any]:
+        a, e = self.cfg.agent, self.cfg.env
+        return {"image": [e.image.stack, e.image.height, e.image.width], "state_dim": self.spec.state_dim,
+                "encoder": a.encoder, "features_dim": a.features_dim, "hidden_dim": a.hidden_dim,
+                "hidden_layers": a.hidden_layers, "num_critics": a.num_critics, "use_state": a.use_state,
+                "num_envs": e.num_envs}
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "none":
+            return
+        if resume == "auto":
+            found = self.ckpt.load_latest(self.device)
+            if found is None:
+                return
+            state, path = found
+        else:
+            path = Path(resume)
+            if path.name == "latest":
+                path = path.parent / path.read_text().strip()
+            if not path.exists():
+                raise ConfigError(f"trainer.resume={resume}: no such checkpoint file. Give an existing .pt path, "
+                                  "or trainer.resume=auto.")
+            state = load(path, self.device)
+        check_compatible(state["compat"], self._compat(), path)
+        self.agent.load_state_dict(state["agent"])
+        if "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
+        self.step, self.episodes = state["step"], state["episodes"]
+        self.rng.bit_generator.state = state["rng"]["trainer"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.summary.wall_s = state.get("wall_s", 0.0)
+        self.resumed_from = path
+        log.info("resumed from %s at env step %d (episode %d)", path, self.step, self.episodes)
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "episodes": self.episodes, "agent": self.agent.state_dict(),
+                 "compat": self._compat(), "wall_s": self.summary.wall_s,
+                 "rng": {"trainer": self.rng.bit_generator.state, "python": random.getstate(),
+                         "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+        if self.cfg.trainer.checkpoint_buffer:
+            state["buffer"] = self.buffer.state_dict()
+        path = self.ckpt.save(state, self.step)
+        log.info("checkpoint written: %s", path)
+        return path
+
+    # ------------------------------------------------------------------------------------------- self-checks
+    def self_check(self, obs: dict[str, np.ndarray]) -> None:
+        """Stop before training on a black or frozen camera, or on observations the networks don't expect."""
+        space = self.envs.single_observation_space
+        for key in ("image", "state"):
+            want = space[key]
+            got = obs[key]
+            if got.dtype != want.dtype or got.shape[1:] != want.shape:
+                raise EnvUnavailableError(f"observation '{key}' is {got.dtype}{list(got.shape[1:])} but the "
+                                          f"networks expect {want.dtype}{list(want.shape)}: the env backend "
+                                          "breaks the contract in av_td3/envs/base.py.")
+        first = obs["image"][:, -1].copy()
+        if first.min() == first.max():
+            raise EnvUnavailableError(
+                f"the camera image is constant (every pixel = {first.min()}): the simulator is not drawing. With "
+                "the embedded simulator check SDL_VIDEODRIVER (it must not be 'dummy'; av-td3 uses 'offscreen').")
+        probe = self.eval_env
+        o, _ = probe.reset(seed=self.cfg.env.eval_seed)
+        frames = [o["image"][-1]]
+        for _ in range(5):
+            o, _, term, trunc, _ = probe.step(np.array([0.0, 0.5], dtype=np.float32))
+            frames.append(o["image"][-1])
+            if term or trunc:
+                break
+        if all(np.array_equal(frames[0], f) for f in frames[1:]):
+            raise EnvUnavailableError("the camera image did not change over 5 steps of driving: the simulator's "
+                                      "frames are frozen.")
+
+    # ----------------------------------------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict[str, float]:
+        """Deterministic policy on a separate env instance with fixed seeds (eval_seed + i): comparable across
+        runs and configurations, and the training episode in progress is not disturbed."""
+        e = self.cfg.env
+        returns, successes, collisions, invasions = [], [], [], []
+        frames = []
+        for i in range(self.cfg.trainer.eval_episodes):
+            obs, _ = self.eval_env.reset(seed=e.eval_seed + i)
+            ret, n_col, n_inv, done = 0.0, 0, 0, False
+            while not done:
+                batch = {k: v[None] for k, v in obs.items()}
+                action = self.agent.check_action(self.agent.act(batch, noise=0.0)[0], self.step)
+                obs, r, term, trunc, info = self.eval_env.step(action)
+                ret += r
+                n_col += int(info["collision"])
+                n_inv += int(info["lane_invasion"])
+                if i == 0 and len(frames) < 16:
+                    frames.append(obs["image"][-1])
+                done = term or trunc
+            returns.append(ret)
+            successes.append(float(trunc and not term))  # reached the step limit without crashing or leaving
+            collisions.append(n_col)
+            invasions.append(n_inv)
+        if frames:
+            self.logger.log_images("eval/observation", np.stack(frames[:: max(1, len(frames) // 4)]), self.step)
+        return {"eval/return": float(np.mean(returns)), "eval/success_rate": float(np.mean(successes)),
+                "eval/collisions": float(np.mean(collisions)), "eval/lane_invasions": float(np.mean(invasions))}
+
+    # ---------------------------------------------------------------------------------------------------- run
+    def _write_summary(self) -> None:
+        atomic_write_bytes(self.run_dir / "summary.json",
+                           lambda f: f.write(json.dumps(asdict(self.summary), indent=2).encode()))
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum  # handled between steps, where the state is consistent
+
+    def train(self) -> Summary:
+        cfg, t, a = self.cfg, self.cfg.trainer, self.cfg.agent
+        self._write_summary()
+        self.logger.log_run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), flat_hparams(cfg),
+                                 {"seed": str(cfg.seed), **provenance()})
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        start = time.perf_counter()
+        wall0 = self.summary.wall_s
+        try:
+            self._loop()
+            self.summary.status = "completed"
+        except NonFiniteError as err:
+            self.summary.status, self.summary.reason = "stopped", str(err)
+            self.summary.nan_guard = {"triggered": True, "quantity": err.quantity, "step": err.step}
+            self.save_checkpoint()  # the weights are still the last good ones: the guard acted before the step
+            log.error("NaN guard (monitor.nan_policy=stop): %s. The last good state is checkpointed in %s; lower "
+                      "the learning rates or enable clipping, or use monitor.nan_policy=skip.", err, self.ckpt.dir)
+            raise
+        except Interrupted as err:
+            self.summary.status, self.summary.reason = "stopped", str(err)
+            self.save_checkpoint()
+            log.warning("%s at env step %d: checkpoint written; rerun the same command to resume.", err, self.step)
+            raise
+        except SimulatorLostError as err:
+            self.summary.status, self.summary.reason = "stopped", f"simulator lost: {err}"
+            self.save_checkpoint()
+            log.error("%s — checkpoint written; rerun the same command to resume once the simulator is back.", err)
+            raise
+        except BaseException as err:
+            self.summary.status, self.summary.reason = "failed", f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.summary.steps = self.step
+            self.summary.wall_s = wall0 + time.perf_counter() - start
+            self.summary.alerts = dict(self.agent.monitor.alert_counts)
+            self.summary.critical_alerts = sum(v for k, v in self.summary.alerts.items()
+                                               if k.split("/")[1] in CRITICAL_ALERTS)
+            self.summary.skipped_updates = self.agent.monitor.skipped_updates
+            self.summary.objective = self.objective()
+            self._write_summary()
+            if self.summary.final_eval is not None:
+                self.logger.log_final(flat_hparams(cfg), {k.split("/")[1]: v for k, v in
+                                                          self.summary.final_eval.items()})
+            self.logger.close()
+            self.envs.close()
+            self.eval_env.close()
+        return self.summary
+
+    def objective(self) -> float:
+        """Final evaluation return for sweepers; a finite penalty (the worst possible return) when the run had no
+        final evaluation, e.g. stopped by the NaN guard — a NaN objective would crash Optuna."""
+        fe = self.summary.final_eval
+        if fe is not None and math.isfinite(fe["eval/return"]):
+            return fe["eval/return"]
+        return -self.reward_bound * self.cfg.env.max_episode_steps
+
+    def _episode_seed(self) -> int:
+        """Training episodes get explicit seeds, so a resumed run replays the same episodes."""
+        self.episodes += 1
+        return self.cfg.seed * 1_000_003 + self.episodes
+
+    def _loop(self) -> None:
+        cfg, t, a = self.cfg, self.cfg.trainer, self.cfg.agent
+        n = self.n
+        obs, _ = self.envs.reset(seed=[self._episode_seed() for _ in range(n)])
+        if self.step == 0:
+            self.self_check(obs)
+        self.buffer.start_episode(obs)
+        ep_return = np.zeros(n)
+        ep_len = np.zeros(n, dtype=int)
+        ep_col = np.zeros(n)
+        ep_inv = np.zeros(n)
+        ep_comp = {c: np.zeros(n) for c in REWARD_COMPONENTS}
+        interval_start, interval_step = time.perf_counter(), self.step
+        pending_ckpt = False
+        bar = self._progress()
+
+        while self.step < t.total_steps:
+            if self._stop_signal is not None:
+                raise Interrupted(self._stop_signal)
+            if self.step < t.learning_starts:
+                action = self.rng.uniform(-1.0, 1.0, size=(n, self.spec.action_dim)).astype(np.float32)
+            else:
+                action = self.agent.check_action(self.agent.act(obs, noise=a.exploration_noise), self.step)
+            next_obs, reward, term, trunc, info = self.envs.step(action)
+            prev_step, self.step = self.step, self.step + n
+
+            ep_return += reward
+            ep_len += 1
+            ep_col += info["collision"]
+            ep_inv += info["lane_invasion"]
+            for c in REWARD_COMPONENTS:
+                ep_comp[c] += info["reward_components"][c]
+            self.buffer.add(action, reward, next_obs, term, trunc)
+
+            ended = term | trunc
+            if ended.any():
+                for i in np.flatnonzero(ended):
+                    ep_scalars = {"episode/return": ep_return[i], "episode/length": ep_len[i],
+                                  "episode/collisions": ep_col[i], "episode/lane_invasions": ep_inv[i],
+                                  **{f"episode/reward_{c}": ep_comp[c][i] for c in REWARD_COMPONENTS}}
+                    self.logger.log_scalars(ep_scalars, self.step)
+                    self._last_return = ep_return[i]
+                    for arr in (ep_return, ep_len, ep_col, ep_inv, *ep_comp.values()):
+                        arr[i] = 0
+                seeds = [self._episode_seed() if e else None for e in ended]
+                next_obs, _ = self.envs.reset(seed=seeds, options={"reset_mask": ended})
+                self.buffer.start_episode({k: v[ended] for k, v in next_obs.items()}, env_ids=np.flatnonzero(ended))
+            obs = next_obs
+
+            if self.step >= t.learning_starts and len(self.buffer) >= a.batch_size:
+                for _ in range(t.updates_per_step * n):
+                    self.agent.update(self.buffer.sample(a.batch_size), self.step)
+
+            if crossed(prev_step, self.step, t.log_every) or self.step >= t.total_steps:
+                now = time.perf_counter()
+                scalars = self.agent.monitor.flush(self.step).scalars if self.agent.critic_updates else {}
+                scalars["perf/steps_per_s"] = (self.step - interval_step) / max(now - interval_start, 1e-9)
+                self.logger.log_scalars(scalars, self.step)
+                interval_start, interval_step = now, self.step
+                self._report(bar, scalars)
+            if crossed(prev_step, self.step, t.eval_every) or self.step >= t.total_steps:
+                ev = self.evaluate()
+                self.logger.log_scalars(ev, self.step)
+                self.summary.final_eval = {k: v for k, v in ev.items()}
+                log.info("eval at step %d: return %.2f, success %.0f%%", self.step, ev["eval/return"],
+                         100 * ev["eval/success_rate"])
+            if crossed(prev_step, self.step, t.checkpoint_every):
+                pending_ckpt = True
+            # A single env checkpoints at the next episode end, so a resumed run replays identical episodes.
+            if (pending_ckpt and (n > 1 or ended.all())) or self.step >= t.total_steps:
+                self.summary.steps = self.step
+                self.save_checkpoint()
+                pending_ckpt = False
+        if bar is not None:
+            bar.close()
+
+    # ----------------------------------------------------------------------------------------------- progress
+    def _progress(self):
+        if not (self.cfg.trainer.progress and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.trainer.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+
+    def _report(self, bar, scalars: dict[str, float]) -> None:
+        alerts = sum(self.agent.monitor.alert_counts.values())
+        last = getattr(self, "_last_return", float("nan"))
+        if bar is not None:
+            bar.n = self.step
+            bar.set_postfix(ret=f"{last:.1f}", alerts=alerts, sps=f"{scalars['perf/steps_per_s']:.0f}")
+            bar.refresh()
+        else:
+            log.info("step %d/%d | %.0f steps/s | last episode return %.2f | alerts fired %d", self.step,
+                     self.cfg.trainer.total_steps, scalars["perf/steps_per_s"], last, alerts)
+
+
+def run(cfg: Config, run_dir: Path) -> Summary:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise ConfigError(f"the output dir {run_dir} is not writable: choose another with hydra.run.dir=PATH.")
+    trainer = Trainer(cfg, run_dir)
+    return trainer.train()
+

@@ -1,0 +1,186 @@
+"""The gradient monitor against independent computations, and alerts that can fire."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from av_td3.agent.monitor import GradMonitor
+from av_td3.config import ClipConfig, MonitorConfig
+from tests.test_td3 import make_agent, make_batch
+
+
+def toy_net(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+
+
+def backward(cnn: nn.Module, mlp: nn.Module, scale: float = 1.0) -> torch.Tensor:
+    x = torch.randn(4, 1, 6, 6)
+    h = cnn(x).flatten(1)[:, :8]
+    loss = scale * mlp(h).pow(2).sum()
+    loss.backward()
+    return loss
+
+
+def independent_norm(module_list: list[nn.Module]) -> float:
+    """The definition: L2 norm of ALL the gradients concatenated."""
+    return torch.linalg.vector_norm(torch.cat([p.grad.flatten() for m in module_list for p in m.parameters()])).item()
+
+
+def sum_of_norms(module_list: list[nn.Module]) -> float:
+    """The seed system's mistake: the sum of per-parameter norms."""
+    return sum(p.grad.norm().item() for m in module_list for p in m.parameters())
+
+
+def make_monitor(cnn, mlp, limit: float | None, **mon) -> GradMonitor:
+    return GradMonitor(MonitorConfig(**mon), ClipConfig(actor=limit, critic=limit),
+                       {"critic": {"cnn": list(cnn.parameters()), "mlp": list(mlp.parameters())}},
+                       q_bound=1e9, action_names=("steer", "throttle_brake"), device=torch.device("cpu"))
+
+
+def test_norms_match_an_independent_computation_and_reject_sum_of_norms() -> None:
+    cnn, mlp = toy_net()
+    mon = make_monitor(cnn, mlp, limit=None)
+    loss = backward(cnn, mlp)
+    expected = {"cnn": independent_norm([cnn]), "mlp": independent_norm([mlp]), "total": independent_norm([cnn, mlp])}
+    wrong = sum_of_norms([cnn, mlp])
+    assert mon.clip_and_observe("critic", loss, step=1)
+    s = mon.flush(1).scalars
+    for part, value in expected.items():
+        assert s[f"grad/critic/{part}/before_clip"] == pytest.approx(value, rel=1e-5)
+    # the old sum-of-norms would fail this very assertion
+    assert wrong != pytest.approx(s["grad/critic/total/before_clip"], rel=1e-2)
+
+
+def test_after_clip_is_measured_after_clipping_on_the_same_backward() -> None:
+    cnn, mlp = toy_net()
+    mon = make_monitor(cnn, mlp, limit=0.5)
+    loss = backward(cnn, mlp, scale=10.0)
+    before = independent_norm([cnn, mlp])
+    assert before > 0.5
+    mon.clip_and_observe("critic", loss, step=1)
+    after = independent_norm([cnn, mlp])  # the gradients the optimizer will see
+    s = mon.flush(1).scalars
+    assert s["grad/critic/total/before_clip"] == pytest.approx(before, rel=1e-5)
+    assert s["grad/critic/total/after_clip"] == pytest.approx(after, rel=1e-5)
+    assert after <= 0.5 * (1 + 1e-4)
+    assert s["grad/critic/clip_coef"] == pytest.approx(after / before, rel=1e-5)
+    assert s["grad/critic/clip_fraction"] == 1.0 and s["alert/critic/clip_violation"] == 0.0
+
+
+def test_unclipped_after_equals_before_and_is_still_logged() -> None:
+    cnn, mlp = toy_net()
+    mon = make_monitor(cnn, mlp, limit=None)
+    mon.clip_and_observe("critic", backward(cnn, mlp, scale=10.0), step=1)
+    s = mon.flush(1).scalars
+    for part in ("cnn", "mlp", "total"):
+        assert s[f"grad/critic/{part}/after_clip"] == s[f"grad/critic/{part}/before_clip"]
+    assert s["grad/critic/clip_coef"] == 1.0 and s["grad/critic/clip_fraction"] == 0.0
+
+
+def test_interval_mean_max_and_update_count_cover_every_update() -> None:
+    cnn, mlp = toy_net()
+    mon = make_monitor(cnn, mlp, limit=None)
+    norms = []
+    for k in range(5):
+        cnn.zero_grad(), mlp.zero_grad()
+        loss = backward(cnn, mlp, scale=float(k + 1))
+        norms.append(independent_norm([cnn, mlp]))
+        mon.clip_and_observe("critic", loss, step=k)
+    s = mon.flush(5).scalars
+    assert s["grad/critic/updates"] == 5
+    assert s["grad/critic/total/before_clip"] == pytest.approx(sum(norms) / 5, rel=1e-5)
+    assert s["grad/critic/total/before_clip_max"] == pytest.approx(max(norms), rel=1e-5)
+
+
+def test_actor_metrics_only_from_actor_updates() -> None:
+    agent = make_agent(policy_freq=3)
+    for i in range(1, 10):
+        agent.update(make_batch(i), step=i)
+    s = agent.monitor.flush(9).scalars
+    assert s["grad/critic/updates"] == 9 and s["grad/actor/updates"] == 3
+    # no zeros padded in from the 6 critic-only updates: the actor's smallest interval mean is its real mean
+    assert s["grad/actor/mlp/before_clip"] > 0 and s["grad/actor/cnn/before_clip"] > 0
+    # an interval without an actor update has no actor gradient tags at all
+    agent.update(make_batch(10), step=10)
+    s2 = agent.monitor.flush(10).scalars
+    assert "grad/actor/total/before_clip" not in s2 and "train/actor_loss" not in s2
+    assert s2["grad/critic/updates"] == 1
+
+
+def test_flush_is_one_host_transfer(monkeypatch) -> None:
+    agent = make_agent(policy_freq=1)
+    for i in range(3):
+        agent.update(make_batch(i), step=i)
+    transfers = []
+    original = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: transfers.append(1) or original(self, *a, **k))
+    agent.monitor.flush(3)
+    assert len(transfers) == 1
+
+
+def test_clip_violation_fires_when_clipping_is_broken(monkeypatch) -> None:
+    cnn, mlp = toy_net()
+    mon = make_monitor(cnn, mlp, limit=0.5)
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", lambda *a, **k: None)
+    mon.clip_and_observe("critic", backward(cnn, mlp, scale=10.0), step=1)
+    result = mon.flush(1)
+    assert "critic/clip_violation" in result.fired and result.scalars["alert/critic/clip_violation"] == 1.0
+    assert mon.alert_counts["critic/clip_violation"] == 1
+
+
+def test_grad_explosion_thresholds_follow_the_limit_and_the_reference() -> None:
+    cnn, mlp = toy_net()
+    loss = backward(cnn, mlp, scale=10.0)
+    norm = independent_norm([cnn, mlp])
+    # clipped net: warning at warn_factor x limit, critical at critical_factor x limit
+    mon = make_monitor(cnn, mlp, limit=norm / 20, warn_factor=10.0, critical_factor=100.0)
+    mon.clip_and_observe("critic", loss, step=1)
+    fired = mon.flush(1).fired
+    assert "critic/grad_explosion_warning" in fired and "critic/grad_explosion_critical" not in fired
+    # unclipped net: judged against monitor.reference_limit_critic
+    cnn.zero_grad(), mlp.zero_grad()
+    loss = backward(cnn, mlp, scale=10.0)
+    norm = independent_norm([cnn, mlp])
+    mon = make_monitor(cnn, mlp, limit=None, reference_limit_critic=norm / 200, critical_factor=100.0)
+    mon.clip_and_observe("critic", loss, step=1)
+    assert "critic/grad_explosion_critical" in mon.flush(1).fired
+
+
+def test_growth_detector_fires_on_a_jump_above_the_running_average() -> None:
+    cnn, mlp = toy_net()
+    mon = make_monitor(cnn, mlp, limit=None, growth_factor=5.0, warn_factor=1e9, critical_factor=1e9)
+    for scale, expect in [(1.0, False), (1.0, False), (100.0, True)]:
+        cnn.zero_grad(), mlp.zero_grad()
+        mon.clip_and_observe("critic", backward(cnn, mlp, scale=scale), step=1)
+        assert ("critic/grad_growth" in mon.flush(1).fired) == expect
+
+
+def test_dead_gradient_after_n_consecutive_zero_updates() -> None:
+    cnn, mlp = toy_net()
+    mon = make_monitor(cnn, mlp, limit=None, dead_steps=3)
+    for k in range(3):
+        cnn.zero_grad(), mlp.zero_grad()
+        loss = backward(cnn, mlp)
+        for p in cnn.parameters():
+            p.grad.zero_()  # a CNN that receives no gradient
+        mon.clip_and_observe("critic", loss, step=k)
+        if k == 1:
+            assert "critic/dead_gradient" not in mon.flush(k).fired
+    assert "critic/dead_gradient" in mon.flush(3).fired
+
+
+def test_q_divergence_and_action_saturation_alerts() -> None:
+    agent = make_agent(policy_freq=1, **{"monitor.saturation_threshold": 0.0})
+    agent.monitor.q_bound = 1e-9  # any Q is "divergent" against a tiny bound
+    agent.update(make_batch(1), step=1)
+    s = agent.monitor.flush(1)
+    assert "critic/q_divergence" in s.fired
+    assert "train/action_saturation/steer" in s.scalars
+    agent.actor.head[-1].bias.data.fill_(100.0)  # push tanh into saturation
+    agent.update(make_batch(2), step=2)
+    res = agent.monitor.flush(2)
+    assert res.scalars["train/action_saturation/steer"] == 1.0
+    assert "actor/action_saturation" in res.fired
