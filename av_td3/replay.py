@@ -1,0 +1,259 @@
+"""Replay buffer for stacked-frame observations that stores each frame once.
+
+Row model: every row of a stream is one observation (its newest frame, its state vector and its step in the
+episode). A row from which a transition was taken also holds that transition's action, reward, terminated and
+truncated; its next observation is the next row of the same stream. When an episode ends, its final observation
+is stored as a row with no transition, so the last transition's next observation is the true final one and the
+next episode's first observation starts a fresh row.
+
+Frame stacks are rebuilt at sample time: the frame ``d`` steps back from a row of episode step ``t`` is the row
+``min(d, t)`` back, which repeats the episode's first frame exactly as the env's frame stack
+(:class:`av_td3.envs.base.DrivingEnv`) does. Compared with storing ``obs`` and ``next_obs`` stacks this takes
+``2 * stack`` times less image memory (~7 KB instead of 56 KB per 4x84x84 transition, 226 KB as float32).
+
+Each of ``num_envs`` vectorised envs writes its own ring-buffer stream (arrays are ``[num_envs, rows_per_env,
+...]``), so consecutive rows of a stream are consecutive steps of one env.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import psutil
+import torch
+
+from av_td3.config import ConfigError
+
+# The buffer may take at most this share of the memory available at start-up; the rest is left for the
+# simulator, the networks and the OS.
+MEMORY_SHARE = 0.8
+
+# Sampling draws candidate rows uniformly and keeps the valid ones; each round oversamples by the known
+# acceptance rate, so one round almost always suffices and this bound is never reached in practice.
+_MAX_SAMPLE_ROUNDS = 100
+
+
+def _row_layout(frame_shape: tuple[int, int], state_dim: int, action_dim: int) -> dict[str, tuple[tuple, type]]:
+    """Per-row fields as name -> (shape, dtype); the single source of both allocation and the byte count."""
+    return {
+        "frame": (tuple(frame_shape), np.uint8),     # newest grayscale frame of the observation
+        "state": ((state_dim,), np.float32),
+        "step": ((), np.int32),                      # steps since the episode's first observation (0 = first)
+        "action": ((action_dim,), np.float32),       # the rest: the transition taken from this row, if any
+        "reward": ((), np.float32),
+        "terminated": ((), np.bool_),
+        "truncated": ((), np.bool_),
+        "has_action": ((), np.bool_),                # False for final observations and the newest row
+    }
+
+
+def bytes_per_row(frame_shape: tuple[int, int], state_dim: int, action_dim: int) -> int:
+    """Bytes one stored row (one observation plus the transition taken from it) occupies."""
+    return sum(math.prod(shape) * np.dtype(dtype).itemsize
+               for shape, dtype in _row_layout(frame_shape, state_dim, action_dim).values())
+
+
+def check_memory(capacity: int, frame_shape: tuple[int, int], state_dim: int, action_dim: int,
+                 available_bytes: int | None = None) -> None:
+    """Raise :class:`ConfigError` if ``capacity`` rows would take more than ``MEMORY_SHARE`` of the available
+    memory (``available_bytes``, default: ``psutil.virtual_memory().available``). The message gives the bytes
+    needed and available and the largest ``agent.buffer_size`` that fits."""
+    if available_bytes is None:
+        available_bytes = psutil.virtual_memory().available
+    row = bytes_per_row(frame_shape, state_dim, action_dim)
+    needed = capacity * row
+    allowed = int(available_bytes * MEMORY_SHARE)
+    if needed > allowed:
+        raise ConfigError(
+            f"agent.buffer_size={capacity} needs {needed:,} bytes ({needed / 2**30:.2f} GiB, {row:,} bytes per "
+            f"transition) for the replay buffer, but only {available_bytes:,} bytes "
+            f"({available_bytes / 2**30:.2f} GiB) are available and the buffer may use at most "
+            f"{MEMORY_SHARE:.0%} of that: set agent.buffer_size<={allowed // row} or free memory.")
+
+
+class Batch(NamedTuple):
+    """A sampled batch, all tensors on the buffer's device. Images stay uint8 (0-255); the agent converts them
+    to float once on the training device. ``obs_image`` and ``next_image`` are overlapping (non-contiguous)
+    views of one [B, stack + 1, H, W] frame window, so treat them as read-only."""
+    obs_image: torch.Tensor   # uint8 [B, stack, H, W], oldest frame first
+    obs_state: torch.Tensor   # float32 [B, k]
+    action: torch.Tensor      # float32 [B, a]
+    reward: torch.Tensor      # float32 [B]
+    next_image: torch.Tensor  # uint8 [B, stack, H, W]
+    next_state: torch.Tensor  # float32 [B, k]
+    done: torch.Tensor        # float32 [B], 1 where the episode terminated (truncation bootstraps: 0)
+
+
+class ReplayBuffer:
+    """Uniform replay over ``capacity`` rows split evenly across ``num_envs`` env streams.
+
+    Usage per env step: :meth:`start_episode` with each env's first observation (all envs at the start, then
+    the ended ones), then :meth:`add` with the batched step results. Each env step takes one row per env, and
+    one more per ended episode, so the buffer holds slightly fewer than ``capacity`` transitions.
+    """
+
+    def __init__(self, capacity: int, frame_shape: tuple[int, int], stack: int, state_dim: int, action_dim: int,
+                 num_envs: int = 1, seed: int = 0, device: str | torch.device = "cpu") -> None:
+        self.rows_per_env = capacity // num_envs  # a remainder of capacity % num_envs rows is left unused
+        if self.rows_per_env < stack + 1:
+            # Fewer rows could hold no transition whose whole stack window and next row fit.
+            raise ConfigError(f"agent.buffer_size={capacity} gives {self.rows_per_env} rows per env for "
+                              f"{num_envs} envs; need at least stack + 1 = {stack + 1}: raise agent.buffer_size.")
+        check_memory(capacity, frame_shape, state_dim, action_dim)
+        self.frame_shape = tuple(frame_shape)
+        self.stack = stack
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        self._rows = {name: np.zeros((num_envs, self.rows_per_env, *shape), dtype=dtype)
+                      for name, (shape, dtype) in _row_layout(frame_shape, state_dim, action_dim).items()}
+        self._ptr = np.zeros(num_envs, dtype=np.int64)    # slot the next row of each stream goes to
+        self._size = np.zeros(num_envs, dtype=np.int64)   # rows written to each stream, capped at rows_per_env
+        # A stream whose episode ended (or never started) must get start_episode before the next add.
+        self._needs_start = np.ones(num_envs, dtype=bool)
+        self._rng = np.random.default_rng(seed)
+
+    bytes_per_row = staticmethod(bytes_per_row)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the stored rows."""
+        return sum(a.nbytes for a in self._rows.values())
+
+    # ----------------------------------------------------------------------------------------------- writing
+    def _write_obs(self, env: np.ndarray, obs: dict[str, np.ndarray], step: np.ndarray) -> None:
+        """Append one observation row to each stream in ``env`` (observations batched in the same order)."""
+        slot = self._ptr[env]
+        r = self._rows
+        r["frame"][env, slot] = obs["image"][:, -1]
+        r["state"][env, slot] = obs["state"]
+        r["step"][env, slot] = step
+        r["has_action"][env, slot] = False  # the slot may hold an overwritten transition
+        self._ptr[env] = (slot + 1) % self.rows_per_env
+        self._size[env] = np.minimum(self._size[env] + 1, self.rows_per_env)
+
+    def start_episode(self, obs: dict[str, np.ndarray], env_ids: np.ndarray | None = None) -> None:
+        """Store the first observation of a new episode for the streams ``env_ids`` (default: all).
+        ``obs``: image uint8 [n, stack, H, W], state float32 [n, k], n = len(env_ids)."""
+        env = np.arange(self.num_envs) if env_ids is None else np.asarray(env_ids, dtype=np.int64).reshape(-1)
+        self._write_obs(env, obs, np.zeros(len(env), dtype=np.int32))
+        self._needs_start[env] = False
+
+    def add(self, action: np.ndarray, reward: np.ndarray, next_obs: dict[str, np.ndarray],
+            terminated: np.ndarray, truncated: np.ndarray) -> None:
+        """Record one step of every env: action float32 [n, a], reward [n], ``next_obs`` the observation after
+        the step (for an ended episode its final observation; image [n, stack, H, W], state [n, k]), terminated
+        and truncated bool [n]. Then call :meth:`start_episode` for the envs whose episode ended."""
+        if self._needs_start.any():
+            raise RuntimeError(f"ReplayBuffer.add: call start_episode for env ids "
+                               f"{np.flatnonzero(self._needs_start).tolist()} first (their episode ended or "
+                               f"never started)")
+        env = np.arange(self.num_envs)
+        cur = (self._ptr - 1) % self.rows_per_env  # each stream's newest row: the observation acted on
+        r = self._rows
+        r["action"][env, cur] = action
+        r["reward"][env, cur] = reward
+        r["terminated"][env, cur] = terminated
+        r["truncated"][env, cur] = truncated
+        r["has_action"][env, cur] = True
+        self._write_obs(env, next_obs, r["step"][env, cur] + 1)
+        self._needs_start |= np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
+
+    # ---------------------------------------------------------------------------------------------- sampling
+    def _is_transition(self, env: np.ndarray, slot: np.ndarray) -> np.ndarray:
+        """Whether a transition starts at each (env, slot): the row has an action and its stack window (back to
+        the episode start, at most stack - 1 rows) has not been overwritten. Its next row is newer than the row
+        itself, so it is intact too, and so is the next row's window."""
+        oldest = (self._ptr[env] - self._size[env]) % self.rows_per_env
+        age = (slot - oldest) % self.rows_per_env  # rows between the stream's oldest live row and this one
+        window = np.minimum(self.stack - 1, self._rows["step"][env, slot])
+        return self._rows["has_action"][env, slot] & (age >= window)
+
+    def __len__(self) -> int:
+        """Number of transitions :meth:`sample` can return."""
+        # Only the stack - 1 oldest rows of a stream can have an overwritten window; check just those.
+        env = np.repeat(np.arange(self.num_envs), self.stack - 1)
+        oldest = (self._ptr - self._size) % self.rows_per_env
+        slot = (oldest[env] + np.tile(np.arange(self.stack - 1), self.num_envs)) % self.rows_per_env
+        broken = self._rows["has_action"][env, slot] & ~self._is_transition(env, slot)
+        return int(np.count_nonzero(self._rows["has_action"]) - np.count_nonzero(broken))
+
+    def _window(self, env: np.ndarray, slot: np.ndarray) -> np.ndarray:
+        """Frames uint8 [B, stack + 1, H, W]: the stack of the observation at (env, slot), oldest first, then the
+        next row's frame. Frames before the episode start are the episode's first frame.
+
+        The next observation's stack is ``window[:, 1:]``: its step is one more, so its frame ``d >= 1`` back is
+        the observation's frame ``d - 1`` back, the same shift the env's frame stack does. Gathering the shared
+        frames once saves a copy and, on cuda, half the host-to-device transfer."""
+        back = np.arange(self.stack - 1, -1, -1)  # rows back from the observation, oldest first
+        back = np.minimum(back, self._rows["step"][env, slot][:, None])
+        rows = np.concatenate([slot[:, None] - back, slot[:, None] + 1], axis=1) % self.rows_per_env
+        return self._rows["frame"][env[:, None], rows]
+
+    def _draw(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(env, slot) of ``batch_size`` transitions drawn uniformly with replacement, by rejection: draw rows
+        uniformly over all written rows, keep those that start a transition."""
+        valid = len(self)
+        if valid == 0:
+            raise RuntimeError("ReplayBuffer.sample: the buffer holds no transitions yet")
+        written = int(self._size.sum())
+        first_row = np.cumsum(self._size) - self._size  # flat index of each stream's first written row
+        oldest = (self._ptr - self._size) % self.rows_per_env
+        envs, slots, found = [], [], 0
+        for _ in range(_MAX_SAMPLE_ROUNDS):
+            n = math.ceil((batch_size - found) * written / valid * 1.2) + 16
+            flat = self._rng.integers(0, written, size=n)
+            env = np.searchsorted(first_row, flat, side="right") - 1
+            slot = (oldest[env] + flat - first_row[env]) % self.rows_per_env
+            keep = self._is_transition(env, slot)
+            envs.append(env[keep])
+            slots.append(slot[keep])
+            found += int(keep.sum())
+            if found >= batch_size:
+                return np.concatenate(envs)[:batch_size], np.concatenate(slots)[:batch_size]
+        raise RuntimeError(f"ReplayBuffer.sample: found {found} of {batch_size} transitions after "
+                           f"{_MAX_SAMPLE_ROUNDS} rounds")
+
+    def _to_device(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            # Pinned memory lets the copy run asynchronously; the caching host allocator keeps the pinned block
+            # alive until the copy has finished.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def sample(self, batch_size: int) -> Batch:
+        """``batch_size`` transitions drawn uniformly (with replacement) from the valid ones."""
+        env, slot = self._draw(batch_size)
+        nxt = (slot + 1) % self.rows_per_env
+        r = self._rows
+        window = self._to_device(self._window(env, slot))
+        return Batch(
+            obs_image=window[:, :-1],
+            obs_state=self._to_device(r["state"][env, slot]),
+            action=self._to_device(r["action"][env, slot]),
+            reward=self._to_device(r["reward"][env, slot]),
+            next_image=window[:, 1:],
+            next_state=self._to_device(r["state"][env, nxt]),
+            done=self._to_device(r["terminated"][env, slot].astype(np.float32)),
+        )
+
+    # ----------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict:
+        """Rows, pointers and rng state. The row arrays are the buffer's own (no copy, as they can be most of
+        RAM): save the dict before the next :meth:`add`."""
+        return {**self._rows, "ptr": self._ptr.copy(), "size": self._size.copy(),
+                "needs_start": self._needs_start.copy(), "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a :meth:`state_dict` of a buffer with the same capacity, shapes and ``num_envs``."""
+        for name, rows in self._rows.items():
+            if d[name].shape != rows.shape:
+                raise ValueError(f"replay buffer checkpoint field {name!r} has shape {d[name].shape}, this buffer "
+                                 f"{rows.shape}: agent.buffer_size, the image/state shape or the env count changed")
+            np.copyto(rows, d[name])
+        self._ptr[:] = d["ptr"]
+        self._size[:] = d["size"]
+        self._needs_start[:] = d["needs_start"]
+        self._rng.bit_generator.state = d["rng"]

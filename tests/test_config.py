@@ -1,0 +1,109 @@
+"""Config composition and validation: wrong types, unknown keys and out-of-range values name the key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from av_td3.config import Config, ConfigError, to_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
+
+
+def load(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return to_config(compose("config", overrides=list(overrides)))
+
+
+def test_defaults_compose_with_the_public_key_names() -> None:
+    cfg = load()
+    assert cfg.agent.clip.actor == 1.0 and cfg.agent.clip.critic == 10.0 and cfg.agent.policy_freq == 2
+    assert cfg.env.name == "highway" and cfg.env.town == "racetrack"
+    assert cfg.logger.tensorboard is not None and cfg.logger.csv is not None and cfg.logger.wandb is None
+    for key in ("total_steps", "learning_starts", "eval_every", "eval_episodes", "checkpoint_every", "log_every",
+                "device"):
+        assert hasattr(cfg.trainer, key)
+    for key in ("tau", "gamma", "policy_noise", "noise_clip", "exploration_noise", "batch_size", "buffer_size"):
+        assert hasattr(cfg.agent, key)
+    assert {"efficiency", "lane_keeping", "comfort", "collision_penalty", "offroad_penalty", "progress"} <= set(
+        vars(cfg.env.reward))
+
+
+def test_null_disables_clipping() -> None:
+    cfg = load("agent.clip.actor=null", "agent.clip.critic=null")
+    assert cfg.agent.clip.actor is None and cfg.agent.clip.critic is None
+
+
+def test_smoke_debug_config_is_small() -> None:
+    cfg = load("debug=smoke")
+    assert cfg.trainer.total_steps <= 500 and cfg.env.image.height <= 48
+    assert (cfg.trainer.total_steps - cfg.trainer.learning_starts) * cfg.trainer.updates_per_step >= 100
+
+
+@pytest.mark.parametrize("override, key", [
+    ("agent.lr.actor=fast", "agent.lr.actor"),
+    ("trainer.total_steps=1.5", "trainer.total_steps"),
+    ("agent.clip.actor=[1]", "agent.clip.actor"),
+])
+def test_wrong_type_fails_at_compose_time_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        load(override)
+    assert key in str(err.value) + str(err.value.__cause__)
+
+
+def test_unknown_key_fails_naming_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        load("agent.learning_rate=0.1")
+    assert "agent.learning_rate" in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("agent.tau=1.5", "agent.tau"),
+    ("agent.gamma=1.0", "agent.gamma"),
+    ("agent.lr.critic=0", "agent.lr.critic"),
+    ("agent.clip.actor=-1", "agent.clip.actor"),
+    ("agent.policy_freq=0", "agent.policy_freq"),
+    ("trainer.device=tpu", "trainer.device"),
+    ("agent.encoder=both", "agent.encoder"),
+    ("env.image.height=4", "env.image.height"),
+    ("env.fixed_delta_s=0.5", "env.fixed_delta_s"),
+    ("agent.batch_size=200000", "agent.batch_size"),
+    ("monitor.nan_policy=ignore", "monitor.nan_policy"),
+    ("agent.lr.actor=nan", "agent.lr.actor"),
+])
+def test_out_of_range_values_name_the_key_and_the_fix(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(override)
+    msg = str(err.value)
+    assert msg.startswith(key) and ("must be" in msg or "choose" in msg or "lower" in msg or "finite" in msg)
+
+
+def test_missing_group_option_lists_the_choices() -> None:
+    with pytest.raises(MissingConfigException) as err:
+        load("env=gta")
+    assert "highway" in str(err.value) and "carla" in str(err.value)
+
+
+def run_launch(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_bad_value_exits_non_zero_naming_the_key(tmp_path: Path) -> None:
+    proc = run_launch("agent.tau=7", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "agent.tau=7.0 is out of range" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_cli_unknown_key_exits_non_zero(tmp_path: Path) -> None:
+    proc = run_launch("agent.bogus=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode != 0 and "agent.bogus" in proc.stderr
