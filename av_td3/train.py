@@ -30,8 +30,9 @@ from av_td3.agent.monitor import CRITICAL_ALERTS, NonFiniteError
 from av_td3.agent.td3 import TD3, Spec
 from av_td3.checkpoint import CheckpointManager, atomic_write_bytes, check_compatible, load
 from av_td3.config import Config, ConfigError
+from av_td3.analysis import bounds
 from av_td3.envs.base import (ACTION_NAMES, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError,
-                              decision_dt, max_abs_reward, state_dim, state_scale)
+                              state_dim, state_scale)
 from av_td3.replay import ReplayBuffer
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,8 @@ class Trainer:
         self.spec = Spec(stack=e.image.stack, height=e.image.height, width=e.image.width,
                          state_dim=state_dim(e.lane_points), action_dim=len(ACTION_NAMES),
                          state_scale=state_scale(e.lane_points, e.lane_point_spacing), action_names=ACTION_NAMES)
-        self.reward_bound = max_abs_reward(e.reward, 1.0 / decision_dt(e))
-        self.q_bound = cfg.monitor.q_margin * self.reward_bound / (1.0 - a.gamma)
+        self.reward_bound = bounds.max_abs_reward(cfg)
+        self.q_bound = bounds.q_bound(cfg)
 
         self.summary = Summary(total_steps=t.total_steps)
         self.ckpt = CheckpointManager(run_dir / "checkpoints", t.checkpoint_keep)

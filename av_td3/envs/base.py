@@ -187,7 +187,12 @@ MAX_SPEED_M_S = 40.0  # no backend's car goes faster; bounds the progress term p
 
 
 def max_abs_reward(reward: RewardConfig, policy_frequency: float) -> float:
-    """Largest per-step |reward| :class:`RewardFunction` can produce; with gamma it bounds |Q| (alerts, validator)."""
+    """Largest per-step |reward| :class:`RewardFunction` can produce; with gamma it bounds |Q| (alerts, validator).
+
+    Each component is bounded separately and the bounds summed: efficiency <= w (speed ratio clipped to [-1, 1]);
+    lane keeping <= w * (2 + 2) (offset term capped at 2, |heading error| <= pi gives 2); comfort <= w * 10 (jerk
+    term capped); safety <= the three penalties together; progress <= w * metres covered in one decision at
+    MAX_SPEED_M_S."""
     return (abs(reward.efficiency) + abs(reward.lane_keeping) * 4.0 + abs(reward.comfort) * 10.0
             + reward.collision_penalty + reward.offroad_penalty + reward.lane_invasion_penalty
             + abs(reward.progress) * MAX_SPEED_M_S / policy_frequency)

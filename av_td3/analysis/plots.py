@@ -1,0 +1,118 @@
+"""Comparison plots. Built on ``matplotlib.figure.Figure`` (no pyplot), which renders with the Agg canvas and
+touches no global backend state, so it works headless and inside other programs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from av_td3.analysis import stats
+from av_td3.analysis.events import series
+from av_td3.analysis.runs import Run
+from av_td3.analysis.validate import CRITICAL_ALERTS, NETS
+
+BAND_REPS = 500  # per evaluation step; a band is a visual aid, the table carries the precise intervals
+
+
+def _colors(n: int) -> list[str]:
+    return [f"C{i % 10}" for i in range(n)]
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_eval_return(groups: dict[str, list[Run]], path: Path) -> None:
+    """Evaluation return against env steps: per group the IQM over seeds with a 95% bootstrap band, and each
+    seed as a thin line."""
+    fig = Figure(figsize=(10, 5), layout="constrained")
+    ax = fig.add_subplot()
+    drawn = False
+    for (label, runs), color in zip(groups.items(), _colors(len(groups))):
+        curves = pd.DataFrame({r.name: series(r.scalars, "eval/return") for r in runs})
+        if curves.empty:
+            continue
+        drawn = True
+        for name in curves:
+            ax.plot(curves.index, curves[name], color=color, lw=0.7, alpha=0.35)
+        steps = curves.index.to_numpy()
+        values = [row[np.isfinite(row)] for row in curves.to_numpy()]
+        ax.plot(steps, [stats.iqm(v) if len(v) else np.nan for v in values], color=color, lw=2,
+                label=f"{label} (n={len(runs)})")
+        band = [stats.iqm_ci(v, reps=BAND_REPS) if len(v) >= 2 else (np.nan, np.nan) for v in values]
+        ax.fill_between(steps, [b[0] for b in band], [b[1] for b in band], color=color, alpha=0.2, lw=0)
+    if not drawn:
+        _empty(ax, "no evaluation return logged")
+    else:
+        ax.set_xlabel("env step")
+        ax.set_ylabel("evaluation return (IQM, 95% CI; thin: seeds)")
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+
+
+def plot_grad_norms(groups: dict[str, list[Run]], path: Path) -> None:
+    """Global gradient norm before and after clipping, one panel per group and network, with the limit."""
+    fig = Figure(figsize=(12, 2.8 * len(groups) + 0.5), layout="constrained")
+    axes = fig.subplots(len(groups), len(NETS), squeeze=False)
+    for row, (label, runs) in zip(axes, groups.items()):
+        for ax, net in zip(row, NETS):
+            ax.set_title(f"{label}: {net}", fontsize="small")
+            if not runs:
+                _empty(ax, "no finished runs")
+                continue
+            before = [series(r.scalars, f"grad/{net}/total/before_clip") for r in runs]
+            after = [series(r.scalars, f"grad/{net}/total/after_clip") for r in runs]
+            if not any(len(s) for s in before + after):
+                _empty(ax, "no gradient norms logged")
+                continue
+            for i, (b, a) in enumerate(zip(before, after)):
+                ax.plot(b.index, b, color="C0", lw=0.8, label="before clip" if i == 0 else None)
+                ax.plot(a.index, a, color="C1", lw=0.8, ls="--", label="after clip" if i == 0 else None)
+            limit = runs[0].config.agent.clip[net]  # type: ignore[union-attr]  # grouped runs have a config
+            if limit is not None:
+                ax.axhline(limit, color="k", lw=0.8, ls=":", label=f"limit {limit:g}")
+            ax.set_yscale("log")  # norms span orders of magnitude when clipping matters
+            ax.set_xlabel("env step")
+            ax.legend(fontsize="x-small")
+    fig.savefig(path, dpi=100)
+
+
+def plot_alerts(groups: dict[str, list[Run]], path: Path) -> None:
+    """When each alert fired, one panel per group over the group's whole step range; a mark is darker the more
+    seeds fired it at that step, critical alerts in red."""
+    fig = Figure(figsize=(12, 2.5 * len(groups) + 0.5), layout="constrained")
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    for ax, (label, runs) in zip(axes, groups.items()):
+        ax.set_title(label, fontsize="small")
+        if not runs:
+            _empty(ax, "no finished runs")
+            continue
+        frames = [r.scalars for r in runs]
+        fired = pd.concat([df[df["tag"].str.startswith("alert/") & (df["value"] > 0)] for df in frames])
+        if fired.empty:
+            _empty(ax, "no alerts fired")
+            continue
+        seeds = fired.groupby(["tag", "step"]).size().reset_index(name="seeds")
+        tags = sorted(seeds["tag"].unique())
+        colors = ["red" if t.rsplit("/", 1)[-1] in CRITICAL_ALERTS else "darkorange" for t in seeds["tag"]]
+        ax.scatter(seeds["step"], seeds["tag"].map(tags.index), c=colors, marker="|", s=300, linewidths=2,
+                   alpha=(0.3 + 0.7 * seeds["seeds"] / len(runs)).to_numpy())
+        ax.set_yticks(range(len(tags)), [t.removeprefix("alert/") for t in tags], fontsize="x-small")
+        ax.set_ylim(-0.5, len(tags) - 0.5)
+        ax.set_xlim(0, max(int(df["step"].max()) for df in frames if not df.empty))
+        ax.set_xlabel(f"env step (mark: fired in a flush; darker: more of the {len(runs)} seeds)")
+    fig.savefig(path, dpi=100)
+
+
+def write_plots(groups: dict[str, list[Run]], folder: Path) -> list[Path]:
+    """Write every comparison plot into ``folder``; ``groups`` maps a group label to the runs to draw."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "eval_return.png", folder / "grad_norms.png", folder / "alerts.png"]
+    for plot, path in zip((plot_eval_return, plot_grad_norms, plot_alerts), paths):
+        plot(groups, path)
+    return paths
