@@ -377,7 +377,8 @@ class Trainer:
                 self.buffer.start_episode({k: v[ended] for k, v in next_obs.items()}, env_ids=np.flatnonzero(ended))
             obs = next_obs
 
-            if self.step >= t.learning_starts and len(self.buffer) >= a.batch_size:
+            # updates begin with the first policy step: (total_steps - learning_starts) x updates_per_step in all
+            if prev_step >= t.learning_starts and len(self.buffer) >= a.batch_size:
                 for _ in range(t.updates_per_step * n):
                     self.agent.update(self.buffer.sample(a.batch_size), self.step)
 
