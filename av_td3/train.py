@@ -372,10 +372,6 @@ class Trainer:
                     self._last_return = ep_return[i]
                     for arr in (ep_return, ep_len, ep_col, ep_inv, *ep_comp.values()):
                         arr[i] = 0
-                seeds = [self._episode_seed() if e else None for e in ended]
-                next_obs, _ = self.envs.reset(seed=seeds, options={"reset_mask": ended})
-                self.buffer.start_episode({k: v[ended] for k, v in next_obs.items()}, env_ids=np.flatnonzero(ended))
-            obs = next_obs
 
             # updates begin with the first policy step: (total_steps - learning_starts) x updates_per_step in all
             if prev_step >= t.learning_starts and len(self.buffer) >= a.batch_size:
@@ -402,6 +398,13 @@ class Trainer:
                 self.summary.steps = self.step
                 self.save_checkpoint()
                 pending_ckpt = False
+
+            # Ended episodes restart after the checkpoint, so a resumed run starts them with the same seeds.
+            if ended.any() and self.step < t.total_steps:
+                seeds = [self._episode_seed() if e else None for e in ended]
+                next_obs, _ = self.envs.reset(seed=seeds, options={"reset_mask": ended})
+                self.buffer.start_episode({k: v[ended] for k, v in next_obs.items()}, env_ids=np.flatnonzero(ended))
+            obs = next_obs
         if bar is not None:
             bar.close()
 

@@ -69,6 +69,15 @@ class DeviceStats:
             out.append((key, "max", self._max[key]))
         return out
 
+    def state_dict(self) -> dict:
+        return {"sum": {k: v.cpu() for k, v in self._sum.items()}, "max": {k: v.cpu() for k, v in self._max.items()},
+                "count": dict(self._count)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self._sum = {k: v.to(self.device) for k, v in d["sum"].items()}
+        self._max = {k: v.to(self.device) for k, v in d["max"].items()}
+        self._count = dict(d["count"])
+
     def reset(self) -> None:
         self._sum.clear()
         self._max.clear()
@@ -265,7 +274,7 @@ class GradMonitor:
     def state_dict(self) -> dict:
         return {"zero_run": {k: v.cpu() for k, v in self._zero_run.items()}, "growth_ema": dict(self._growth_ema),
                 "alert_counts": dict(self.alert_counts), "skipped_updates": self.skipped_updates,
-                "nonfinite_actions": self.nonfinite_actions}
+                "nonfinite_actions": self.nonfinite_actions, "stats": self.stats.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         for k, v in d["zero_run"].items():
@@ -274,3 +283,4 @@ class GradMonitor:
         self.alert_counts = dict(d["alert_counts"])
         self.skipped_updates = d["skipped_updates"]
         self.nonfinite_actions = d["nonfinite_actions"]
+        self.stats.load_state_dict(d["stats"])  # the interval in progress, so the next flush covers all of it

@@ -1,0 +1,129 @@
+"""Crash safety: SIGKILL then rerun resumes exactly; SIGTERM checkpoints and exits cleanly; bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from av_td3.analysis.events import find_event_files, read_event_files, read_scalars_csv
+from av_td3.checkpoint import CheckpointManager
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ("debug=smoke", "deterministic=true", "trainer.total_steps=240", "trainer.checkpoint_every=80",
+        "trainer.eval_every=120", "trainer.log_every=40", "env.max_episode_steps=40")
+
+
+def command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "launch.py"), *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def start_and_signal_after_first_checkpoint(run_dir: Path, sig: int) -> subprocess.Popen:
+    proc = subprocess.Popen(command(run_dir), cwd=run_dir.parent, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "latest").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    state, _ = CheckpointManager(run_dir / "checkpoints", 2).load_latest()
+    assert state["step"] == 240
+    return {f"{net}.{k}": v for net in ("actor", "critic", "actor_target", "critic_target")
+            for k, v in state["agent"][net].items()}
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_to_the_same_parameters(tmp_path: Path) -> None:
+    reference = tmp_path / "uninterrupted"
+    done = subprocess.run(command(reference), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    killed = start_and_signal_after_first_checkpoint(run_dir, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+
+    rerun = subprocess.run(command(run_dir), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr + rerun.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 240
+
+    # no duplicated or missing steps in either scalar store, and the same history shape as the uninterrupted run
+    for reader, source in ((read_scalars_csv, "scalars.csv"), (read_event_files, None)):
+        def load(d: Path):
+            raw = reader(d / source) if source else reader(find_event_files(d))
+            return raw
+        resumed, ref = load(run_dir), load(reference)
+        for tag in ("perf/steps_per_s", "grad/critic/updates", "eval/return", "train/critic_loss"):
+            steps = list(resumed[resumed.tag == tag]["step"])
+            assert steps == list(ref[ref.tag == tag]["step"]), tag
+    csv_rows = (run_dir / "scalars.csv").read_text().splitlines()[1:]
+    assert len(csv_rows) == len(set(csv_rows)), "a step logged twice"
+
+    # with the buffer checkpointed and deterministic settings, the resumed run ends where the uninterrupted one does
+    a, b = final_params(reference), final_params(run_dir)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start_and_signal_after_first_checkpoint(run_dir, signal.SIGTERM)
+    out = proc.stdout.read() + proc.stderr.read()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in out and "rerun the same command to resume" in out
+    assert "Traceback" not in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and "SIGTERM" in summary["reason"]
+    state, _ = CheckpointManager(run_dir / "checkpoints", 2).load_latest()
+    assert state["step"] == summary["steps"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path: Path, caplog) -> None:
+    mgr = CheckpointManager(tmp_path, keep=3)
+    mgr.save({"step": 1}, 1)
+    newest = mgr.save({"step": 2}, 2)
+    newest.write_bytes(b"garbage")
+    state, path = mgr.load_latest()
+    assert state["step"] == 1 and path.name == "step_0000000001.pt"
+    assert "cannot be read" in caplog.text
+
+
+def test_checkpoints_keep_the_last_k_and_leave_no_temporary_files(tmp_path: Path) -> None:
+    mgr = CheckpointManager(tmp_path, keep=2)
+    for step in range(5):
+        mgr.save({"step": step}, step)
+    assert [p.name for p in mgr.all()] == ["step_0000000003.pt", "step_0000000004.pt"]
+    assert (tmp_path / "latest").read_text() == "step_0000000004.pt"
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_incompatible_checkpoint_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = subprocess.run(command(run_dir, "trainer.total_steps=120"), cwd=tmp_path, env=env(),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(command(run_dir, "trainer.total_steps=200", "env.image.height=40"), cwd=tmp_path,
+                           env=env(), capture_output=True, text=True, timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 2
+    assert "different configuration" in out and "image" in out and "Traceback" not in out
