@@ -27,12 +27,13 @@ from omegaconf import OmegaConf
 from av_td3 import envs as envs_lib
 from av_td3 import loggers
 from av_td3.agent.monitor import CRITICAL_ALERTS, NonFiniteError
+from av_td3.agent.pid import PIDAgent
 from av_td3.agent.td3 import TD3, Spec
 from av_td3.checkpoint import CheckpointManager, atomic_write_bytes, check_compatible, load
 from av_td3.config import Config, ConfigError
 from av_td3.analysis import bounds
 from av_td3.envs.base import (ACTION_NAMES, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError,
-                              state_dim, state_scale)
+                              decision_dt, state_dim, state_scale)
 from av_td3.replay import ReplayBuffer
 
 log = logging.getLogger(__name__)
@@ -130,17 +131,25 @@ class Trainer:
 
         self.summary = Summary(total_steps=t.total_steps)
         self.ckpt = CheckpointManager(run_dir / "checkpoints", t.checkpoint_keep)
-        bpr = ReplayBuffer.bytes_per_row(
-            (e.image.height, e.image.width), self.spec.state_dim, self.spec.action_dim)
-        self.buffer = ReplayBuffer(a.buffer_size, (e.image.height, e.image.width), e.image.stack,
-                                   self.spec.state_dim, self.spec.action_dim, num_envs=self.n, seed=cfg.seed,
-                                   device=self.device)
-        log.info("replay buffer: %d transitions, %d bytes per transition (%.1f MB allocated)",
-                 a.buffer_size, bpr, self.buffer.nbytes / 1e6)
-        self.agent = TD3(a, cfg.monitor, self.spec, self.device, self.q_bound, seed=cfg.seed)
-        for net, parts in self.agent.parts().items():
-            for part, names in parts.items():
-                log.info("%s optimizer owns %s params: %s", net, part, ", ".join(names) if names else "(none)")
+        # agent=pid drives with a fixed controller: no replay buffer, no updates, same loop otherwise.
+        self.learning = a.name != "pid"
+        self.agent: TD3 | PIDAgent
+        if self.learning:
+            bpr = ReplayBuffer.bytes_per_row(
+                (e.image.height, e.image.width), self.spec.state_dim, self.spec.action_dim)
+            self.buffer = ReplayBuffer(a.buffer_size, (e.image.height, e.image.width), e.image.stack,
+                                       self.spec.state_dim, self.spec.action_dim, num_envs=self.n, seed=cfg.seed,
+                                       device=self.device)
+            log.info("replay buffer: %d transitions, %d bytes per transition (%.1f MB allocated)",
+                     a.buffer_size, bpr, self.buffer.nbytes / 1e6)
+            self.agent = TD3(a, cfg.monitor, self.spec, self.device, self.q_bound, seed=cfg.seed)
+            for net, parts in self.agent.parts().items():
+                for part, names in parts.items():
+                    log.info("%s optimizer owns %s params: %s", net, part, ", ".join(names) if names else "(none)")
+        else:
+            self.agent = PIDAgent(a.pid, e.lane_points, decision_dt(e), self.n)
+            log.info("agent=pid: PID speed control (target %.1f m/s) + pure pursuit; nothing is learned",
+                     a.pid.target_speed)
 
         self.envs = envs_lib.make_vector(e, self.n)
         self.eval_env = envs_lib.make(e)
@@ -178,7 +187,7 @@ class Trainer:
             state = load(path, self.device)
         check_compatible(state["compat"], self._compat(), path)
         self.agent.load_state_dict(state["agent"])
-        if "buffer" in state:
+        if "buffer" in state and self.learning:
             self.buffer.load_state_dict(state["buffer"])
         self.step, self.episodes = state["step"], state["episodes"]
         self.rng.bit_generator.state = state["rng"]["trainer"]
@@ -194,7 +203,7 @@ class Trainer:
                  "compat": self._compat(), "wall_s": self.summary.wall_s,
                  "rng": {"trainer": self.rng.bit_generator.state, "python": random.getstate(),
                          "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
-        if self.cfg.trainer.checkpoint_buffer:
+        if self.cfg.trainer.checkpoint_buffer and self.learning:
             state["buffer"] = self.buffer.state_dict()
         path = self.ckpt.save(state, self.step)
         log.info("checkpoint written: %s", path)
@@ -237,10 +246,11 @@ class Trainer:
         frames = []
         for i in range(self.cfg.trainer.eval_episodes):
             obs, _ = self.eval_env.reset(seed=e.eval_seed + i)
+            policy = self.agent.for_evaluation()
             ret, n_col, n_inv, done = 0.0, 0, 0, False
             while not done:
                 batch = {k: v[None] for k, v in obs.items()}
-                action = self.agent.check_action(self.agent.act(batch, noise=0.0)[0], self.step)
+                action = policy.check_action(policy.act(batch, noise=0.0)[0], self.step)
                 obs, r, term, trunc, info = self.eval_env.step(action)
                 ret += r
                 n_col += int(info["collision"])
@@ -301,15 +311,15 @@ class Trainer:
                 signal.signal(s, h)
             self.summary.steps = self.step
             self.summary.wall_s = wall0 + time.perf_counter() - start
-            self.summary.alerts = dict(self.agent.monitor.alert_counts)
+            monitor = self.agent.monitor if self.learning else None
+            self.summary.alerts = dict(monitor.alert_counts) if monitor else {}
             self.summary.critical_alerts = sum(v for k, v in self.summary.alerts.items()
                                                if k.split("/")[1] in CRITICAL_ALERTS)
-            self.summary.skipped_updates = self.agent.monitor.skipped_updates
+            self.summary.skipped_updates = monitor.skipped_updates if monitor else 0
             self.summary.objective = self.objective()
             self._write_summary()
             if self.summary.final_eval is not None:
-                self.logger.log_final(flat_hparams(cfg), {k.split("/")[1]: v for k, v in
-                                                          self.summary.final_eval.items()})
+                self.logger.log_final(flat_hparams(cfg), self.summary.final_eval)
             self.logger.close()
             self.envs.close()
             self.eval_env.close()
@@ -319,8 +329,8 @@ class Trainer:
         """Final evaluation return for sweepers; a finite penalty (the worst possible return) when the run had no
         final evaluation, e.g. stopped by the NaN guard — a NaN objective would crash Optuna."""
         fe = self.summary.final_eval
-        if fe is not None and math.isfinite(fe["eval/return"]):
-            return fe["eval/return"]
+        if fe is not None and math.isfinite(fe["return"]):
+            return fe["return"]
         return -self.reward_bound * self.cfg.env.max_episode_steps
 
     def _episode_seed(self) -> int:
@@ -334,7 +344,9 @@ class Trainer:
         obs, _ = self.envs.reset(seed=[self._episode_seed() for _ in range(n)])
         if self.step == 0:
             self.self_check(obs)
-        self.buffer.start_episode(obs)
+        if self.learning:
+            self.buffer.start_episode(obs)
+        self.agent.reset(np.arange(n))
         ep_return = np.zeros(n)
         ep_len = np.zeros(n, dtype=int)
         ep_col = np.zeros(n)
@@ -347,7 +359,7 @@ class Trainer:
         while self.step < t.total_steps:
             if self._stop_signal is not None:
                 raise Interrupted(self._stop_signal)
-            if self.step < t.learning_starts:
+            if self.learning and self.step < t.learning_starts:
                 action = self.rng.uniform(-1.0, 1.0, size=(n, self.spec.action_dim)).astype(np.float32)
             else:
                 action = self.agent.check_action(self.agent.act(obs, noise=a.exploration_noise), self.step)
@@ -360,7 +372,8 @@ class Trainer:
             ep_inv += info["lane_invasion"]
             for c in REWARD_COMPONENTS:
                 ep_comp[c] += info["reward_components"][c]
-            self.buffer.add(action, reward, next_obs, term, trunc)
+            if self.learning:
+                self.buffer.add(action, reward, next_obs, term, trunc)
 
             ended = term | trunc
             if ended.any():
@@ -374,13 +387,14 @@ class Trainer:
                         arr[i] = 0
 
             # updates begin with the first policy step: (total_steps - learning_starts) x updates_per_step in all
-            if prev_step >= t.learning_starts and len(self.buffer) >= a.batch_size:
+            if self.learning and prev_step >= t.learning_starts and len(self.buffer) >= a.batch_size:
                 for _ in range(t.updates_per_step * n):
                     self.agent.update(self.buffer.sample(a.batch_size), self.step)
 
             if crossed(prev_step, self.step, t.log_every) or self.step >= t.total_steps:
                 now = time.perf_counter()
-                scalars = self.agent.monitor.flush(self.step).scalars if self.agent.critic_updates else {}
+                learned = self.learning and self.agent.critic_updates > 0
+                scalars = self.agent.monitor.flush(self.step).scalars if learned else {}
                 scalars["perf/steps_per_s"] = (self.step - interval_step) / max(now - interval_start, 1e-9)
                 self.logger.log_scalars(scalars, self.step)
                 interval_start, interval_step = now, self.step
@@ -388,7 +402,7 @@ class Trainer:
             if crossed(prev_step, self.step, t.eval_every) or self.step >= t.total_steps:
                 ev = self.evaluate()
                 self.logger.log_scalars(ev, self.step)
-                self.summary.final_eval = {k: v for k, v in ev.items()}
+                self.summary.final_eval = {k.removeprefix("eval/"): v for k, v in ev.items()}
                 log.info("eval at step %d: return %.2f, success %.0f%%", self.step, ev["eval/return"],
                          100 * ev["eval/success_rate"])
             if crossed(prev_step, self.step, t.checkpoint_every):
@@ -403,7 +417,10 @@ class Trainer:
             if ended.any() and self.step < t.total_steps:
                 seeds = [self._episode_seed() if e else None for e in ended]
                 next_obs, _ = self.envs.reset(seed=seeds, options={"reset_mask": ended})
-                self.buffer.start_episode({k: v[ended] for k, v in next_obs.items()}, env_ids=np.flatnonzero(ended))
+                if self.learning:
+                    self.buffer.start_episode({k: v[ended] for k, v in next_obs.items()},
+                                              env_ids=np.flatnonzero(ended))
+                self.agent.reset(np.flatnonzero(ended))
             obs = next_obs
         if bar is not None:
             bar.close()
@@ -416,7 +433,7 @@ class Trainer:
         return tqdm(total=self.cfg.trainer.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
 
     def _report(self, bar, scalars: dict[str, float]) -> None:
-        alerts = sum(self.agent.monitor.alert_counts.values())
+        alerts = sum(self.agent.monitor.alert_counts.values()) if self.learning else 0
         last = getattr(self, "_last_return", float("nan"))
         if bar is not None:
             bar.n = self.step
