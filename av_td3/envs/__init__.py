@@ -1,0 +1,52 @@
+"""Environment backends behind one contract (:mod:`av_td3.envs.base`), chosen by ``env.name``.
+
+Importing this package registers ``av_td3/Highway-v0`` with gymnasium; CARLA is imported only when asked for,
+so nothing here needs the ``carla`` package.
+
+Vector envs (:func:`make_vector`) never reset on their own (``AutoresetMode.DISABLED``): the observation a
+``step`` returns for a sub-env whose episode ended is that episode's final observation, and the caller resets
+the ended sub-envs, each with its own seed: ``reset(seed=[s or None per env], options={"reset_mask": ended})``
+(the other sub-envs keep their current observation in what it returns). Stepping an ended sub-env before that
+reset is an error. This is how :mod:`av_td3.train` runs episodes, with per-episode seeds a resumed run replays.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+from av_td3.config import ConfigError, EnvConfig
+from av_td3.envs.base import DrivingEnv
+
+HIGHWAY_ID = "av_td3/Highway-v0"
+
+if HIGHWAY_ID not in gym.registry:  # importing twice (e.g. in a vector env's worker) must not re-register
+    gym.register(id=HIGHWAY_ID, entry_point="av_td3.envs.highway:from_kwargs")
+
+
+def make(cfg: EnvConfig, seed: int | None = None) -> DrivingEnv:
+    """Build the ``env.name`` backend. A seed seeds the simulator's random stream (so unseeded ``reset()`` calls
+    replay the same episodes) and the action space."""
+    if cfg.name == "highway":
+        from av_td3.envs.highway import HighwayDrivingEnv  # pygame and highway-env: only imported when chosen
+
+        env: DrivingEnv = HighwayDrivingEnv(cfg, seed=seed)
+    elif cfg.name == "carla":
+        from av_td3.envs.carla import CarlaDrivingEnv  # needs the carla package: only imported when chosen
+
+        env = CarlaDrivingEnv(cfg, seed=seed)
+    else:
+        raise ConfigError(f"env.name={cfg.name!r} is not valid: choose one of highway, carla (e.g. `env.name=highway`).")
+    if seed is not None:
+        env.action_space.seed(seed)
+    return env
+
+
+def make_vector(cfg: EnvConfig, num_envs: int) -> gym.vector.VectorEnv:
+    """``num_envs`` copies of ``make(cfg)``: in worker processes (AsyncVectorEnv), or in this one when
+    ``num_envs == 1``. ``reset(seed=s)`` gives sub-env i the seed s + i. No autoreset: see the module doc."""
+    fns = [lambda: make(cfg) for _ in range(num_envs)]
+    mode = gym.vector.AutoresetMode.DISABLED
+    if num_envs == 1:
+        return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    # forkserver: workers start clean instead of forking a trainer that may hold CUDA and torch threads.
+    return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="forkserver")
