@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -328,3 +329,29 @@ def to_config(cfg: DictConfig | Config) -> Config:
     if not isinstance(obj, Config):  # composed without the schema (e.g. a bare dict in a test)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     return validate(obj)  # type: ignore[arg-type]
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Catch ``group=<not a name>`` (e.g. ``trainer=0``) before Hydra, which answers it with a traceback.
+
+    Only overrides of config groups (folders of ``conf/``) are checked; everything else is left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    candidates = [a for a in args if not a.startswith("-") and "=" in a]
+    try:
+        overrides = OverridesParser.create().parse_overrides(candidates)
+    except HydraException:
+        return  # a syntax error: Hydra's own message says where
+    for o in overrides:
+        key = o.key_or_group.lstrip("+~")
+        if key in groups and not o.is_delete() and not isinstance(o.value(), (str, list)):
+            choices = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            raise ConfigError(f"{key}={o.value()!r}: '{key}' is a config group; choose one of "
+                              f"{', '.join(choices)} (e.g. `{key}={choices[0] if choices else 'NAME'}`), or set "
+                              f"one of its keys (e.g. `{key}.<key>=<value>`).")

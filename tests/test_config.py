@@ -107,3 +107,9 @@ def test_cli_bad_value_exits_non_zero_naming_the_key(tmp_path: Path) -> None:
 def test_cli_unknown_key_exits_non_zero(tmp_path: Path) -> None:
     proc = run_launch("agent.bogus=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode != 0 and "agent.bogus" in proc.stderr
+
+
+def test_cli_group_given_a_number_gets_a_message_not_a_traceback(tmp_path: Path) -> None:
+    proc = run_launch("trainer=0", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "'trainer' is a config group" in proc.stderr and "Traceback" not in proc.stderr
