@@ -19,7 +19,7 @@ from av_td3.envs.base import DrivingEnv
 
 HIGHWAY_ID = "av_td3/Highway-v0"
 
-if HIGHWAY_ID not in gym.registry:  # importing twice (e.g. in a vector env's worker) must not re-register
+if HIGHWAY_ID not in gym.registry:  # gymnasium warns when an id is registered again (module reloads)
     gym.register(id=HIGHWAY_ID, entry_point="av_td3.envs.highway:from_kwargs")
 
 
@@ -35,7 +35,8 @@ def make(cfg: EnvConfig, seed: int | None = None) -> DrivingEnv:
 
         env = CarlaDrivingEnv(cfg, seed=seed)
     else:
-        raise ConfigError(f"env.name={cfg.name!r} is not valid: choose one of highway, carla (e.g. `env.name=highway`).")
+        raise ConfigError(f"env.name={cfg.name!r} is not valid: choose one of highway, carla "
+                          "(e.g. `env.name=highway`).")
     if seed is not None:
         env.action_space.seed(seed)
     return env
@@ -48,5 +49,6 @@ def make_vector(cfg: EnvConfig, num_envs: int) -> gym.vector.VectorEnv:
     mode = gym.vector.AutoresetMode.DISABLED
     if num_envs == 1:
         return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
-    # forkserver: workers start clean instead of forking a trainer that may hold CUDA and torch threads.
+    # forkserver: workers start clean instead of forking a trainer that may hold CUDA and torch threads. Like
+    # spawn, it re-imports the main script in the workers: scripts need the `if __name__ == "__main__":` guard.
     return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="forkserver")

@@ -11,7 +11,7 @@ and steering angle are to the driver's *right* as seen in the frame. They are fl
 ego frame x forward, y left; ``lateral_offset > 0`` left of the lane centre; ``steer > 0`` turns left.
 
 Frames: highway-env's axis-aligned top view centred on the ego car, :data:`VIEW_METRES` across. In gray: ground
-100, lane markings 255, the ego car 132 (green), other cars 176 (blue).
+101, lane markings 255, the ego car 133 (green), other cars 177 (blue), car outlines 61.
 
 ``gymnasium.make("av_td3/Highway-v0", **kwargs)`` takes :class:`~av_td3.config.EnvConfig` fields as keyword
 arguments, the nested ``image`` and ``reward`` as dicts (or config objects), e.g.
