@@ -87,9 +87,10 @@ def test_action_mapping_and_non_finite_actions_never_reach_the_simulator():
     env, fake, _ = make_env()
     env.reset(seed=0)
     env.step(np.array([0.5, 0.7]))
-    assert calls(fake, "apply_control")[-1] == ("apply_control", pytest.approx(0.7), pytest.approx(0.5), 0.0)
+    # steer is negated: our steer > 0 turns left, CARLA's turns right
+    assert calls(fake, "apply_control")[-1] == ("apply_control", pytest.approx(0.7), pytest.approx(-0.5), 0.0)
     env.step(np.array([-0.25, -0.4]))
-    assert calls(fake, "apply_control")[-1] == ("apply_control", 0.0, pytest.approx(-0.25), pytest.approx(0.4))
+    assert calls(fake, "apply_control")[-1] == ("apply_control", 0.0, pytest.approx(0.25), pytest.approx(0.4))
     n = len(calls(fake, "apply_control"))
     with pytest.raises(ValueError, match="non-finite"):
         env.step(np.array([np.nan, 0.0]))
@@ -480,3 +481,16 @@ def test_real_server_runs_a_few_steps():
         assert info["speed"] >= 0.0 and info["reconnects"] == 0
     finally:
         env.close()
+
+
+def test_positive_steer_turns_left_as_in_the_embedded_env():
+    """The contract's steer > 0 turns left; CARLA's VehicleControl.steer > 0 turns right, so it is negated."""
+    env, fake, _ = make_env(**{"route.start_index": 0})
+    env.reset(seed=0)
+    for _ in range(15):
+        _, _, _, _, info = env.step(np.array([0.6, 0.6], np.float32))
+    sent = calls(fake, "apply_control")[-1]
+    assert sent[2] == pytest.approx(-0.6)
+    _, state, signals = env._observe(image_now(fake))
+    assert signals.lateral_offset > 0 and signals.heading_error > 0  # drifted and turned to the left
+    env.close()

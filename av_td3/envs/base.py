@@ -1,7 +1,8 @@
 """The one environment contract every backend (embedded highway-env, CARLA) follows.
 
 Observation: ``{"image": uint8[stack, H, W] grayscale frames (oldest first), "state": float32[STATE_DIM(K)]}``.
-Action: ``[steer, throttle_brake]`` in [-1, 1]^2 (throttle_brake > 0 accelerates, < 0 brakes).
+Action: ``[steer, throttle_brake]`` in [-1, 1]^2 (steer > 0 turns left; throttle_brake > 0 accelerates, < 0
+brakes).
 ``info`` holds the keys in :data:`INFO_KEYS` on every step, plus ``reward_components`` (dict of floats).
 Terminate on collision or leaving the road; truncate at ``env.max_episode_steps`` (bootstrap on truncation only).
 

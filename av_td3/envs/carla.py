@@ -425,8 +425,9 @@ class CarlaDrivingEnv(DrivingEnv):
     def _sim_step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, DrivingSignals]:
         steer, throttle_brake = float(action[0]), float(action[1])
         try:
+            # our steer > 0 turns left; CARLA's (left-handed world, y to the right) turns right: negate it
             self._ego.apply_control(self.carla.VehicleControl(
-                throttle=max(throttle_brake, 0.0), steer=steer, brake=max(-throttle_brake, 0.0)))
+                throttle=max(throttle_brake, 0.0), steer=-steer, brake=max(-throttle_brake, 0.0)))
             out = self._observe(self._tick())
         except RuntimeError as err:
             if not _is_unreachable(err):
