@@ -151,10 +151,17 @@ class Trainer:
             log.info("agent=pid: PID speed control (target %.1f m/s) + pure pursuit; nothing is learned",
                      a.pid.target_speed)
 
+        # A CARLA server runs one synchronous world: evaluation must use the training env's connection (and
+        # restarts the training episode afterwards); the embedded simulator gets a separate eval instance.
+        self.eval_shares_env = e.name == "carla"
+        if self.eval_shares_env and self.n > 1:
+            raise ConfigError(f"env.num_envs={self.n} with env=carla: one CARLA server runs one env. Use "
+                              "env.num_envs=1 and run several jobs, one server each (see README).")
         self.envs = envs_lib.make_vector(e, self.n)
-        self.eval_env = envs_lib.make(e)
+        self.eval_env = self.envs.envs[0] if self.eval_shares_env else envs_lib.make(e)
         self.step = 0
         self.episodes = 0
+        self.reconnects = 0
         self.resumed_from: Path | None = None
         self._maybe_resume()
         self.logger = loggers.make(cfg.logger, run_dir, purge_step=self.step if self.resumed_from else None)
@@ -210,24 +217,22 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------------------- self-checks
-    def self_check(self, obs: dict[str, np.ndarray]) -> None:
+    def self_check(self) -> None:
         """Stop before training on a black or frozen camera, or on observations the networks don't expect."""
-        space = self.envs.single_observation_space
-        for key in ("image", "state"):
-            want = space[key]
-            got = obs[key]
-            if got.dtype != want.dtype or got.shape[1:] != want.shape:
-                raise EnvUnavailableError(f"observation '{key}' is {got.dtype}{list(got.shape[1:])} but the "
+        probe = self.eval_env
+        o, _ = probe.reset(seed=self.cfg.env.eval_seed)
+        for key, want in self.envs.single_observation_space.items():
+            got = o[key]
+            if got.dtype != want.dtype or got.shape != want.shape:
+                raise EnvUnavailableError(f"observation '{key}' is {got.dtype}{list(got.shape)} but the "
                                           f"networks expect {want.dtype}{list(want.shape)}: the env backend "
                                           "breaks the contract in av_td3/envs/base.py.")
-        first = obs["image"][:, -1].copy()
+        first = o["image"][-1]
         if first.min() == first.max():
             raise EnvUnavailableError(
                 f"the camera image is constant (every pixel = {first.min()}): the simulator is not drawing. With "
                 "the embedded simulator check SDL_VIDEODRIVER (it must not be 'dummy'; av-td3 uses 'offscreen').")
-        probe = self.eval_env
-        o, _ = probe.reset(seed=self.cfg.env.eval_seed)
-        frames = [o["image"][-1]]
+        frames = [first]
         for _ in range(5):
             o, _, term, trunc, _ = probe.step(np.array([0.0, 0.5], dtype=np.float32))
             frames.append(o["image"][-1])
@@ -322,7 +327,8 @@ class Trainer:
                 self.logger.log_final(flat_hparams(cfg), self.summary.final_eval)
             self.logger.close()
             self.envs.close()
-            self.eval_env.close()
+            if not self.eval_shares_env:
+                self.eval_env.close()
         return self.summary
 
     def objective(self) -> float:
@@ -341,9 +347,9 @@ class Trainer:
     def _loop(self) -> None:
         cfg, t, a = self.cfg, self.cfg.trainer, self.cfg.agent
         n = self.n
-        obs, _ = self.envs.reset(seed=[self._episode_seed() for _ in range(n)])
         if self.step == 0:
-            self.self_check(obs)
+            self.self_check()
+        obs, _ = self.envs.reset(seed=[self._episode_seed() for _ in range(n)])
         if self.learning:
             self.buffer.start_episode(obs)
         self.agent.reset(np.arange(n))
@@ -366,6 +372,8 @@ class Trainer:
             next_obs, reward, term, trunc, info = self.envs.step(action)
             prev_step, self.step = self.step, self.step + n
 
+            if "reconnects" in info:  # CARLA: cumulative reconnects to the server after time-outs
+                self.reconnects = int(np.max(info["reconnects"]))
             ep_return += reward
             ep_len += 1
             ep_col += info["collision"]
@@ -396,10 +404,13 @@ class Trainer:
                 learned = self.learning and self.agent.critic_updates > 0
                 scalars = self.agent.monitor.flush(self.step).scalars if learned else {}
                 scalars["perf/steps_per_s"] = (self.step - interval_step) / max(now - interval_start, 1e-9)
+                if self.eval_shares_env:
+                    scalars["env/reconnects"] = float(self.reconnects)
                 self.logger.log_scalars(scalars, self.step)
                 interval_start, interval_step = now, self.step
                 self._report(bar, scalars)
-            if crossed(prev_step, self.step, t.eval_every) or self.step >= t.total_steps:
+            evaluated = crossed(prev_step, self.step, t.eval_every) or self.step >= t.total_steps
+            if evaluated:
                 ev = self.evaluate()
                 self.logger.log_scalars(ev, self.step)
                 self.summary.final_eval = {k.removeprefix("eval/"): v for k, v in ev.items()}
@@ -413,6 +424,10 @@ class Trainer:
                 self.save_checkpoint()
                 pending_ckpt = False
 
+            if evaluated and self.eval_shares_env:  # the evaluation took over the training env: start afresh
+                ended[:] = True
+                for arr in (ep_return, ep_len, ep_col, ep_inv, *ep_comp.values()):
+                    arr[:] = 0
             # Ended episodes restart after the checkpoint, so a resumed run starts them with the same seeds.
             if ended.any() and self.step < t.total_steps:
                 seeds = [self._episode_seed() if e else None for e in ended]
