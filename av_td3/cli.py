@@ -1,4 +1,4 @@
-"""``av-td3`` command line: ``validate`` and ``compare`` (``python -m av_td3.cli`` works too).
+"""``av-td3`` command line: ``validate``, ``compare`` and ``bench`` (``python -m av_td3.cli`` works too).
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments and sets ``run``; adding one means
 writing that function and listing it in ``SUBCOMMANDS``. Exit status: 0 success, 1 a check failed, 2 bad usage.
@@ -63,6 +63,34 @@ def _compare(args: argparse.Namespace) -> int:
     return OK
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from av_td3.bench import default_out, markdown, preset, run_bench
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _usage_error("bench", "--device cuda but no CUDA device is available: use --device cpu")
+    if args.threads < 0:
+        return _usage_error("bench", f"--threads {args.threads}: give 0 (torch's default) or more")
+    out = args.out or default_out()
+    if out.is_file():
+        return _usage_error("bench", f"--out {out}: is a file, give a folder")
+    cfg = preset(args.quick)
+    cfg.device, cfg.threads = args.device, args.threads
+    if args.only:
+        sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+        unknown = [s for s in sections if s not in cfg.sections]
+        if unknown:
+            return _usage_error("bench", f"--only {args.only}: unknown section(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(cfg.sections)}")
+        cfg.sections = sections
+    result = run_bench(cfg, out, quick=args.quick)
+    print()
+    print(markdown(result))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return OK
+
+
 def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check runs: clip limits held, finite, both nets trained, no divergence",
                        description="Check every run under PATH against the limits in its own .hydra/config.yaml. "
@@ -82,7 +110,24 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_compare)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_compare]
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="update, replay, simulator and training throughput, ours next to SB3",
+                       description="Measure in one process, side by side on identical sizes: TD3 updates/s (ours "
+                                   "separate/shared, monitor on/off, SB3 TD3.train() if installed: pip install "
+                                   "'.[bench]'), replay bytes per transition, embedded env steps/s and end-to-end "
+                                   "training steps/s. Writes bench.json and bench.md into --out and prints the "
+                                   "table. See benchmarks/README.md.")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs (~1 min on an idle 2-core CPU)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default: cpu)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: a new outputs/bench/<timestamp>/)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    p.add_argument("--only", default=None, metavar="SECTIONS",
+                   help="comma-separated subset of update,replay,env,e2e (default: all)")
+    p.set_defaults(run=_bench)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_compare, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

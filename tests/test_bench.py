@@ -1,0 +1,176 @@
+"""`av-td3 bench` in a tiny configuration: every row and ratio is there, finite and positive, and every file lands
+in the out dir. (The numbers themselves are benchmarks, not timed tests.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from av_td3 import bench
+from av_td3.cli import main as cli
+
+ROWS = ["update/ours_separate", "update/ours_separate_monitor_off", "update/ours_shared", "update/sb3",
+        "replay/ours", "replay/reference", "replay/sb3", "replay/sb3_optimize_memory_usage",
+        "env/steps_per_s", "env/steps_per_s_with_resets", "e2e/steps_per_s"]
+RATIOS = ["separate_vs_sb3", "shared_vs_sb3", "monitor_overhead_pct", "replay_vs_reference", "env_steps_per_s",
+          "sb3_vs_ours", "sb3_optimize_memory_usage_vs_ours", "separate_vs_sb3_cpu", "shared_vs_sb3_cpu",
+          "monitor_overhead_pct_cpu"]
+
+
+def tiny(**kw) -> bench.BenchConfig:
+    """64x64 is the smallest size at which our encoder and SB3's NatureCNN are the same Nature-CNN stack."""
+    cfg = bench.BenchConfig(height=64, width=64, stack=2, batch_size=8, features_dim=16, hidden_dim=32,
+                            update_reps=2, updates_per_rep=2, warmup_updates=1, fill=40, replay_capacity=50,
+                            npcs=2, env_reps=2, env_steps_per_rep=5, e2e_total_steps=24, e2e_learning_starts=8,
+                            e2e_log_every=8, e2e_max_episode_steps=20)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[bench.BenchResult, Path, Path]:
+    pytest.importorskip("stable_baselines3")
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "outputs" / "bench" / "tiny"
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)  # anything written relative to the working dir would show up in root
+    threads = torch.get_num_threads()
+    try:
+        result = bench.run_bench(tiny(threads=1), out, say=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+    return result, out, root
+
+
+def test_json_has_every_row_and_ratio_finite_and_positive(tiny_run) -> None:
+    _, out, _ = tiny_run
+    data = json.loads((out / "bench.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(ROWS) <= rows.keys(), set(ROWS) - rows.keys()
+    for name, r in rows.items():
+        assert r["values"] and all(math.isfinite(v) and v > 0 for v in r["values"]), (name, r["values"])
+        assert r["min"] <= r["median"] <= r["max"]
+        if name.startswith("update/"):
+            assert r["cpu_values"] and all(math.isfinite(v) and v > 0 for v in r["cpu_values"]), name
+    assert rows["update/ours_separate"]["reps"] == 2
+    for key in RATIOS:
+        assert key in data["ratios"] and math.isfinite(data["ratios"][key]), key
+        if not key.startswith("monitor_overhead_pct"):  # a difference of two noisy timings: may come out below 0
+            assert data["ratios"][key] > 0, key
+    assert {t["name"] for t in data["targets"]} == set(bench.TARGETS)
+    assert all(t["met"] in (True, False) for t in data["targets"])
+    assert not data["skipped"]
+    m = data["machine"]
+    for key in ("cpu_model", "logical_cores", "torch", "torch_threads", "device"):
+        assert m[key] not in (None, ""), key
+    assert m["torch_threads"] == 1
+
+
+def test_replay_bytes_are_the_allocated_arrays(tiny_run) -> None:
+    result, _, _ = tiny_run
+    frame = 64 * 64
+    assert result.row("replay/reference").median == frame + 4 * 13 + 4 * 2 + 4
+    assert frame <= result.row("replay/ours").median <= 1.1 * result.row("replay/reference").median
+    # SB3 stores the stacked observation (2 frames) twice, or once with optimize_memory_usage
+    assert result.row("replay/sb3").median >= 2 * 2 * frame
+    assert 2 * frame <= result.row("replay/sb3_optimize_memory_usage").median < 2 * 2 * frame
+
+
+def test_markdown_lists_every_row_and_ratio(tiny_run) -> None:
+    _, out, _ = tiny_run
+    md = (out / "bench.md").read_text()
+    for name in ROWS + RATIOS:
+        assert f"| {name} |" in md, name
+    assert "AMD" in md or "Intel" in md or "Machine:" in md
+
+
+def test_every_file_lands_in_the_out_dir(tiny_run) -> None:
+    _, out, root = tiny_run
+    written = files_under(root)
+    assert written and all(out in p.parents for p in written), sorted(map(str, written - files_under(out)))
+    assert (out / "bench.json").exists() and (out / "bench.md").exists()
+    assert (out / "e2e_run" / "scalars.csv").exists()
+
+
+def test_without_sb3_its_rows_are_skipped_with_the_install_hint(tmp_path: Path, monkeypatch) -> None:
+    for name in [m for m in sys.modules if m.split(".")[0] == "stable_baselines3"] + ["stable_baselines3"]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError, as when not installed
+    messages: list[str] = []
+    cfg = tiny(sections=("update", "replay"), update_rows=("ours_shared", "sb3"), update_reps=1)
+    result = bench.run_bench(cfg, tmp_path / "out", say=messages.append)
+    assert result.row("update/sb3") is None and result.row("update/ours_shared") is not None
+    assert set(result.skipped) == {"update/sb3", "replay/sb3", "replay/sb3_optimize_memory_usage"}
+    assert any("pip install '.[bench]'" in m for m in messages)
+    assert "shared_vs_sb3" not in result.ratios
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "| update/sb3 | skipped |" in md and "pip install '.[bench]'" in md
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert next(t for t in data["targets"] if t["name"] == "shared_vs_sb3")["met"] is None
+
+
+def test_interleave_alternates_the_order() -> None:
+    order: list[str] = []
+
+    def runner(name: str):
+        def run(n: int) -> float:
+            order.append(name)
+            return 0.5
+        return run
+
+    rates, cpu_rates = bench.interleave({"a": runner("a"), "b": runner("b")}, reps=3, n=2, warmup=0)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert rates == {"a": [4.0, 4.0, 4.0], "b": [4.0, 4.0, 4.0]}
+    assert set(cpu_rates) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in cpu_rates.values())
+
+
+def test_update_ratios_pair_the_repetitions() -> None:
+    result = bench.BenchResult({}, {})
+    result.rows = [bench.Row("update/ours_separate", "updates/s", [10.0, 5.0, 8.0], cpu_values=[4.0, 4.0, 4.0]),
+                   bench.Row("update/ours_separate_monitor_off", "updates/s", [10.2, 5.1, 8.16],
+                             cpu_values=[4.0, 4.4, 4.0]),
+                   bench.Row("update/sb3", "updates/s", [8.0, 4.0, 8.0])]
+    ratios = bench.compute_ratios(result)
+    assert ratios["monitor_overhead_pct"] == pytest.approx(2.0)
+    assert ratios["monitor_overhead_pct_cpu"] == pytest.approx(0.0)
+    assert ratios["separate_vs_sb3"] == pytest.approx(1.25)
+    assert "separate_vs_sb3_cpu" not in ratios and "shared_vs_sb3" not in ratios
+
+
+def test_quick_preset_is_smaller_than_the_full_one() -> None:
+    full, quick = bench.preset(False), bench.preset(True)
+    assert (quick.height, quick.width, quick.stack, quick.batch_size) == (84, 84, 4, 64) == \
+        (full.height, full.width, full.stack, full.batch_size)
+    assert quick.npcs == full.npcs == 20
+    assert quick.update_reps * quick.updates_per_rep < full.update_reps * full.updates_per_rep
+    assert quick.e2e_total_steps < full.e2e_total_steps
+
+
+def test_cli_bench_writes_under_outputs_bench_by_default(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli(["bench", "--quick", "--only", "replay"]) == 0
+    (run,) = (tmp_path / "outputs" / "bench").iterdir()
+    assert files_under(tmp_path) == {run / "bench.json", run / "bench.md"}
+    printed = capsys.readouterr().out
+    assert "| replay/ours |" in printed and "replay_vs_reference" in printed
+
+
+def test_cli_bench_usage_errors(tmp_path: Path, capsys) -> None:
+    assert cli(["bench", "--only", "update,warp", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown section(s) warp" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert cli(["bench", "--out", str(tmp_path / "f")]) == 2
+    assert cli(["bench", "--threads", "-1", "--out", str(tmp_path / "o")]) == 2
+    if not torch.cuda.is_available():
+        assert cli(["bench", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
