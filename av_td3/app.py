@@ -13,6 +13,7 @@ from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointError
 from av_td3.config import ConfigError, to_config
 from av_td3.envs.base import EnvUnavailableError, SimulatorLostError
+from av_td3.sweep import completed_objective, record_completed
 
 log = logging.getLogger("av_td3")
 
@@ -32,8 +33,15 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[float, int]:
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         return FAILED_OBJECTIVE, EXIT_CONFIG
+    # Rerun into the same dir (hydra.sweep.dir= or hydra.run.dir=): a run that completed with this config is
+    # not trained again.
+    done = completed_objective(config, run_dir)
+    if done is not None:
+        log.info("already completed, skipping: %s (objective %.3f)", run_dir, done)
+        return done, 0
     try:
         summary = run(config, run_dir)
+        record_completed(config, run_dir)
         log.info("run completed: %s (objective %.3f)", run_dir, summary.objective)
         return summary.objective, 0
     except (ConfigError, CheckpointError) as e:

@@ -123,3 +123,21 @@ def pid_return() -> float:
 ])
 def test_scripted_exploits_score_below_the_pid_baseline(name: str, policy, pid_return: float) -> None:
     assert episode_return(policy) < pid_return, f"'{name}' games the reward"
+
+
+@pytest.mark.parametrize("arm, name, clip, critics", [("td3", "td3", 1.0, 2), ("td3_noclip", "td3", None, 2),
+                                                       ("ddpg", "ddpg", 1.0, 1), ("pid", "pid", 1.0, 2)])
+def test_td3_components_arms_are_whole_configurations(arm: str, name: str, clip, critics: int) -> None:
+    cfg = load(f"arm={arm}")
+    assert (cfg.agent.name, cfg.agent.clip.actor, cfg.agent.num_critics) == (name, clip, critics)
+
+
+def test_td3_components_study_sweeps_the_arms_and_seeds() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from tests.test_config import CONF
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=td3_components"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["arm"] == "td3,td3_noclip,ddpg,pid" and params["seed"] == "0,1,2"
+    assert cfg.experiment_name == "td3_components"

@@ -1,0 +1,166 @@
+"""Sweep support: the end-of-sweep report of jobs that did not complete (a Hydra callback, registered under
+``hydra.callbacks`` in conf/config.yaml), and the check that lets a rerun of a sweep skip its completed jobs.
+
+Kept free of torch and pandas at import: Hydra imports this module at the start of every run, single ones too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from av_td3.config import Config
+
+log = logging.getLogger("av_td3")
+
+SWEEP_SUMMARY = "sweep_summary.json"
+# The config of the attempt that completed: Hydra rewrites .hydra/config.yaml before every attempt, so that
+# file cannot tell whether a rerun asks for the same run.
+COMPLETED_CONFIG = "completed_config.json"
+# Exit status of a sweep in which some job did not complete.
+EXIT_SWEEP_INCOMPLETE = 1
+# Keys that change how a job runs, not what it computes: a rerun that differs only in these still skips.
+RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress"})
+# Launcher presets whose Hydra plugin is an optional install: preset name -> (plugin module, pip package).
+OPTIONAL_LAUNCHERS = {"ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut short by a killed process: as if absent
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _config_record(config: Config) -> dict[str, Any]:
+    # Through JSON, so a fresh config and one read back from disk compare equal.
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+# ------------------------------------------------------------------------------------------ skip on rerun
+def record_completed(config: Config, run_dir: Path) -> None:
+    """Remember the config a run completed with, for :func:`completed_objective` on a later rerun."""
+    (run_dir / COMPLETED_CONFIG).write_text(json.dumps(_config_record(config), indent=2))
+
+
+def completed_objective(config: Config, run_dir: Path) -> float | None:
+    """The objective of an earlier attempt that completed in ``run_dir`` with this config (keys in
+    RUN_ONLY_KEYS aside); None when the job must train, which with ``trainer.resume=auto`` resumes from the run's
+    latest checkpoint. Only ``trainer.resume=auto`` skips: ``none`` or a checkpoint path asks for training."""
+    if config.trainer.resume != "auto":
+        return None
+    summary = _read_json(run_dir / "summary.json")
+    if summary is None or summary.get("status") != "completed":
+        return None
+    objective = summary.get("objective")
+    done = _read_json(run_dir / COMPLETED_CONFIG)
+    if done is None or not isinstance(objective, (int, float)) or not math.isfinite(objective):
+        log.info("%s: summary.json says completed but %s or the objective is missing; training again",
+                 run_dir, COMPLETED_CONFIG)
+        return None
+    old, new = _flatten(done), _flatten(_config_record(config))
+    changed = sorted(k for k in old.keys() | new.keys() if k not in RUN_ONLY_KEYS and old.get(k) != new.get(k))
+    if changed:
+        log.info("%s completed with a different config (%s); training again", run_dir, ", ".join(changed))
+        return None
+    return float(objective)
+
+
+# ------------------------------------------------------------------------------------------ sweep report
+@dataclass
+class JobResult:
+    job: str                  # the job's folder relative to the sweep dir (named by its overrides)
+    status: str               # completed | stopped | failed | running | no summary
+    steps: int | None
+    total_steps: int | None
+    objective: float | None
+    reason: str | None
+
+
+def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
+    """One job's outcome from its summary.json, with a reason for every job that did not complete."""
+    name = str(job_dir.relative_to(sweep_dir))
+    summary = _read_json(job_dir / "summary.json")
+    if summary is None:
+        return JobResult(name, "no summary", None, None, None,
+                         "no summary.json: the job failed before training started (see its launch.log)")
+    status = summary.get("status", "running")
+    reason = summary.get("reason")
+    if status == "running":  # the sweep is over, so the job's process died without writing its outcome
+        reason = "summary.json still says running: the job's process was killed (out of memory? time limit?)"
+    return JobResult(name, status, summary.get("steps"), summary.get("total_steps"), summary.get("objective"),
+                     reason)
+
+
+def collect(sweep_dir: Path) -> list[JobResult]:
+    """Every job folder under ``sweep_dir`` (the folders `av-td3 compare` reads), earlier runs' included."""
+    from av_td3.analysis.runs import find_run_dirs  # pandas: only paid for at the end of a sweep
+
+    return [read_job(d, sweep_dir) for d in find_run_dirs(sweep_dir)]
+
+
+def report(sweep_dir: Path, jobs: list[JobResult]) -> str:
+    """The text printed at the end of a sweep: a count, and a table of the jobs that did not complete."""
+    failed = [j for j in jobs if j.status != "completed"]
+    if not failed:
+        return (f"Sweep {sweep_dir}: all {len(jobs)} jobs completed. "
+                f"Compare them: python -m av_td3.cli compare {sweep_dir}")
+    lines = [f"Sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed; "
+             f"{len(failed)} did not:", "", "| job | status | steps | reason |", "|---|---|---|---|"]
+    for j in failed:
+        steps = "-" if j.steps is None else f"{j.steps}/{j.total_steps}"
+        reason = (j.reason or "-").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {j.job} | {j.status} | {steps} | {reason} |")
+    lines += ["", f"Details in {sweep_dir / SWEEP_SUMMARY} and each job's summary.json and launch.log. Runs "
+              "stopped by the NaN guard still count in `python -m av_td3.cli compare` (as diverged). Rerun the "
+              f"same command with hydra.sweep.dir={sweep_dir} to skip the completed jobs and retry the others."]
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: print :func:`report`, write ``<sweep dir>/sweep_summary.json``, and exit with
+    EXIT_SWEEP_INCOMPLETE when a job did not complete (jobs themselves return their objective in a sweep, so
+    without this a failed job would leave the exit status 0)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = collect(sweep_dir)
+        failed = [j.job for j in jobs if j.status != "completed"]
+        record = {"sweep_dir": str(sweep_dir), "jobs": len(jobs), "completed": len(jobs) - len(failed),
+                  "not_completed": failed, "results": [dataclasses.asdict(j) for j in jobs]}
+        (sweep_dir / SWEEP_SUMMARY).write_text(json.dumps(record, indent=2))
+        print(report(sweep_dir, jobs), flush=True)
+        if failed:
+            # SystemExit passes through Hydra's error handler (it catches Exception): a plain non-zero exit.
+            sys.exit(EXIT_SWEEP_INCOMPLETE)
+
+
+# --------------------------------------------------------------------------------- optional launcher plugins
+def missing_launcher_plugin(overrides: list[str]) -> str | None:
+    """An error naming the pip package when ``launcher=<preset>`` needs a plugin that is not installed, else
+    None. Hydra's own error ("Could not find 'hydra/launcher/ray'") does not say what to install."""
+    for preset, (module, package) in OPTIONAL_LAUNCHERS.items():
+        if f"launcher={preset}" in overrides and importlib.util.find_spec(module) is None:
+            return f"launcher={preset} needs the Hydra plugin {package}: pip install {package}"
+    return None

@@ -1,0 +1,316 @@
+"""Sweeps: experiment files compose with command-line overrides, job folders are named by their overrides, a
+sweep runs end to end and `av-td3 compare` reads it, a failed job is reported with a non-zero exit, a rerun skips
+completed jobs, and the launcher / Optuna presets work. Sweeps use tiny runs (SHORT) so the file stays short."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
+
+from av_td3.config import to_config
+from av_td3.sweep import (COMPLETED_CONFIG, EXIT_SWEEP_INCOMPLETE, SWEEP_SUMMARY, SweepSummary, collect,
+                          completed_objective, missing_launcher_plugin, record_completed)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = str(ROOT / "conf")
+# Tiny runs: 120 steps, learning from step 60, evaluations at 60 and 120 on 30-step episodes.
+SHORT = ["trainer.total_steps=120", "trainer.learning_starts=60", "trainer.eval_every=60",
+         "env.max_episode_steps=30"]
+# One torch thread per job (not part of job folder names): on a busy 2-core machine torch's default of a thread
+# per core makes tiny runs many times slower.
+ONE_THREAD = "trainer.torch_threads=1"
+
+
+def hydra_compose(*overrides: str, hydra: bool = True) -> DictConfig:
+    """The composed config; with ``hydra=False`` without the hydra node, as the task function receives it."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def sweep_jobs(*overrides: str) -> list[list[str]]:
+    """The jobs the basic sweeper makes: the experiment's hydra.sweeper.params first, then the command line (the
+    order BasicSweeper.sweep uses), so a command-line key replaces the experiment's list for that key."""
+    parser = OverridesParser.create()
+    cfg = hydra_compose(*(o.input_line for o in parser.parse_overrides(list(overrides)) if not o.is_sweep_override()))
+    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
+    return BasicSweeper.split_arguments(parser.parse_overrides([*params, *overrides]), max_batch_size=None)[0]
+
+
+def launch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SDL_VIDEODRIVER", None)
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def job_name(*overrides: str) -> str:
+    return ",".join(sorted(overrides))  # Hydra's override_dirname: sorted key=value, joined by commas
+
+
+def summary(job_dir: Path) -> dict:
+    return json.loads((job_dir / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- composing
+@pytest.mark.parametrize("experiment, params", [
+    ("clip_ablation", {"agent.clip.actor": "1.0,null", "agent.clip.critic": "10.0,null", "seed": "0,1,2"}),
+    ("clip_limits", {"agent.clip.actor": "0.1,1.0,10.0", "agent.clip.critic": "1.0,10.0,100.0", "seed": "0,1,2"}),
+    ("traffic_density", {"env.npcs": "20,50,100", "seed": "0,1,2"}),
+])
+def test_experiment_files_set_name_sweep_dir_and_params(experiment: str, params: dict) -> None:
+    cfg = hydra_compose(f"experiment={experiment}", "debug=smoke")
+    assert cfg.experiment_name == experiment
+    assert re.fullmatch(rf"outputs/multirun/\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_{experiment}", cfg.hydra.sweep.dir)
+    assert OmegaConf.to_container(cfg.hydra.sweeper.params) == params
+    for override in {o for job in sweep_jobs(f"experiment={experiment}") for o in job}:  # every value is valid
+        to_config(hydra_compose(f"experiment={experiment}", override, hydra=False))
+
+
+def test_plain_sweep_dir_has_no_experiment_suffix() -> None:
+    cfg = hydra_compose()
+    assert cfg.experiment_name is None
+    assert re.fullmatch(r"outputs/multirun/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", cfg.hydra.sweep.dir)
+
+
+def test_command_line_list_replaces_the_experiments_list() -> None:
+    jobs = sweep_jobs("experiment=clip_ablation")
+    assert len(jobs) == 12
+    jobs = sweep_jobs("experiment=clip_ablation", "debug=smoke", "seed=0,1")
+    assert len(jobs) == 8
+    seeds = [o for job in jobs for o in job if o.startswith("seed=")]
+    assert sorted(set(seeds)) == ["seed=0", "seed=1"] and len(seeds) == 8
+    clips = {tuple(o for o in job if o.startswith("agent.clip.")) for job in jobs}
+    assert len(clips) == 4
+    assert all("debug=smoke" in job for job in jobs)
+
+
+def test_job_dir_is_named_by_the_jobs_own_overrides() -> None:
+    cfg = hydra_compose("experiment=clip_ablation", "debug=smoke", "launcher=local_parallel", "trainer.resume=auto",
+                        "trainer.torch_threads=1", "agent.clip.actor=null", "agent.clip.critic=10.0", "seed=1")
+    # The sweeper's params reach the job as overrides, so they name it; presets and run-only keys do not.
+    assert cfg.hydra.job.override_dirname == "agent.clip.actor=null,agent.clip.critic=10.0,seed=1"
+    assert cfg.hydra.sweep.subdir == cfg.hydra.job.override_dirname
+
+
+def test_launcher_presets() -> None:
+    cfg = hydra_compose("launcher=local_parallel")
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.hydra.launcher.n_jobs == 2 and cfg.trainer.torch_threads == 1
+    cfg = hydra_compose("launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=8")
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    for key in ("partition", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb"):
+        assert key in cfg.hydra.launcher
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.job.env_set.OMP_NUM_THREADS == "8"
+    assert hydra_compose().hydra.launcher._target_.endswith("BasicLauncher")  # default: one job after another
+
+
+def test_ray_preset_without_the_plugin_fails_naming_it() -> None:
+    message = missing_launcher_plugin(["-m", "launcher=ray"])
+    if message is None:
+        pytest.skip("hydra-ray-launcher is installed")
+    assert "pip install hydra-ray-launcher" in message
+    assert missing_launcher_plugin(["launcher=local_parallel"]) is None
+    with pytest.raises(ConfigCompositionException, match="hydra/launcher/ray"):
+        hydra_compose("launcher=ray")
+
+
+def test_optuna_preset_searches_learning_rates_and_clip_limits() -> None:
+    cfg = hydra_compose("hparams_search=optuna")
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"agent.lr.actor", "agent.lr.critic", "agent.clip.actor", "agent.clip.critic"}
+    assert cfg.hydra.sweep.dir.endswith("_optuna")
+
+
+# -------------------------------------------------------------------------------------- skip and report
+def test_completed_objective_needs_the_same_config(tmp_path: Path) -> None:
+    config = to_config(hydra_compose(hydra=False))
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "objective": 4.5}))
+    assert completed_objective(config, tmp_path) is None, "no record of the config it completed with"
+    record_completed(config, tmp_path)
+    assert (tmp_path / COMPLETED_CONFIG).is_file()
+    assert completed_objective(config, tmp_path) == 4.5
+    threads = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, torch_threads=1))
+    assert completed_objective(threads, tmp_path) == 4.5, "trainer.torch_threads does not change the run"
+    assert completed_objective(dataclasses.replace(config, seed=3), tmp_path) is None
+    fresh = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, resume="none"))
+    assert completed_objective(fresh, tmp_path) is None, "trainer.resume=none asks for training"
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "stopped", "objective": 1.0}))
+    assert completed_objective(config, tmp_path) is None
+
+
+def test_sweep_summary_reports_every_job_that_did_not_complete(tmp_path: Path, capsys) -> None:
+    outcomes = {"a": {"status": "completed", "steps": 10, "total_steps": 10, "objective": 1.0},
+                "b": {"status": "stopped", "reason": "non-finite critic loss at env step 5", "steps": 5,
+                      "total_steps": 10, "objective": -2.0},
+                "c": {"status": "running", "steps": 3, "total_steps": 10, "objective": 0.0},
+                "d": None}
+    for name, outcome in outcomes.items():
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        if outcome is not None:
+            (tmp_path / name / "summary.json").write_text(json.dumps(outcome))
+    assert [j.status for j in collect(tmp_path)] == ["completed", "stopped", "running", "no summary"]
+    with pytest.raises(SystemExit) as exit_info:
+        SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert exit_info.value.code == EXIT_SWEEP_INCOMPLETE
+    out = capsys.readouterr().out
+    assert "1 of 4 jobs completed; 3 did not" in out
+    assert "| b | stopped | 5/10 | non-finite critic loss at env step 5 |" in out
+    assert "process was killed" in out and "failed before training started" in out
+    record = json.loads((tmp_path / SWEEP_SUMMARY).read_text())
+    assert record["completed"] == 1 and record["not_completed"] == ["b", "c", "d"]
+
+
+def test_sweep_summary_exits_normally_when_all_jobs_completed(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a" / ".hydra").mkdir(parents=True)
+    (tmp_path / "a" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"status": "completed", "objective": 1.0}))
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert "all 1 jobs completed" in capsys.readouterr().out
+
+
+def test_nan_guard_stop_returns_a_finite_objective(tmp_path: Path) -> None:
+    from av_td3.app import EXIT_NAN_GUARD, run_job
+
+    cfg = hydra_compose("debug=smoke", *SHORT, ONE_THREAD, "agent.lr.critic=1e30", "monitor.nan_policy=stop",
+                        hydra=False)
+    objective, code = run_job(cfg, tmp_path / "run")
+    assert code == EXIT_NAN_GUARD
+    assert isinstance(objective, float) and math.isfinite(objective)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, list[str]]:
+    work = tmp_path_factory.mktemp("ablation")
+    command = ["-m", "experiment=clip_ablation", "debug=smoke", "seed=0,1", *SHORT, ONE_THREAD,
+               f"hydra.sweep.dir={work / 'sweep'}"]
+    proc = launch(work, *command)
+    return work / "sweep", proc, command
+
+
+@pytest.mark.slow
+def test_ablation_sweep_runs_every_job_into_its_own_folder(ablation) -> None:
+    sweep_dir, proc, _ = ablation
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = {job_name(f"agent.clip.actor={a}", f"agent.clip.critic={c}", f"seed={s}", *SHORT)
+                for a, c, s in product(["1.0", "null"], ["10.0", "null"], [0, 1])}
+    jobs = {p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()}
+    assert jobs == expected
+    for name in jobs:
+        job = sweep_dir / name
+        assert (job / ".hydra" / "config.yaml").is_file() and (job / ".hydra" / "overrides.yaml").is_file()
+        assert list((job / "tb").glob("events.out.tfevents.*")) and (job / "scalars.csv").is_file()
+        assert list((job / "checkpoints").glob("step_*.pt"))
+        assert summary(job)["status"] == "completed" and summary(job)["steps"] == 120
+        config = OmegaConf.load(job / ".hydra" / "config.yaml")
+        assert config.experiment_name == "clip_ablation" and config.trainer.total_steps == 120
+    assert json.loads((sweep_dir / SWEEP_SUMMARY).read_text())["completed"] == 8
+    assert "all 8 jobs completed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_compare_reads_the_sweep_one_row_per_configuration(ablation) -> None:
+    sweep_dir, _, _ = ablation
+    proc = subprocess.run([sys.executable, "-m", "av_td3.cli", "compare", str(sweep_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) == 4
+    assert all("2 (2 completed / 0 stopped)" in row for row in rows)
+    with open(sweep_dir / "comparison.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and all(row["n_return"] == "2" for row in table)
+
+
+@pytest.mark.slow
+def test_rerun_into_the_same_sweep_dir_skips_completed_jobs(ablation) -> None:
+    sweep_dir, first, command = ablation
+    assert first.returncode == 0
+
+    def results() -> dict[str, int]:  # every file a job's training writes (not Hydra's .hydra/ nor the log)
+        return {str(p): p.stat().st_mtime_ns for p in sweep_dir.glob("*/**/*")
+                if p.is_file() and ".hydra" not in p.parts and p.name != "launch.log"}
+
+    before = results()
+    assert sum(Path(p).name == "summary.json" for p in before) == 8
+    proc = launch(sweep_dir.parent, *command)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("already completed, skipping") == 8
+    assert results() == before
+
+
+@pytest.mark.slow
+def test_failed_job_is_reported_and_the_sweep_exits_non_zero(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    proc = launch(tmp_path, "-m", "debug=smoke", *SHORT, ONE_THREAD, "agent.lr.critic=1e30,3e-4",
+                  "monitor.nan_policy=stop", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == EXIT_SWEEP_INCOMPLETE, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bad = sweep_dir / job_name("agent.lr.critic=1e+30", "monitor.nan_policy=stop", *SHORT)
+    good = sweep_dir / job_name("agent.lr.critic=0.0003", "monitor.nan_policy=stop", *SHORT)
+    assert summary(good)["status"] == "completed", "the other job still ran"
+    assert summary(bad)["status"] == "stopped" and summary(bad)["nan_guard"]["triggered"]
+    assert "1 of 2 jobs completed; 1 did not" in proc.stdout
+    assert re.search(rf"\| {re.escape(bad.name)} \| stopped \| \d+/120 \| non-finite", proc.stdout)
+    record = json.loads((sweep_dir / SWEEP_SUMMARY).read_text())
+    assert record["not_completed"] == [bad.name]
+    stopped = next(r for r in record["results"] if r["job"] == bad.name)
+    assert math.isfinite(stopped["objective"])
+
+
+@pytest.mark.slow
+def test_single_run_keeps_its_own_exit_status(tmp_path: Path) -> None:
+    from av_td3.app import EXIT_NAN_GUARD
+
+    proc = launch(tmp_path, "debug=smoke", *SHORT, ONE_THREAD, "agent.lr.critic=1e30",
+                  f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == EXIT_NAN_GUARD, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Sweep" not in proc.stdout and not (tmp_path / "run" / SWEEP_SUMMARY).exists()
+
+
+@pytest.mark.slow
+def test_local_parallel_launcher_runs_two_jobs_at_once(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    proc = launch(tmp_path, "-m", "launcher=local_parallel", "debug=smoke", *SHORT, "seed=0,1",
+                  f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = [sweep_dir / job_name(f"seed={s}", *SHORT) for s in (0, 1)]
+    # Each job writes .hydra/config.yaml as it starts and summary.json last: the two spans overlap.
+    spans = [((j / ".hydra" / "config.yaml").stat().st_mtime, (j / "summary.json").stat().st_mtime) for j in jobs]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
+    for job in jobs:
+        assert summary(job)["status"] == "completed"
+        assert OmegaConf.load(job / ".hydra" / "config.yaml").trainer.torch_threads == 1
+
+
+@pytest.mark.slow
+def test_optuna_search_gets_finite_objectives(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    proc = launch(tmp_path, "-m", "hparams_search=optuna", "debug=smoke", *SHORT, ONE_THREAD,
+                  "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = [p for p in sweep_dir.iterdir() if (p / "summary.json").is_file()]
+    assert len(jobs) == 2
+    assert all(math.isfinite(summary(j)["objective"]) for j in jobs)
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert math.isfinite(results["best_value"])
+    assert results["best_value"] == max(summary(j)["objective"] for j in jobs)
+    assert set(results["best_params"]) == {"agent.lr.actor", "agent.lr.critic", "agent.clip.actor",
+                                           "agent.clip.critic"}
