@@ -30,9 +30,9 @@ def main(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     objective, exit_code = run_job(cfg, Path(hc.runtime.output_dir))
-    if exit_code and hc.mode != RunMode.MULTIRUN:
-        # A single run reports failure through its exit code; in a sweep the job's summary.json records it
-        # and the sweep goes on to the next job.
+    # A single run reports failure through its exit code; a sweep goes on past a failed job (its summary.json
+    # records why) but stops entirely when the user interrupts it (exit code 128 + signal).
+    if exit_code and (hc.mode != RunMode.MULTIRUN or exit_code >= 128):
         logging.shutdown()
         sys.exit(exit_code)
     return objective
@@ -44,4 +44,8 @@ if __name__ == "__main__":
     except av_td3.config.ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         sys.exit(2)
+    from av_td3.sweep import missing_launcher_plugin
+
+    if err := missing_launcher_plugin(sys.argv[1:]):  # e.g. launcher=ray without its plugin: name the pip package
+        sys.exit(err)
     main()

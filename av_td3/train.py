@@ -202,11 +202,14 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         self.summary.wall_s = state.get("wall_s", 0.0)
+        # a run resumed at its last step trains no further: its final evaluation comes from the checkpoint
+        self.summary.final_eval = state.get("final_eval")
         self.resumed_from = path
         log.info("resumed from %s at env step %d (episode %d)", path, self.step, self.episodes)
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "episodes": self.episodes, "agent": self.agent.state_dict(),
+                 "final_eval": self.summary.final_eval,
                  "compat": self._compat(), "wall_s": self.summary.wall_s,
                  "rng": {"trainer": self.rng.bit_generator.state, "python": random.getstate(),
                          "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
