@@ -41,6 +41,7 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     try:
         av_td3.config.check_group_overrides(sys.argv[1:])
+        av_td3.config.check_output_dir(sys.argv[1:])
     except av_td3.config.ConfigError as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         sys.exit(2)

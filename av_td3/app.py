@@ -13,20 +13,18 @@ from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointError
 from av_td3.config import ConfigError, to_config
 from av_td3.envs.base import EnvUnavailableError, SimulatorLostError
-from av_td3.sweep import completed_objective, record_completed
+from av_td3.sweep import FAILED_OBJECTIVE, completed_objective, record_completed
 
 log = logging.getLogger("av_td3")
 
 EXIT_CONFIG = 2       # bad configuration or checkpoint: fix the input
 EXIT_FAILED = 1       # crashed, or the simulator could not be reached
 EXIT_NAN_GUARD = 3    # stopped by monitor.nan_policy=stop; interrupted by a signal: 128 + signal number
-# Objective of a job that produced no evaluation at all (finite: a NaN objective crashes Optuna).
-FAILED_OBJECTIVE = -1e9
 
 
 def run_job(cfg: DictConfig, run_dir: Path) -> tuple[float, int]:
     """Train one run into ``run_dir``; return (objective, exit code). The objective is always finite."""
-    from av_td3.train import Interrupted, run
+    from av_td3.train import Interrupted, Preempted, run
 
     try:
         config = to_config(cfg)
@@ -56,6 +54,11 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[float, int]:
     except NonFiniteError as e:
         log.error("stopped by the NaN guard: %s (see %s/summary.json)", e, run_dir)
         return _objective(run_dir), EXIT_NAN_GUARD
+    except Preempted as e:
+        log.warning("%s: checkpoint saved in %s; handing over to the launcher, which requeues the job.", e,
+                    run_dir / "checkpoints")
+        e.requeue(e.signum, None)  # submitit's handler: requeues the job and exits this process
+        return _objective(run_dir), 128 + e.signum
     except Interrupted as e:
         log.warning("%s: checkpoint saved in %s; rerun the same command to resume.", e, run_dir / "checkpoints")
         return _objective(run_dir), 128 + e.signum

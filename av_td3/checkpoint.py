@@ -29,11 +29,19 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Write through a temporary file, fsync it, then rename: a crash leaves the old file or the new, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # no partial file left behind, e.g. on a full disk
+        # torch.save reports a failed write (disk full, quota) as a RuntimeError raised while handling the OSError
+        cause = err if isinstance(err, OSError) else err.__context__
+        if isinstance(cause, OSError) and cause is not err:
+            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from err
+        raise
     _fsync_dir(path.parent)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -355,3 +356,28 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             raise ConfigError(f"{key}={o.value()!r}: '{key}' is a config group; choose one of "
                               f"{', '.join(choices)} (e.g. `{key}={choices[0] if choices else 'NAME'}`), or set "
                               f"one of its keys (e.g. `{key}.<key>=<value>`).")
+
+
+def check_output_dir(args: list[str], cwd: Path | None = None) -> None:
+    """Catch an output dir that cannot be created or written before Hydra, which would fail on it with a traceback.
+
+    Checks the fixed part of ``hydra.run.dir`` (``hydra.sweep.dir`` with ``-m``), or ``outputs/`` by default:
+    the nearest part of it that exists must be a writable directory.
+    """
+    multirun = "-m" in args or "--multirun" in args
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    value = "outputs"
+    for a in args:
+        if a.lstrip("+").startswith(key + "="):
+            value = a.split("=", 1)[1].strip("'\"")
+    fixed = value.split("${", 1)[0] or "."  # the part before the first interpolation (e.g. ${now:...})
+    path = Path(fixed).expanduser()
+    existing = (path if path.is_absolute() else (cwd or Path.cwd()) / path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={value}: {existing} is a file, not a directory, so the run's output dir cannot be "
+                          f"created there. Choose another dir with {key}=PATH.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value}: {existing} is not writable by this user, so the run's output dir cannot "
+                          f"be created there. Fix its permissions or choose another dir with {key}=PATH.")

@@ -6,6 +6,7 @@ Everything a run writes goes into ``run_dir`` (the Hydra output dir): ``tb/`` (T
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,14 +36,30 @@ from av_td3.analysis import bounds
 from av_td3.envs.base import (ACTION_NAMES, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError,
                               decision_dt, state_dim, state_scale)
 from av_td3.replay import ReplayBuffer
+from av_td3.sweep import FAILED_OBJECTIVE
 
 log = logging.getLogger(__name__)
 
 
 class Interrupted(RuntimeError):
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+    def __init__(self, signum: int, what: str = "interrupted by") -> None:
+        super().__init__(f"{what} {signal.Signals(signum).name}")
         self.signum = signum
+
+
+class Preempted(Interrupted):
+    """A cluster launcher announced preemption or the end of the job's time slot. The trainer checkpoints; then
+    ``requeue(signum, None)``, the launcher's own handler (submitit's), requeues the job, which resumes."""
+
+    def __init__(self, signum: int, requeue: Callable[[int, Any], Any]) -> None:
+        super().__init__(signum, "preempted: the cluster launcher sent")
+        self.requeue = requeue
+
+
+def preemption_signal() -> signal.Signals:
+    """The signal submitit jobs receive before preemption or their time limit: USR2 unless
+    ``SUBMITIT_PREEMPT_SIGNAL`` names another."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
 
 
 @dataclass
@@ -107,6 +124,10 @@ def flat_hparams(cfg: Config) -> dict[str, float | int | str | bool]:
             "town": e.town, "npcs": e.npcs, "total_steps": cfg.trainer.total_steps}
 
 
+def write_summary(run_dir: Path, summary: Summary) -> None:
+    atomic_write_bytes(run_dir / "summary.json", lambda f: f.write(json.dumps(asdict(summary), indent=2).encode()))
+
+
 def crossed(prev: int, now: int, every: int) -> bool:
     """True when a multiple of ``every`` lies in (prev, now] (steps advance by num_envs)."""
     return now // every > prev // every
@@ -166,6 +187,8 @@ class Trainer:
         self._maybe_resume()
         self.logger = loggers.make(cfg.logger, run_dir, purge_step=self.step if self.resumed_from else None)
         self._stop_signal: int | None = None
+        self._launcher_handler: Any = None
+        self._last_return = float("nan")  # of the newest finished training episode, for progress reports
 
     # ------------------------------------------------------------------------------------------------ resume
     def _compat(self) -> dict[str, Any]:
@@ -277,8 +300,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- run
     def _write_summary(self) -> None:
-        atomic_write_bytes(self.run_dir / "summary.json",
-                           lambda f: f.write(json.dumps(asdict(self.summary), indent=2).encode()))
+        write_summary(self.run_dir, self.summary)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum  # handled between steps, where the state is consistent
@@ -288,7 +310,15 @@ class Trainer:
         self._write_summary()
         self.logger.log_run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), flat_hparams(cfg),
                                  {"seed": str(cfg.seed), **provenance()})
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        stop_signals = [signal.SIGINT, signal.SIGTERM]
+        # In a submitit job (launcher=slurm) the launcher's handler for the preemption signal requeues the job
+        # at once; take the signal first, checkpoint, then hand it on (see Preempted), so the requeued job
+        # resumes from where this one stopped instead of from the last periodic checkpoint.
+        preempt = preemption_signal()
+        self._launcher_handler = signal.getsignal(preempt)
+        if callable(self._launcher_handler):
+            stop_signals.append(preempt)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in stop_signals}
         start = time.perf_counter()
         wall0 = self.summary.wall_s
         try:
@@ -304,7 +334,12 @@ class Trainer:
         except Interrupted as err:
             self.summary.status, self.summary.reason = "stopped", str(err)
             self.save_checkpoint()
-            log.warning("%s at env step %d: checkpoint written; rerun the same command to resume.", err, self.step)
+            if isinstance(err, Preempted):
+                log.warning("%s at env step %d: checkpoint written; the job is requeued and resumes from it.",
+                            err, self.step)
+            else:
+                log.warning("%s at env step %d: checkpoint written; rerun the same command to resume.", err,
+                            self.step)
             raise
         except SimulatorLostError as err:
             self.summary.status, self.summary.reason = "stopped", f"simulator lost: {err}"
@@ -367,6 +402,8 @@ class Trainer:
 
         while self.step < t.total_steps:
             if self._stop_signal is not None:
+                if self._stop_signal == preemption_signal() and callable(self._launcher_handler):
+                    raise Preempted(self._stop_signal, self._launcher_handler)
                 raise Interrupted(self._stop_signal)
             if self.learning and self.step < t.learning_starts:
                 action = self.rng.uniform(-1.0, 1.0, size=(n, self.spec.action_dim)).astype(np.float32)
@@ -452,7 +489,7 @@ class Trainer:
 
     def _report(self, bar, scalars: dict[str, float]) -> None:
         alerts = sum(self.agent.monitor.alert_counts.values()) if self.learning else 0
-        last = getattr(self, "_last_return", float("nan"))
+        last = self._last_return
         if bar is not None:
             bar.n = self.step
             bar.set_postfix(ret=f"{last:.1f}", alerts=alerts, sps=f"{scalars['perf/steps_per_s']:.0f}")
@@ -466,6 +503,14 @@ def run(cfg: Config, run_dir: Path) -> Summary:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"the output dir {run_dir} is not writable: choose another with hydra.run.dir=PATH.")
-    trainer = Trainer(cfg, run_dir)
+    try:
+        trainer = Trainer(cfg, run_dir)
+    except BaseException as err:
+        # .hydra/config.yaml already describes this attempt: an earlier attempt's summary must not pass for it.
+        failed = Summary(status="failed", reason=f"{type(err).__name__}: {err}", total_steps=cfg.trainer.total_steps,
+                         objective=FAILED_OBJECTIVE)
+        with contextlib.suppress(OSError):
+            write_summary(run_dir, failed)
+        raise
     return trainer.train()
 

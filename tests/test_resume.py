@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -127,3 +130,88 @@ def test_incompatible_checkpoint_is_refused_with_a_clear_message(tmp_path: Path)
     out = again.stdout + again.stderr
     assert again.returncode == 2
     assert "different configuration" in out and "image" in out and "Traceback" not in out
+
+
+def submitit_task(launcher: subprocess.Popen) -> psutil.Process:
+    """The process submitit_local runs the job in (python -m submitit.core._submit), below the launcher."""
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if "submitit.core._submit" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("no submitit task process under the launcher")
+
+
+@pytest.mark.slow
+def test_preempted_submitit_job_checkpoints_requeues_and_resumes(tmp_path: Path) -> None:
+    """What a cluster does to a job: submitit_local runs it like SLURM would, the test sends the job the signal
+    SLURM sends before preemption (USR2); the job must checkpoint where it is, be requeued by submitit, resume
+    from that checkpoint and finish with the requested steps, logging no step twice."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "launch.py"), "-m", "hydra/launcher=submitit_local", *ARGS,
+           "trainer.total_steps=400", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 240
+    while not list(sweep.glob("*/checkpoints/latest")):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    (job_dir,) = [p.parent.parent for p in sweep.glob("*/checkpoints/latest")]
+    submitit_task(proc).send_signal(signal.SIGUSR2)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+
+    log_text = (job_dir / "launch.log").read_text()
+    assert "preempted: the cluster launcher sent SIGUSR2" in log_text, log_text[-3000:]
+    preempted_at = int(re.search(r"SIGUSR2 at env step (\d+)", log_text).group(1))
+    assert f"at env step {preempted_at} (episode" in log_text  # the requeued job resumed right there
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 400
+    csv_rows = (job_dir / "scalars.csv").read_text().splitlines()[1:]
+    assert len(csv_rows) == len(set(csv_rows)), "a step logged twice"
+    state, _ = CheckpointManager(job_dir / "checkpoints", 2).load_latest()
+    assert state["step"] == 400
+    # the failed attempt's summary replaces the completed one: .hydra/config.yaml now describes the failed attempt
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "different configuration" in summary["reason"]
+
+
+def test_output_dir_under_a_file_is_refused_before_hydra(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a dir")
+    done = subprocess.run(command(blocker / "run"), cwd=tmp_path, env=env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert f"{blocker} is a file, not a directory" in done.stderr and "hydra.run.dir=PATH" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unwritable_output_dir_is_named_with_the_fix(tmp_path: Path, monkeypatch) -> None:
+    from av_td3.config import ConfigError, check_output_dir
+
+    check_output_dir([f"hydra.sweep.dir={tmp_path}/sweep/${{now:%H}}", "-m"])  # writable: no error
+    # Permissions do not bind root (CI may run as root), so the unwritable dir is simulated at os.access.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError, match=rf"hydra.sweep.dir=.*: {tmp_path} is not writable.*hydra.sweep.dir=PATH"):
+        check_output_dir(["-m", f"hydra.sweep.dir={tmp_path}/sweep/${{now:%H}}"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"hydra.run.dir=outputs: .* is not writable"):
+        check_output_dir(["debug=smoke"])  # the default outputs/ under the current dir
+
+
+def _limit_file_size() -> None:
+    """A disk that fills up after 300 kB: writes past it fail with EFBIG, as they fail with ENOSPC on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+
+def test_full_disk_ends_with_a_clear_message_and_no_partial_files(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = subprocess.run(command(run_dir), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]
+    assert "cannot write the run's files" in out and "Free disk space" in out and "Traceback" not in out
+    ckpt_dir = run_dir / "checkpoints"
+    assert not list(ckpt_dir.glob(".*.tmp")), "a partial checkpoint was left behind"
+    assert not (ckpt_dir / "latest").exists()  # nothing claims to be a usable checkpoint
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"

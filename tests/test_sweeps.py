@@ -117,6 +117,8 @@ def test_launcher_presets() -> None:
     for key in ("partition", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb"):
         assert key in cfg.hydra.launcher
     assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.job.env_set.OMP_NUM_THREADS == "8"
+    # a job that reaches its time limit is requeued (hydra's default, 0, would drop it) and warned in time
+    assert cfg.hydra.launcher.max_num_timeout >= 1 and cfg.hydra.launcher.signal_delay_s >= 60
     assert hydra_compose().hydra.launcher._target_.endswith("BasicLauncher")  # default: one job after another
 
 
