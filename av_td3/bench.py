@@ -11,7 +11,8 @@ other processes, thermal state — hit every contender alike; medians are report
   uint8 frames of the same shape). SB3 is the benchmark-only extra ``pip install '.[bench]'``.
 * ``replay/*``: bytes per stored transition, from the arrays actually allocated (``nbytes / capacity``): ours and
   SB3's ``ReplayBuffer`` with and without ``optimize_memory_usage``.
-* ``env/*``: the embedded simulator's steps per second at ``env.npcs`` NPCs, random actions.
+* ``env/*``: the embedded simulator's steps per second at ``env.npcs`` NPCs, random actions; also with
+  highway-env's own (unvectorised) road queries, interleaved rep by rep.
 * ``e2e/*``: environment steps per second of a short real training run (:class:`av_td3.train.Trainer`:
   acting, stepping, storing, sampling, updating), measured over its log intervals after ``learning_starts``.
 
@@ -406,34 +407,46 @@ def _env_config(cfg: BenchConfig, **kw: Any):
 
 def bench_env(cfg: BenchConfig, result: BenchResult, say: Callable[[str], None]) -> None:
     """Random actions; ``env/steps_per_s`` times the step calls only, ``env/steps_per_s_with_resets`` includes the
-    resets (random driving crashes every few steps, far more often than training episodes end)."""
-    from av_td3.envs import make
+    resets (random driving crashes every few steps, far more often than training episodes end).
+    ``env/steps_per_s_stock_road`` is the same simulator with highway-env's own per-vehicle road queries instead
+    of the vectorised ones (:mod:`av_td3.envs.fast_road`), interleaved with it rep by rep on the same actions."""
+    from av_td3.envs.highway import HighwayDrivingEnv
 
-    env = make(_env_config(cfg), seed=cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    stepping, overall, resets = [], [], 0
-    env.step(rng.uniform(-1, 1, 2).astype(np.float32))  # warm-up
-    env.reset()
-    for _ in range(cfg.env_reps):
-        t_step = 0.0
-        start = time.perf_counter()
-        for _ in range(cfg.env_steps_per_rep):
-            action = rng.uniform(-1, 1, 2).astype(np.float32)
-            t0 = time.perf_counter()
-            _, _, term, trunc, _ = env.step(action)
-            t_step += time.perf_counter() - t0
-            if term or trunc:
-                env.reset()
-                resets += 1
-        overall.append(cfg.env_steps_per_rep / (time.perf_counter() - start))
-        stepping.append(cfg.env_steps_per_rep / t_step)
-    env.close()
+    envs = {"ours": HighwayDrivingEnv(_env_config(cfg), seed=cfg.seed),
+            "stock": HighwayDrivingEnv(_env_config(cfg), seed=cfg.seed, vectorised_road=False)}
+    stepping: dict[str, list[float]] = {k: [] for k in envs}
+    overall: list[float] = []
+    resets = 0
+    for env in envs.values():
+        env.reset()
+        env.step(np.zeros(2, dtype=np.float32))  # warm-up
+    for rep in range(cfg.env_reps):
+        for name in envs if rep % 2 == 0 else reversed(envs):
+            env, rng = envs[name], np.random.default_rng(cfg.seed + rep)
+            t_step = 0.0
+            start = time.perf_counter()
+            for _ in range(cfg.env_steps_per_rep):
+                action = rng.uniform(-1, 1, 2).astype(np.float32)
+                t0 = time.perf_counter()
+                _, _, term, trunc, _ = env.step(action)
+                t_step += time.perf_counter() - t0
+                if term or trunc:
+                    env.reset()
+                    resets += name == "ours"
+            if name == "ours":
+                overall.append(cfg.env_steps_per_rep / (time.perf_counter() - start))
+            stepping[name].append(cfg.env_steps_per_rep / t_step)
+    for env in envs.values():
+        env.close()
     note = f"env.npcs={cfg.npcs}, {cfg.stack}x{cfg.height}x{cfg.width}, random actions"
-    result.rows.append(Row("env/steps_per_s", "steps/s", stepping, note + ", step() only"))
+    result.rows.append(Row("env/steps_per_s", "steps/s", stepping["ours"], note + ", step() only"))
     steps = cfg.env_reps * cfg.env_steps_per_rep
     result.rows.append(Row("env/steps_per_s_with_resets", "steps/s", overall,
                            note + f", resets included ({resets} resets in {steps} steps)"))
-    say(f"env: {statistics.median(stepping):.1f} steps/s (step only)")
+    result.rows.append(Row("env/steps_per_s_stock_road", "steps/s", stepping["stock"],
+                           note + ", step() only, highway-env's own road queries"))
+    say(f"env: {statistics.median(stepping['ours']):.1f} steps/s (step only), "
+        f"{statistics.median(stepping['stock']):.1f} with highway-env's own road queries")
 
 
 # --------------------------------------------------------------------------------------------------------------- e2e
@@ -509,6 +522,9 @@ def compute_ratios(result: BenchResult) -> dict[str, float]:
                 ratios[f"{name.split('/')[1]}_vs_ours"] = med[name] / med["replay/ours"]
     if "env/steps_per_s" in med:
         ratios["env_steps_per_s"] = med["env/steps_per_s"]
+    if "env/steps_per_s_stock_road" in rows:
+        ratios["env_vectorised_road_speedup"] = paired_ratio(rows["env/steps_per_s"].values,
+                                                             rows["env/steps_per_s_stock_road"].values)
     return ratios
 
 

@@ -284,3 +284,55 @@ def test_make_vector_batches_and_leaves_resets_to_the_caller(smoke_env_cfg: EnvC
         assert np.array_equal(obs["image"][1], final["image"][1])  # left alone
     finally:
         envs.close()
+
+
+@pytest.mark.parametrize("town", ["racetrack", "highway"])
+def test_vectorised_road_queries_answer_as_highway_env_does(smoke_env_cfg: EnvConfig, town: str) -> None:
+    from highway_env.road.road import Road, RoadNetwork
+
+    from av_td3.envs.fast_road import FastLaneLookup, FastNeighbours
+
+    env = make(replace(smoke_env_cfg, town=town, npcs=20))
+    env.reset(seed=3)
+    road = env.unwrapped.sim.road
+    assert isinstance(road.network.get_closest_lane_index, FastLaneLookup)  # installed on the scene's road
+    assert isinstance(road.neighbour_vehicles, FastNeighbours)
+    rng = np.random.default_rng(0)
+    lanes = road.network.lanes_list()
+    lane_indexes = [(f, t, i) for f, d in road.network.graph.items() for t, ls in d.items() for i in range(len(ls))]
+    for step in range(8):
+        env.step(rng.uniform(-0.3, 1, size=2).astype(np.float32))
+        # points on, beside and far off every lane, with random headings, and every vehicle's own position
+        for lane in lanes:
+            for s, r in ((0.3 * lane.length, 0.0), (rng.uniform(-10, lane.length + 10), rng.uniform(-12, 12))):
+                p, h = lane.position(s, r), rng.uniform(-np.pi, np.pi)
+                for heading in (h, None):
+                    assert (road.network.get_closest_lane_index(p, heading)
+                            == RoadNetwork.get_closest_lane_index(road.network, p, heading))
+        for v in road.vehicles:
+            assert (road.network.get_closest_lane_index(v.position, v.heading)
+                    == RoadNetwork.get_closest_lane_index(road.network, v.position, v.heading))
+            for lane_index in (None, *lane_indexes[:: 3]):
+                assert road.neighbour_vehicles(v, lane_index) == Road.neighbour_vehicles(road, v, lane_index)
+
+
+def test_vectorised_road_replays_highway_envs_own_episode(smoke_env_cfg: EnvConfig) -> None:
+    from av_td3.envs.highway import HighwayDrivingEnv
+
+    cfg = replace(smoke_env_cfg, npcs=20, max_episode_steps=80)
+    fast, stock = HighwayDrivingEnv(cfg), HighwayDrivingEnv(cfg, vectorised_road=False)
+    assert "neighbour_vehicles" not in vars(stock.sim.road)  # highway-env's own method
+    rng = np.random.default_rng(1)
+    (a, _), (b, _) = fast.reset(seed=5), stock.reset(seed=5)
+    for _ in range(60):
+        action = rng.uniform(-0.2, 0.8, size=2).astype(np.float32)
+        a, ra, ta, _, _ = fast.step(action)
+        b, rb, tb, _, _ = stock.step(action)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_allclose(a["state"], b["state"], rtol=0, atol=1e-6)
+        assert ra == pytest.approx(rb, abs=1e-9) and ta == tb
+        if ta:
+            break
+    fast_npcs = [v.position for v in fast.sim.road.vehicles]
+    stock_npcs = [v.position for v in stock.sim.road.vehicles]
+    np.testing.assert_allclose(fast_npcs, stock_npcs, rtol=0, atol=1e-9)

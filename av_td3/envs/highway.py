@@ -44,6 +44,7 @@ from highway_env.vehicle.behavior import IDMVehicle  # noqa: E402
 from highway_env.vehicle.graphics import VehicleGraphics  # noqa: E402
 
 from av_td3.config import ConfigError, EnvConfig, ImageConfig, RewardConfig  # noqa: E402
+from av_td3.envs import fast_road  # noqa: E402
 from av_td3.envs.base import MAX_SPEED_M_S, DrivingEnv, DrivingSignals, to_ego_frame, wrap_angle  # noqa: E402
 
 VIEW_METRES = 50.0  # width of the world the frame shows, whatever its pixel size
@@ -94,7 +95,9 @@ class HighwayDrivingEnv(DrivingEnv):
     """One highway-env scene (``env.town``) with ``env.npcs`` other vehicles, as a :class:`DrivingEnv`.
     ``seed`` seeds the simulator's random stream, which unseeded ``reset()`` calls then continue."""
 
-    def __init__(self, cfg: EnvConfig, seed: int | None = None) -> None:
+    def __init__(self, cfg: EnvConfig, seed: int | None = None, vectorised_road: bool = True) -> None:
+        """``vectorised_road=False`` keeps highway-env's own per-vehicle road queries (for comparisons; the
+        results are the same, see :mod:`av_td3.envs.fast_road`)."""
         if cfg.town not in _SCENES:
             raise ConfigError(f"env.town={cfg.town!r} is not a scene of the embedded simulator: choose one of "
                               f"{', '.join(_SCENES)} (e.g. `env.town=racetrack`).")
@@ -114,6 +117,7 @@ class HighwayDrivingEnv(DrivingEnv):
         super().__init__(cfg.image.height, cfg.image.width, cfg.image.stack, cfg.lane_points, cfg.max_episode_steps,
                          cfg.reward, dt=substeps / cfg.simulation_frequency)
         self.cfg = cfg
+        self.vectorised_road = vectorised_road
         self.sim = _SCENES[cfg.town](config={
             # We draw the frame ourselves: ask highway-env for its cheapest observation (an empty dict).
             "observation": {"type": "AttributesObservation", "attributes": []},
@@ -139,6 +143,8 @@ class HighwayDrivingEnv(DrivingEnv):
     # --- DrivingEnv hooks ----------------------------------------------------------------------------------
     def _sim_reset(self, seed: int | None) -> tuple[np.ndarray, np.ndarray, DrivingSignals]:
         self.sim.reset(seed=seed)
+        if self.vectorised_road:  # each reset builds a new road: the same results, much faster with many NPCs
+            fast_road.speed_up(self.sim.road)
         self._canvas_centre = None  # a new road object: draw it afresh
         self.sim.vehicle.color = VehicleGraphics.EGO_COLOR  # else drawn yellow: the same gray as the blue NPCs
         return self._observe(reset=True)
