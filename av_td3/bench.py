@@ -86,6 +86,7 @@ class BenchConfig:
     e2e_log_every: int = 100
     e2e_max_episode_steps: int = 200
     e2e_encoder: str = "separate"
+    e2e_num_envs: tuple[int, ...] = (1, 2)  # one run each: env.num_envs=1, and simulators in worker processes
     sections: tuple[str, ...] = ("update", "replay", "env", "e2e")
 
 
@@ -96,7 +97,7 @@ def preset(quick: bool) -> BenchConfig:
     return BenchConfig(update_reps=5, updates_per_rep=12, warmup_updates=2, fill=300, env_reps=3,
                        update_rows=("ours_separate", "ours_separate_monitor_off", "ours_shared", "sb3"),
                        env_steps_per_rep=150, e2e_total_steps=120, e2e_learning_starts=40, e2e_log_every=40,
-                       e2e_max_episode_steps=100)
+                       e2e_max_episode_steps=100, e2e_num_envs=(1,))
 
 
 @dataclass
@@ -451,7 +452,20 @@ def bench_env(cfg: BenchConfig, result: BenchResult, say: Callable[[str], None])
 
 # --------------------------------------------------------------------------------------------------------------- e2e
 def bench_e2e(cfg: BenchConfig, out: Path, result: BenchResult, say: Callable[[str], None]) -> None:
-    """A short real training run on ``out/e2e_run``; env steps/s of each log interval after learning starts."""
+    """Short real training runs on ``out/e2e_run[_num_envs_N]``, one per ``e2e_num_envs``; env steps/s of each log
+    interval after learning starts."""
+    for n in cfg.e2e_num_envs:
+        suffix = "" if n == 1 else f"_num_envs_{n}"
+        rates, wall = _e2e_run(cfg, out / f"e2e_run{suffix}", n)
+        result.rows.append(Row(f"e2e/steps_per_s{suffix}", "env steps/s", rates,
+                               f"Trainer, agent.encoder={cfg.e2e_encoder}, monitor on, env.npcs={cfg.npcs}, "
+                               f"env.num_envs={n}, 1 update per env step after learning_starts="
+                               f"{cfg.e2e_learning_starts}; one value per log interval (run wall time {wall:.0f} s "
+                               "incl. start-up and final eval)"))
+        say(f"e2e (env.num_envs={n}): {statistics.median(rates):.1f} env steps/s while training")
+
+
+def _e2e_run(cfg: BenchConfig, run_dir: Path, num_envs: int) -> tuple[list[float], float]:
     import csv
 
     from av_td3.config import Config, CsvConfig, LoggerConfig, MonitorConfig, TrainerConfig, to_config
@@ -466,9 +480,8 @@ def bench_e2e(cfg: BenchConfig, out: Path, result: BenchResult, say: Callable[[s
                               eval_every=big, eval_episodes=1, checkpoint_every=big, checkpoint_buffer=False,
                               log_every=cfg.e2e_log_every, device=str(cfg.device), resume="none",
                               torch_threads=torch.get_num_threads(), progress=False),
-        agent=a, env=_env_config(cfg, max_episode_steps=cfg.e2e_max_episode_steps),
+        agent=a, env=_env_config(cfg, max_episode_steps=cfg.e2e_max_episode_steps, num_envs=num_envs),
         monitor=MonitorConfig(), logger=LoggerConfig(csv=CsvConfig())))
-    run_dir = out / "e2e_run"
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with _quiet("av_td3.agent.monitor", "av_td3.train"):
@@ -482,11 +495,7 @@ def bench_e2e(cfg: BenchConfig, out: Path, result: BenchResult, say: Callable[[s
                 rates.append(float(row["value"]))
     if not rates:
         raise RuntimeError(f"e2e run logged no perf/steps_per_s after learning_starts in {run_dir}")
-    result.rows.append(Row("e2e/steps_per_s", "env steps/s", rates,
-                           f"Trainer, agent.encoder={cfg.e2e_encoder}, monitor on, env.npcs={cfg.npcs}, 1 update per "
-                           f"step after learning_starts={cfg.e2e_learning_starts}; one value per log interval "
-                           f"(run wall time {wall:.0f} s incl. start-up and final eval)"))
-    say(f"e2e: {statistics.median(rates):.1f} env steps/s while training")
+    return rates, wall
 
 
 # ------------------------------------------------------------------------------------------------------- the report
@@ -522,6 +531,9 @@ def compute_ratios(result: BenchResult) -> dict[str, float]:
                 ratios[f"{name.split('/')[1]}_vs_ours"] = med[name] / med["replay/ours"]
     if "env/steps_per_s" in med:
         ratios["env_steps_per_s"] = med["env/steps_per_s"]
+    for name in med:
+        if name.startswith("e2e/steps_per_s_num_envs_"):
+            ratios[f"e2e_{name.removeprefix('e2e/steps_per_s_')}_vs_1"] = med[name] / med["e2e/steps_per_s"]
     if "env/steps_per_s_stock_road" in rows:
         ratios["env_vectorised_road_speedup"] = paired_ratio(rows["env/steps_per_s"].values,
                                                              rows["env/steps_per_s_stock_road"].values)

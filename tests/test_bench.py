@@ -16,10 +16,11 @@ from av_td3.cli import main as cli
 
 ROWS = ["update/ours_separate", "update/ours_separate_monitor_off", "update/ours_shared", "update/sb3",
         "replay/ours", "replay/reference", "replay/sb3", "replay/sb3_optimize_memory_usage",
-        "env/steps_per_s", "env/steps_per_s_with_resets", "env/steps_per_s_stock_road", "e2e/steps_per_s"]
+        "env/steps_per_s", "env/steps_per_s_with_resets", "env/steps_per_s_stock_road", "e2e/steps_per_s",
+        "e2e/steps_per_s_num_envs_2"]
 RATIOS = ["separate_vs_sb3", "shared_vs_sb3", "monitor_overhead_pct", "replay_vs_reference", "env_steps_per_s",
           "sb3_vs_ours", "sb3_optimize_memory_usage_vs_ours", "separate_vs_sb3_cpu", "shared_vs_sb3_cpu",
-          "monitor_overhead_pct_cpu", "env_vectorised_road_speedup"]
+          "monitor_overhead_pct_cpu", "env_vectorised_road_speedup", "e2e_num_envs_2_vs_1"]
 
 
 def tiny(**kw) -> bench.BenchConfig:
