@@ -371,10 +371,15 @@ class Trainer:
 
     def objective(self) -> float:
         """Final evaluation return for sweepers; a finite penalty (the worst possible return) when the run had no
-        final evaluation, e.g. stopped by the NaN guard — a NaN objective would crash Optuna."""
+        final evaluation, or was stopped by the NaN guard — whose last evaluation predates the divergence, so a
+        search would otherwise favour configs that diverge after a good start. (A NaN objective crashes Optuna.)"""
         fe = self.summary.final_eval
-        if fe is not None and math.isfinite(fe["return"]):
+        if fe is not None and math.isfinite(fe["return"]) and not self.summary.nan_guard["triggered"]:
             return fe["return"]
+        return self.worst_return
+
+    @property
+    def worst_return(self) -> float:
         return -self.reward_bound * self.cfg.env.max_episode_steps
 
     def _episode_seed(self) -> int:

@@ -23,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
+from av_td3.analysis import bounds
 from av_td3.config import to_config
 from av_td3.sweep import (COMPLETED_CONFIG, EXIT_SWEEP_INCOMPLETE, SWEEP_SUMMARY, SweepSummary, collect,
                           completed_objective, missing_launcher_plugin, record_completed)
@@ -195,7 +196,9 @@ def test_nan_guard_stop_returns_a_finite_objective(tmp_path: Path) -> None:
                         hydra=False)
     objective, code = run_job(cfg, tmp_path / "run")
     assert code == EXIT_NAN_GUARD
-    assert isinstance(objective, float) and math.isfinite(objective)
+    # the worst possible return, not the last evaluation before the divergence: a search must not favour it
+    config = to_config(cfg)
+    assert objective == -bounds.max_abs_reward(config) * config.env.max_episode_steps
 
 
 # ------------------------------------------------------------------------------------------ end to end
