@@ -57,6 +57,8 @@ def _compare(args: argparse.Namespace) -> int:
         result = compare(runs, out, baseline=args.baseline)
     except ValueError as e:  # an unknown --baseline label
         return _usage_error("compare", str(e))
+    if result.summary.common:
+        print(f"Every run: {' '.join(result.summary.common)}\n")
     print(result.table)
     print(f"\nwrote {out / 'comparison.md'}, {out / 'comparison.csv'} and {len(result.plots)} plots in "
           f"{out / 'plots'}")

@@ -73,7 +73,8 @@ def test_grouping_drops_seed_and_non_config_overrides(tmp_path: Path) -> None:
     common = ["debug=smoke", "experiment=clip_ablation", "trainer.torch_threads=2"]
     write_sweep(tmp_path / "sweep", [([*common, "agent.clip.actor=null"], 0), ([*common, "agent.clip.actor=null"], 1),
                                      (common, 0), (common, 1), ([*common, "agent.clip.actor=1"], 2)])
-    groups, warnings = group_runs(find_runs(tmp_path / "sweep"))
+    groups, warnings, shared = group_runs(find_runs(tmp_path / "sweep"))
+    assert shared == []  # the common overrides here are all non-config ones, dropped anyway
     # `=1` and the default are the same number in the config but an explicit override is still a label item.
     assert {g.label: len(g.runs) for g in groups} == {"agent.clip.actor=null": 2, "default": 2,
                                                        "agent.clip.actor=1.0": 1}
@@ -84,9 +85,24 @@ def test_grouping_drops_seed_and_non_config_overrides(tmp_path: Path) -> None:
 def test_grouping_from_config_when_overrides_are_missing(tmp_path: Path) -> None:
     for i, overrides in enumerate([["agent.clip.critic=5.0"], ["agent.clip.critic=5.0"], []]):
         (write_run(tmp_path / f"run{i}", overrides, seed=i) / ".hydra" / "overrides.yaml").unlink()
-    groups, _ = group_runs(find_runs(tmp_path))
+    groups, _, _ = group_runs(find_runs(tmp_path))
     assert {g.label: len(g.runs) for g in groups} == {"agent.clip.critic=5.0": 2, "agent.clip.critic=10.0": 1}
     assert default_baseline(groups).label == "agent.clip.critic=10.0"
+
+
+def test_overrides_every_run_shares_are_left_out_of_the_labels(tmp_path: Path) -> None:
+    shared = ["agent.encoder=shared", "trainer.total_steps=300"]
+    write_sweep(tmp_path / "sweep", [([*shared, "agent.clip.actor=null"], 0), ([*shared, "agent.clip.actor=null"], 1),
+                                     (shared, 0), ([*shared, "agent.clip.critic=5.0"], 0)])
+    groups, _, common = group_runs(find_runs(tmp_path / "sweep"))
+    assert common == ["agent.encoder=shared", "trainer.total_steps=300"]
+    assert {g.label for g in groups} == {"agent.clip.actor=null", "default", "agent.clip.critic=5.0"}
+    summary = summarize(find_runs(tmp_path / "sweep"), baseline="default")
+    assert "Every run: `agent.encoder=shared trainer.total_steps=300`" in markdown_report(summary, [])
+    # one group only: its overrides are its name, nothing to factor out
+    write_sweep(tmp_path / "one_group", [(shared, 0), (shared, 1)])
+    groups, _, common = group_runs(find_runs(tmp_path / "one_group"))
+    assert common == [] and [g.label for g in groups] == ["agent.encoder=shared,trainer.total_steps=300"]
 
 
 def test_pooled_configs_are_warned_about(tmp_path: Path) -> None:
@@ -94,7 +110,7 @@ def test_pooled_configs_are_warned_about(tmp_path: Path) -> None:
     write_run(tmp_path / "a", ["trainer.total_steps=300"], seed=0)
     (tmp_path / "a" / ".hydra" / "overrides.yaml").write_text("- debug=smoke\n- seed=0\n")
     write_run(tmp_path / "b", [], seed=1)
-    groups, warnings = group_runs(find_runs(tmp_path))
+    groups, warnings, _ = group_runs(find_runs(tmp_path))
     assert len(groups) == 1 and "differ in: trainer.total_steps" in warnings[0]
 
 

@@ -22,7 +22,7 @@ from av_td3.config import ClipConfig
 # Overrides that leave the experiment unchanged, so runs differing only in these belong together: the keys
 # conf/config.yaml excludes from sweep sub-folder names, plus the seed (pooled by the statistics).
 IGNORED_OVERRIDES = frozenset({"seed", "experiment", "debug", "launcher", "hydra/launcher", "hparams_search",
-                               "trainer.resume", "trainer.torch_threads"})
+                               "trainer.resume", "trainer.torch_threads", "trainer.progress"})
 # Config keys that never make two runs different experiments (used for runs without overrides.yaml).
 IGNORED_CONFIG_KEYS = frozenset({"seed", "trainer.resume", "trainer.torch_threads", "trainer.progress",
                                  "trainer.device", "experiment_name"})
@@ -74,21 +74,27 @@ def _relevant(key: str) -> bool:
     return key not in IGNORED_CONFIG_KEYS and not key.startswith(IGNORED_CONFIG_PREFIXES)
 
 
-def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
+def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
     """Group runs (each with a config) by their overrides minus the seed and minus overrides that do not change
     the experiment; runs without overrides.yaml are labelled by the config keys that differ between the runs.
 
-    Returns the groups sorted by label, and a warning for each group whose runs' configs differ in more than
-    the seed (e.g. a smoke sweep pooled with a full one, since ``debug=`` is not part of the label).
+    Returns the groups sorted by label, a warning for each group whose runs' configs differ in more than the
+    seed (e.g. a smoke sweep pooled with a full one, since ``debug=`` is not part of the label), and the
+    overrides every run shares (``python launch.py -m experiment=X agent.encoder=shared``): those are left out
+    of the labels, so ``arm=td3`` stays ``arm=td3`` whatever else the sweep's command line set.
     """
     flats = [_flatten(r.config) for r in runs]  # type: ignore[arg-type]
     keys = sorted({k for f in flats for k in f if _relevant(k)})
     varying = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+    run_items = [_override_items(run.overrides, flat) if run.overrides is not None
+                 else [f"{k}={_value_text(flat.get(k))}" for k in varying] for run, flat in zip(runs, flats)]
+    common: list[str] = []
+    if len({tuple(items) for items in run_items}) > 1:
+        common = sorted(set.intersection(*(set(items) for items in run_items)))
+        run_items = [[i for i in items if i not in common] for items in run_items]
     groups: dict[str, Group] = {}
     members: dict[str, list[dict[str, Any]]] = {}
-    for run, flat in zip(runs, flats):
-        items = (_override_items(run.overrides, flat) if run.overrides is not None
-                 else [f"{k}={_value_text(flat.get(k))}" for k in varying])
+    for run, flat, items in zip(runs, flats, run_items):
         label = ",".join(items) or "default"
         groups.setdefault(label, Group(label, items, [])).runs.append(run)
         members.setdefault(label, []).append(flat)
@@ -97,7 +103,7 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
         mixed = [k for k in varying if len({repr(f.get(k)) for f in group_flats}) > 1]
         if mixed:
             warnings.append(f"group `{label}` pools runs whose configs differ in: {', '.join(mixed)}")
-    return [groups[k] for k in sorted(groups)], warnings
+    return [groups[k] for k in sorted(groups)], warnings, common
 
 
 def default_baseline(groups: list[Group]) -> Group | None:
@@ -262,6 +268,7 @@ class Summary:
     table: pd.DataFrame                 # per group: the numbers of comparison.csv
     warnings: list[str]
     ungrouped: list[Run]                # runs without a config (bare event files)
+    common: list[str]                   # overrides every run shares, left out of the group labels
 
 
 def summarize(runs: list[Run], baseline: str | None = None) -> Summary:
@@ -269,7 +276,7 @@ def summarize(runs: list[Run], baseline: str | None = None) -> Summary:
 
     ``baseline`` is a group label; None picks :func:`default_baseline`. Raises ValueError for an unknown label.
     """
-    groups, warnings = group_runs([r for r in runs if r.config is not None])
+    groups, warnings, common = group_runs([r for r in runs if r.config is not None])
     if baseline is None:
         base = default_baseline(groups)
     else:
@@ -288,7 +295,7 @@ def summarize(runs: list[Run], baseline: str | None = None) -> Summary:
             s.update(improvement(metrics[g.label].query("finished"), metrics[base.label].query("finished")))
         rows.append(s)
     return Summary(groups, base, baseline is not None, metrics, pd.DataFrame(rows), warnings,
-                   [r for r in runs if r.config is None])
+                   [r for r in runs if r.config is None], common)
 
 
 def _left_out_line(m: dict[str, Any]) -> str:
@@ -308,6 +315,8 @@ def markdown_report(summary: Summary, plots: list[Path]) -> str:
     else:
         why = "chosen with --baseline" if summary.chosen else "clipping at the default limits"
         md.append(f"Baseline: `{summary.baseline.label}` ({why})")
+    if summary.common:
+        md += ["", f"Every run: `{' '.join(summary.common)}` (left out of the group names)"]
     md += ["", "Final evaluation return: interquartile mean (IQM) with a 95% percentile-bootstrap interval over "
            f"runs ({stats.REPS} resamples), and mean ± std. Statistics use finished runs (completed or stopped). "
            "P(> baseline): probability that a run of the group scores a higher final return than a baseline run "
