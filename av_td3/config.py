@@ -102,7 +102,7 @@ class AgentConfig:
     # Twin critics (TD3) = 2; DDPG = 1.
     num_critics: int = rng(2, 1, 2)
     # separate: actor and critic each own a CNN; shared: one CNN trained by the critic, actor reads detached features.
-    encoder: str = one_of("separate", "separate", "shared")
+    encoder: str = one_of("shared", "separate", "shared")
     features_dim: int = rng(64, 1)
     hidden_dim: int = rng(256, 1)
     hidden_layers: int = rng(2, 1)

@@ -96,7 +96,7 @@ def test_interval_mean_max_and_update_count_cover_every_update() -> None:
 
 
 def test_actor_metrics_only_from_actor_updates() -> None:
-    agent = make_agent(policy_freq=3)
+    agent = make_agent(policy_freq=3, encoder="separate")  # an actor with a CNN part of its own
     for i in range(1, 10):
         agent.update(make_batch(i), step=i)
     s = agent.monitor.flush(9).scalars

@@ -75,7 +75,7 @@ def test_target_smoothing_noise_is_clipped_by_noise_clip() -> None:
 
 
 def test_critic_loss_uses_min_of_twin_targets_and_done_mask() -> None:
-    agent = make_agent(policy_noise=0.0)
+    agent = make_agent(policy_noise=0.0, encoder="separate")  # each target network runs its own encoder
     batch = make_batch(2)
     with torch.no_grad():
         img = batch.next_image.float() / 255
