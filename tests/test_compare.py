@@ -206,3 +206,16 @@ def test_compare_bad_usage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture
     assert str(tmp_path / "missing") in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["compare", str(tmp_path / "empty")]) == 2
+
+
+def test_a_controller_without_gradients_is_labelled_so(tmp_path: Path) -> None:
+    from av_td3.analysis.compare import _cells
+
+    write_run(tmp_path / "td3", [], seed=0)
+    scalars = {tag: v for tag, v in healthy_scalars(make_config(["agent=pid"], 0)).items()
+               if tag.startswith(("eval/", "episode/"))}  # agent=pid logs no grad/ or train/ tags
+    write_run(tmp_path / "pid", ["agent=pid"], seed=0, scalars=scalars)
+    summary = summarize(find_runs(tmp_path), baseline="agent=pid")
+    cells = {row["group"]: _cells(row) for row in summary.table.to_dict("records")}
+    assert cells["agent=pid"]["actor clipping"] == cells["agent=pid"]["critic clipping"] == "no gradients logged"
+    assert cells["default"]["critic clipping"].endswith("(limit 10)")

@@ -233,6 +233,9 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
              "lane inv./ep": _num(s["lane_invasions"], 3)}
     for net in NETS:
         limit, top = s[f"{net}_clip_limit"], _num(s[f"{net}_after_clip_max"])
+        if not np.isfinite(s[f"{net}_clip_fraction"]) and not np.isfinite(s[f"{net}_after_clip_max"]):
+            cells[f"{net} clipping"] = "no gradients logged"  # e.g. agent=pid: nothing is learned
+            continue
         cells[f"{net} clipping"] = (f"unclipped, max norm {top}" if not np.isfinite(limit) else
                                     f"{_pct(s[f'{net}_clip_fraction'])} clipped, max {top} (limit {_num(limit)})")
     finished = s["runs"] - s["incomplete"]
