@@ -351,9 +351,11 @@ def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         return  # a syntax error: Hydra's own message says where
     for o in overrides:
         key = o.key_or_group.lstrip("+~")
-        if key in groups and not o.is_delete() and not isinstance(o.value(), (str, list)):
+        value = o.value()
+        names = value if isinstance(value, list) else [value]  # logger=[tensorboard,csv]: several of one group
+        if key in groups and not o.is_delete() and not all(isinstance(v, str) for v in names):
             choices = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
-            raise ConfigError(f"{key}={o.value()!r}: '{key}' is a config group; choose one of "
+            raise ConfigError(f"{key}={value!r}: '{key}' is a config group; choose one of "
                               f"{', '.join(choices)} (e.g. `{key}={choices[0] if choices else 'NAME'}`), or set "
                               f"one of its keys (e.g. `{key}.<key>=<value>`).")
 

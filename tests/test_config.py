@@ -113,3 +113,12 @@ def test_cli_group_given_a_number_gets_a_message_not_a_traceback(tmp_path: Path)
     proc = run_launch("trainer=0", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode == 2
     assert "'trainer' is a config group" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["trainer=[1,2]", "env={a:1}", "logger=[csv,3]"])
+def test_group_given_a_list_or_dict_of_non_names_is_a_config_error(override: str) -> None:
+    from av_td3.config import check_group_overrides
+
+    with pytest.raises(ConfigError, match="is a config group; choose one of"):
+        check_group_overrides([override])
+    check_group_overrides(["logger=[tensorboard,csv]", "agent=ddpg"])  # names are for Hydra to resolve
