@@ -130,6 +130,9 @@ def test_incompatible_checkpoint_is_refused_with_a_clear_message(tmp_path: Path)
     out = again.stdout + again.stderr
     assert again.returncode == 2
     assert "different configuration" in out and "image" in out and "Traceback" not in out
+    # the failed attempt's summary replaces the completed one: .hydra/config.yaml now describes the failed attempt
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "different configuration" in summary["reason"]
 
 
 def submitit_task(launcher: subprocess.Popen) -> psutil.Process:
@@ -170,9 +173,6 @@ def test_preempted_submitit_job_checkpoints_requeues_and_resumes(tmp_path: Path)
     assert len(csv_rows) == len(set(csv_rows)), "a step logged twice"
     state, _ = CheckpointManager(job_dir / "checkpoints", 2).load_latest()
     assert state["step"] == 400
-    # the failed attempt's summary replaces the completed one: .hydra/config.yaml now describes the failed attempt
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "failed" and "different configuration" in summary["reason"]
 
 
 def test_output_dir_under_a_file_is_refused_before_hydra(tmp_path: Path) -> None:

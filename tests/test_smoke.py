@@ -21,8 +21,9 @@ TAGS = ["train/critic_loss", "train/actor_loss", "train/q1", "train/q2", "episod
         "episode/collisions", "episode/lane_invasions", "episode/reward_efficiency", "episode/reward_lane_keeping",
         "episode/reward_comfort", "episode/reward_safety", "episode/reward_progress", "eval/return",
         "eval/success_rate", "eval/collisions", "perf/steps_per_s",
-        *(f"grad/{net}/{part}/{kind}" for net in ("actor", "critic") for part in ("cnn", "mlp", "total")
-          for kind in ("before_clip", "before_clip_max", "after_clip", "after_clip_max")),
+        # agent.encoder=shared (the default): the actor has no CNN of its own, so no grad/actor/cnn tags
+        *(f"grad/{net}/{part}/{kind}"
+          for net, parts in (("actor", ("mlp", "total")), ("critic", ("cnn", "mlp", "total"))) for part in parts for kind in ("before_clip", "before_clip_max", "after_clip", "after_clip_max")),
         *(f"grad/{net}/{k}" for net in ("actor", "critic") for k in ("clip_coef", "clip_fraction", "updates")),
         "alert/critic/clip_violation", "alert/actor/grad_explosion_warning"]
 
@@ -61,6 +62,7 @@ def test_smoke_run_logs_the_tag_schema_with_working_clipping(smoke_run) -> None:
     tags = set(df["tag"])
     missing = [t for t in TAGS if t not in tags]
     assert not missing, missing
+    assert not [t for t in tags if t.startswith("grad/actor/cnn/")], "zeros logged for a CNN the actor lacks"
     last = lambda tag: df[df.tag == tag]["value"]  # noqa: E731
     assert last("grad/actor/total/after_clip_max").max() <= 1.0 * (1 + 1e-4)
     assert last("grad/critic/total/after_clip_max").max() <= 10.0 * (1 + 1e-4)
@@ -82,7 +84,7 @@ def test_unclipped_actor_logs_after_equal_to_before(tmp_path: Path) -> None:
                               "logger=[csv]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     df = read_scalars_csv(run_dir / "scalars.csv")
-    for part in ("cnn", "mlp", "total"):
+    for part in ("mlp", "total"):  # the default shared encoder: the actor has no CNN part
         before = df[df.tag == f"grad/actor/{part}/before_clip"]["value"].to_numpy()
         after = df[df.tag == f"grad/actor/{part}/after_clip"]["value"].to_numpy()
         assert len(before) > 0 and (before == after).all()
