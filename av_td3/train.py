@@ -376,10 +376,6 @@ class Trainer:
         fe = self.summary.final_eval
         if fe is not None and math.isfinite(fe["return"]) and not self.summary.nan_guard["triggered"]:
             return fe["return"]
-        return self.worst_return
-
-    @property
-    def worst_return(self) -> float:
         return -self.reward_bound * self.cfg.env.max_episode_steps
 
     def _episode_seed(self) -> int:
@@ -407,7 +403,7 @@ class Trainer:
 
         while self.step < t.total_steps:
             if self._stop_signal is not None:
-                if self._stop_signal == preemption_signal() and callable(self._launcher_handler):
+                if self._stop_signal == preemption_signal():  # only taken when a launcher handles it
                     raise Preempted(self._stop_signal, self._launcher_handler)
                 raise Interrupted(self._stop_signal)
             if self.learning and self.step < t.learning_starts:

@@ -18,14 +18,14 @@ from av_td3.analysis.plots import write_plots
 from av_td3.analysis.runs import Run
 from av_td3.analysis.validate import CRITICAL_ALERTS, NETS
 from av_td3.config import ClipConfig
+from av_td3.sweep import RUN_ONLY_KEYS
 
-# Overrides that leave the experiment unchanged, so runs differing only in these belong together: the keys
-# conf/config.yaml excludes from sweep sub-folder names, plus the seed (pooled by the statistics).
-IGNORED_OVERRIDES = frozenset({"seed", "experiment", "debug", "launcher", "hydra/launcher", "hparams_search",
-                               "trainer.resume", "trainer.torch_threads", "trainer.progress"})
+# Overrides that leave the experiment unchanged, so runs differing only in these belong together: presets,
+# keys that change how a job runs but not what it computes, and the seed (pooled by the statistics).
+IGNORED_OVERRIDES = frozenset({"seed", "experiment", "debug", "launcher", "hydra/launcher", "hparams_search"}
+                              | RUN_ONLY_KEYS)
 # Config keys that never make two runs different experiments (used for runs without overrides.yaml).
-IGNORED_CONFIG_KEYS = frozenset({"seed", "trainer.resume", "trainer.torch_threads", "trainer.progress",
-                                 "trainer.device", "experiment_name"})
+IGNORED_CONFIG_KEYS = frozenset({"seed", "trainer.device", "experiment_name"} | RUN_ONLY_KEYS)
 IGNORED_CONFIG_PREFIXES = ("logger.",)
 EVAL_FIELDS = ("return", "success_rate", "collisions", "lane_invasions")
 NAN = float("nan")
