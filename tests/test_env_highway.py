@@ -290,13 +290,14 @@ def test_make_vector_batches_and_leaves_resets_to_the_caller(smoke_env_cfg: EnvC
 def test_vectorised_road_queries_answer_as_highway_env_does(smoke_env_cfg: EnvConfig, town: str) -> None:
     from highway_env.road.road import Road, RoadNetwork
 
-    from av_td3.envs.fast_road import FastLaneLookup, FastNeighbours
+    from av_td3.envs.fast_road import BatchedRoadStep, FastLaneLookup, FastNeighbours
 
     env = make(replace(smoke_env_cfg, town=town, npcs=20))
     env.reset(seed=3)
     road = env.unwrapped.sim.road
     assert isinstance(road.network.get_closest_lane_index, FastLaneLookup)  # installed on the scene's road
     assert isinstance(road.neighbour_vehicles, FastNeighbours)
+    assert isinstance(road.step, BatchedRoadStep)
     rng = np.random.default_rng(0)
     lanes = road.network.lanes_list()
     lane_indexes = [(f, t, i) for f, d in road.network.graph.items() for t, ls in d.items() for i in range(len(ls))]
@@ -310,6 +311,9 @@ def test_vectorised_road_queries_answer_as_highway_env_does(smoke_env_cfg: EnvCo
                     assert (road.network.get_closest_lane_index(p, heading)
                             == RoadNetwork.get_closest_lane_index(road.network, p, heading))
         for v in road.vehicles:
+            # the batched lookup after the sub-step gave each vehicle the lane highway-env's own lookup gives
+            assert v.lane_index == RoadNetwork.get_closest_lane_index(road.network, v.position, v.heading)
+            assert v.lane is road.network.get_lane(v.lane_index)
             assert (road.network.get_closest_lane_index(v.position, v.heading)
                     == RoadNetwork.get_closest_lane_index(road.network, v.position, v.heading))
             for lane_index in (None, *lane_indexes[:: 3]):
@@ -336,3 +340,5 @@ def test_vectorised_road_replays_highway_envs_own_episode(smoke_env_cfg: EnvConf
     fast_npcs = [v.position for v in fast.sim.road.vehicles]
     stock_npcs = [v.position for v in stock.sim.road.vehicles]
     np.testing.assert_allclose(fast_npcs, stock_npcs, rtol=0, atol=1e-9)
+    assert [v.lane_index for v in fast.sim.road.vehicles] == [v.lane_index for v in stock.sim.road.vehicles]
+    assert [v.crashed for v in fast.sim.road.vehicles] == [v.crashed for v in stock.sim.road.vehicles]

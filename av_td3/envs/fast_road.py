@@ -4,8 +4,9 @@ Every sub-step, each of highway-env's vehicles asks ``RoadNetwork.get_closest_la
 every lane of the network) and ``Road.neighbour_vehicles`` (a Python loop over every vehicle): with 20 NPCs that
 is ~70% of a step. Here both are the same computations on numpy arrays — same lane order, same distances, same
 on-lane test — so they return what highway-env's own methods return (``tests/test_env_highway.py`` compares them
-on random positions). :func:`speed_up` installs them on one road; lanes other than straight and circular ones
-(and roads with obstacles or landmarks) keep highway-env's own methods.
+on random positions), and :class:`BatchedRoadStep` looks up the lanes of all vehicles in one batch per sub-step.
+:func:`speed_up` installs them on one road; lanes other than straight and circular ones (and roads with obstacles,
+landmarks or recorded histories) keep highway-env's own methods.
 """
 
 from __future__ import annotations
@@ -93,12 +94,51 @@ class FastLaneLookup:
         self.table = LaneTable(lanes)
 
     def __call__(self, position: np.ndarray, heading: float | None = None) -> LaneIndex:
-        s, r = self.table.local(np.asarray(position, dtype=float)[None, :])
-        s, r = s[:, 0], r[:, 0]
-        distance = np.abs(r) + np.maximum(s - self.table.length, 0) + np.maximum(-s, 0)
-        if heading is not None:
-            distance = distance + np.abs(_wrap_to_pi(heading - self.table.heading_at(s[:, None])[:, 0]))
-        return self.indexes[int(np.argmin(distance))]
+        headings = None if heading is None else np.array([heading], dtype=float)
+        return self.batch(np.asarray(position, dtype=float)[None, :], headings)[0]
+
+    def batch(self, positions: np.ndarray, headings: np.ndarray | None = None) -> list[LaneIndex]:
+        """The closest lane of each of ``positions`` [P, 2] (with ``headings`` [P]: weighted as highway-env does)."""
+        s, r = self.table.local(positions)
+        distance = np.abs(r) + np.maximum(s - self.table.length[:, None], 0) + np.maximum(-s, 0)
+        if headings is not None:
+            distance = distance + np.abs(_wrap_to_pi(headings[None, :] - self.table.heading_at(s)))
+        return [self.indexes[i] for i in distance.argmin(axis=0)]
+
+
+class BatchedRoadStep:
+    """``Road.step`` with the lane lookup of every vehicle done in one batch once all of them have moved.
+
+    highway-env's ``Vehicle.step`` moves one vehicle and then looks up its lane (``on_state_update``); the
+    move reads only that vehicle's own state, so looking all lanes up after the loop gives each vehicle the same
+    lane, and the collision checks that follow read positions only. During the loop the per-vehicle lookup
+    answers a placeholder lane that the batch then overwrites.
+    """
+
+    def __init__(self, road: Road, lookup: FastLaneLookup) -> None:
+        self.road = road
+        self.lookup = lookup
+
+    def _placeholder(self, position: np.ndarray, heading: float | None = None) -> LaneIndex:
+        return self.lookup.indexes[0]
+
+    def __call__(self, dt: float) -> None:
+        road, network = self.road, self.road.network
+        vehicles = road.vehicles
+        network.get_closest_lane_index = self._placeholder
+        try:
+            for vehicle in vehicles:
+                vehicle.step(dt)
+        finally:
+            network.get_closest_lane_index = self.lookup
+        if vehicles:
+            lanes = self.lookup.batch(np.array([v.position for v in vehicles], dtype=float),
+                                      np.array([v.heading for v in vehicles], dtype=float))
+            for vehicle, lane_index in zip(vehicles, lanes):
+                vehicle.lane_index, vehicle.lane = lane_index, network.get_lane(lane_index)
+        for i, vehicle in enumerate(vehicles):  # each pair once (speed_up installs this only without objects)
+            for other in vehicles[i + 1:]:
+                vehicle.handle_collisions(other, dt)
 
 
 class FastNeighbours:
@@ -160,8 +200,10 @@ def speed_up(road: Road) -> bool:
     objects are of kinds they do not cover, and highway-env's own methods stay."""
     network = road.network
     lanes = [lane for to_dict in network.graph.values() for to_lanes in to_dict.values() for lane in to_lanes]
-    if road.objects or not LaneTable.supports(lanes):
+    if road.objects or road.record_history or not LaneTable.supports(lanes):
         return False
-    network.get_closest_lane_index = FastLaneLookup(network)
+    lookup = FastLaneLookup(network)
+    network.get_closest_lane_index = lookup
     road.neighbour_vehicles = FastNeighbours(road)
+    road.step = BatchedRoadStep(road, lookup)
     return True
