@@ -289,6 +289,7 @@ def test_make_vector_batches_and_leaves_resets_to_the_caller(smoke_env_cfg: EnvC
 @pytest.mark.parametrize("town", ["racetrack", "highway"])
 def test_vectorised_road_queries_answer_as_highway_env_does(smoke_env_cfg: EnvConfig, town: str) -> None:
     from highway_env.road.road import Road, RoadNetwork
+    from highway_env.vehicle.kinematics import Vehicle
 
     from av_td3.envs.fast_road import BatchedRoadStep, FastLaneLookup, FastNeighbours
 
@@ -318,6 +319,10 @@ def test_vectorised_road_queries_answer_as_highway_env_does(smoke_env_cfg: EnvCo
                     == RoadNetwork.get_closest_lane_index(road.network, v.position, v.heading))
             for lane_index in (None, *lane_indexes[:: 3]):
                 assert road.neighbour_vehicles(v, lane_index) == Road.neighbour_vehicles(road, v, lane_index)
+        # a vehicle that is not on the road's list (highway-env asks about such ones too)
+        probe = Vehicle(road, lanes[step % len(lanes)].position(rng.uniform(0, 20), 0.0))
+        for lane_index in lane_indexes:
+            assert road.neighbour_vehicles(probe, lane_index) == Road.neighbour_vehicles(road, probe, lane_index)
 
 
 def test_vectorised_road_replays_highway_envs_own_episode(smoke_env_cfg: EnvConfig) -> None:

@@ -4,8 +4,9 @@ Every sub-step, each of highway-env's vehicles asks ``RoadNetwork.get_closest_la
 every lane of the network) and ``Road.neighbour_vehicles`` (a Python loop over every vehicle): with 20 NPCs that
 is ~70% of a step. Here both are the same computations on numpy arrays — same lane order, same distances, same
 on-lane test — so they return what highway-env's own methods return (``tests/test_env_highway.py`` compares them
-on random positions), and :class:`BatchedRoadStep` looks up the lanes of all vehicles in one batch per sub-step.
-:func:`speed_up` installs them on one road; lanes other than straight and circular ones (and roads with obstacles,
+on random positions). Vehicles move only in ``Road.step``, so :class:`BatchedRoadStep` looks up the lanes of all
+of them in one batch per sub-step, and :class:`FastNeighbours` computes the coordinates of every vehicle on every
+lane once per sub-step for all the queries that follow. :func:`speed_up` installs them on one road; lanes other than straight and circular ones (and roads with obstacles,
 landmarks or recorded histories) keep highway-env's own methods.
 """
 
@@ -115,9 +116,10 @@ class BatchedRoadStep:
     answers a placeholder lane that the batch then overwrites.
     """
 
-    def __init__(self, road: Road, lookup: FastLaneLookup) -> None:
+    def __init__(self, road: Road, lookup: FastLaneLookup, neighbours: "FastNeighbours") -> None:
         self.road = road
         self.lookup = lookup
+        self.neighbours = neighbours
 
     def _placeholder(self, position: np.ndarray, heading: float | None = None) -> LaneIndex:
         return self.lookup.indexes[0]
@@ -131,6 +133,7 @@ class BatchedRoadStep:
                 vehicle.step(dt)
         finally:
             network.get_closest_lane_index = self.lookup
+            self.neighbours.moved()
         if vehicles:
             lanes = self.lookup.batch(np.array([v.position for v in vehicles], dtype=float),
                                       np.array([v.heading for v in vehicles], dtype=float))
@@ -143,14 +146,27 @@ class BatchedRoadStep:
 
 class FastNeighbours:
     """``Road.neighbour_vehicles``: the nearest vehicle ahead and behind on a lane (and, with
-    ``neighbour_vehicles_connected_lanes``, on the lanes connected to it), all vehicles at once."""
+    ``neighbour_vehicles_connected_lanes``, on the lanes connected to it).
 
-    def __init__(self, road: Road) -> None:
+    Vehicles move only in ``Road.step``, and between two steps every vehicle asks about its lanes: so the
+    coordinates of all vehicles on all lanes are computed once per step (:meth:`moved` marks a new step) and each
+    query only picks its lanes' rows. The cache is also dropped when the road's vehicle list changes."""
+
+    def __init__(self, road: Road, lookup: FastLaneLookup) -> None:
         self.road = road
-        self._searches: dict[LaneIndex, tuple[LaneTable, np.ndarray]] = {}  # the road's lanes never change
+        self.table = lookup.table  # every lane of the network
+        self._row = {id(lane): i for i, lane in enumerate(lookup.table.lanes)}
+        self._searches: dict[LaneIndex, tuple[np.ndarray, np.ndarray]] = {}  # the road's lanes never change
+        self._step = 0
+        self._key: tuple | None = None
+        self._lanes: dict[LaneIndex, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _search(self, lane_index: LaneIndex) -> tuple[LaneTable, np.ndarray]:
-        """The lanes searched for a vehicle on ``lane_index`` and the offset of each into that lane's s."""
+    def moved(self) -> None:
+        """The vehicles have moved: coordinates computed before are stale."""
+        self._step += 1
+
+    def _search(self, lane_index: LaneIndex) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the lanes searched for a vehicle on ``lane_index`` and the offset of each into that lane's s."""
         if lane_index not in self._searches:
             network = self.road.network
             lane = network.get_lane(lane_index)
@@ -165,33 +181,48 @@ class FastNeighbours:
                     if prev_lanes:
                         prev_lane = prev_lanes[_id] if _id < len(prev_lanes) else prev_lanes[0]
                         search.append((prev_lane, -prev_lane.length))
-            self._searches[lane_index] = (LaneTable([lane for lane, _ in search]),
+            self._searches[lane_index] = (np.array([self._row[id(lane)] for lane, _ in search]),
                                           np.array([offset for _, offset in search]))
         return self._searches[lane_index]
 
+    def _on_lanes(self, lane_index: LaneIndex) -> tuple[np.ndarray, np.ndarray]:
+        """For every vehicle: its s in ``lane_index``'s frame and whether it is on one of the searched lanes."""
+        vehicles = self.road.vehicles
+        key = (self._step, id(vehicles), len(vehicles))  # the list changes only between steps
+        if key != self._key:
+            self._key, self._lanes = key, {}
+            self._index = {id(v): i for i, v in enumerate(vehicles)}
+            self._s, self._r = self.table.local(np.array([v.position for v in vehicles], dtype=float))
+        if lane_index not in self._lanes:
+            rows, offsets = self._search(lane_index)
+            s_v, r_v = self._s[rows], self._r[rows]
+            # AbstractLane.on_lane(margin=1) on each searched lane; a vehicle counts on the first lane it is on
+            on = ((np.abs(r_v) <= self.table.half_width[rows, None] + 1) & (-AbstractLane.VEHICLE_LENGTH <= s_v)
+                  & (s_v < self.table.length[rows, None] + AbstractLane.VEHICLE_LENGTH))
+            first = on.argmax(axis=0)
+            self._lanes[lane_index] = (s_v[first, np.arange(len(vehicles))] + offsets[first], on.any(axis=0))
+        return self._lanes[lane_index]
+
     def __call__(self, vehicle, lane_index: LaneIndex | None = None):
         lane_index = lane_index or vehicle.lane_index
-        if not lane_index:
+        if not lane_index or not self.road.vehicles:
             return None, None
-        others = [v for v in self.road.vehicles if v is not vehicle]
-        if not others:
-            return None, None
-        s = self.road.network.get_lane(lane_index).local_coordinates(vehicle.position)[0]
-        table, offsets = self._search(lane_index)
-        s_v, r_v = table.local(np.array([v.position for v in others]))
-        # AbstractLane.on_lane(margin=1) on each searched lane; a vehicle counts on the first lane it is on
-        on = ((np.abs(r_v) <= table.half_width[:, None] + 1) & (-AbstractLane.VEHICLE_LENGTH <= s_v)
-              & (s_v < table.length[:, None] + AbstractLane.VEHICLE_LENGTH))
-        first = on.argmax(axis=0)
-        s_match = s_v[first, np.arange(len(others))] + offsets[first]
-        matched = on.any(axis=0)
+        s_match, matched = self._on_lanes(lane_index)
+        others = matched.copy()
+        me = self._index.get(id(vehicle))
+        if me is None:  # not one of the road's vehicles
+            s = self.road.network.get_lane(lane_index).local_coordinates(vehicle.position)[0]
+        else:  # its own s on the lane, as computed for all vehicles
+            s = self._s[self._searches[lane_index][0][0], me]
+            others[me] = False
+        vehicles = self.road.vehicles
         v_front = v_rear = None
-        ahead = np.flatnonzero(matched & (s_match >= s))
+        ahead = np.flatnonzero(others & (s_match >= s))
         if ahead.size:  # of two at the same distance, highway-env's loop keeps the later one ahead...
-            v_front = others[ahead[s_match[ahead] == s_match[ahead].min()][-1]]
-        behind = np.flatnonzero(matched & (s_match < s))
+            v_front = vehicles[ahead[s_match[ahead] == s_match[ahead].min()][-1]]
+        behind = np.flatnonzero(others & (s_match < s))
         if behind.size:  # ...and the earlier one behind
-            v_rear = others[behind[s_match[behind] == s_match[behind].max()][0]]
+            v_rear = vehicles[behind[s_match[behind] == s_match[behind].max()][0]]
         return v_front, v_rear
 
 
@@ -204,6 +235,6 @@ def speed_up(road: Road) -> bool:
         return False
     lookup = FastLaneLookup(network)
     network.get_closest_lane_index = lookup
-    road.neighbour_vehicles = FastNeighbours(road)
-    road.step = BatchedRoadStep(road, lookup)
+    road.neighbour_vehicles = FastNeighbours(road, lookup)
+    road.step = BatchedRoadStep(road, lookup, road.neighbour_vehicles)
     return True
