@@ -94,6 +94,8 @@ class AgentConfig:
     policy_freq: int = rng(2, 1)
     tau: float = rng(0.005, 0, 1, lo_open=True)
     gamma: float = rng(0.99, 0, 1, hi_open=True)
+    # Critic targets from n-step returns: up to n rewards summed (discounted) before bootstrapping; 1 = TD3's own.
+    n_step: int = rng(1, 1, 100)
     policy_noise: float = rng(0.2, 0)
     noise_clip: float = rng(0.5, 0)
     exploration_noise: float = rng(0.1, 0)

@@ -84,6 +84,9 @@ class Batch(NamedTuple):
     next_image: torch.Tensor  # uint8 [B, stack, H, W]
     next_state: torch.Tensor  # float32 [B, k]
     done: torch.Tensor        # float32 [B], 1 where the episode terminated (truncation bootstraps: 0)
+    # float32 [B]: gamma ** m for an m-step reward sum (n-step sampling); None for one-step transitions, whose
+    # discount is the agent's gamma
+    discount: torch.Tensor | None = None
 
 
 class ReplayBuffer:
@@ -179,6 +182,31 @@ class ReplayBuffer:
         broken = self._rows["has_action"][env, slot] & ~self._is_transition(env, slot)
         return int(np.count_nonzero(self._rows["has_action"]) - np.count_nonzero(broken))
 
+    def _stack(self, env: np.ndarray, slot: np.ndarray) -> np.ndarray:
+        """Frames uint8 [B, stack, H, W] of the observation at each (env, slot), oldest first."""
+        back = np.minimum(np.arange(self.stack - 1, -1, -1), self._rows["step"][env, slot][:, None])
+        return self._rows["frame"][env[:, None], (slot[:, None] - back) % self.rows_per_env]
+
+    def _n_step(self, env: np.ndarray, slot: np.ndarray, n_step: int, gamma: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For transitions starting at (env, slot): the discounted sum of up to ``n_step`` rewards, the row of the
+        last transition summed and the number of transitions summed. The sum goes on while the next row has an
+        action: an episode's final observation has none (the episode ended, terminated or truncated), nor has the
+        stream's newest row. Rows after a sampled row are newer, so never overwritten ones. A loop over the n steps,
+        not over samples."""
+        r = self._rows
+        total = r["reward"][env, slot].astype(np.float64)
+        last = slot.copy()
+        steps = np.ones(len(slot), dtype=np.int64)
+        going = np.ones(len(slot), dtype=bool)
+        for k in range(1, n_step):
+            row = (slot + k) % self.rows_per_env
+            going &= r["has_action"][env, row]
+            total += np.where(going, gamma ** k * r["reward"][env, row], 0.0)
+            last = np.where(going, row, last)
+            steps += going
+        return total, last, steps
+
     def _window(self, env: np.ndarray, slot: np.ndarray) -> np.ndarray:
         """Frames uint8 [B, stack + 1, H, W]: the stack of the observation at (env, slot), oldest first, then the
         next row's frame. Frames before the episode start are the episode's first frame.
@@ -223,20 +251,36 @@ class ReplayBuffer:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def sample(self, batch_size: int) -> Batch:
-        """``batch_size`` transitions drawn uniformly (with replacement) from the valid ones."""
+    def sample(self, batch_size: int, n_step: int = 1, gamma: float = 1.0) -> Batch:
+        """``batch_size`` transitions drawn uniformly (with replacement) from the valid ones. With ``n_step > 1``
+        each reward is the ``gamma``-discounted sum of up to ``n_step`` rewards (fewer where the episode ends or
+        the stream's newest row comes first), the next observation the one after the last of them and
+        ``discount`` ``gamma ** m`` for m rewards summed (``agent.n_step``)."""
         env, slot = self._draw(batch_size)
-        nxt = (slot + 1) % self.rows_per_env
         r = self._rows
-        window = self._to_device(self._window(env, slot))
+        if n_step == 1:
+            nxt = (slot + 1) % self.rows_per_env
+            window = self._to_device(self._window(env, slot))
+            return Batch(
+                obs_image=window[:, :-1],
+                obs_state=self._to_device(r["state"][env, slot]),
+                action=self._to_device(r["action"][env, slot]),
+                reward=self._to_device(r["reward"][env, slot]),
+                next_image=window[:, 1:],
+                next_state=self._to_device(r["state"][env, nxt]),
+                done=self._to_device(r["terminated"][env, slot].astype(np.float32)),
+            )
+        reward, last, steps = self._n_step(env, slot, n_step, gamma)
+        nxt = (last + 1) % self.rows_per_env
         return Batch(
-            obs_image=window[:, :-1],
+            obs_image=self._to_device(self._stack(env, slot)),
             obs_state=self._to_device(r["state"][env, slot]),
             action=self._to_device(r["action"][env, slot]),
-            reward=self._to_device(r["reward"][env, slot]),
-            next_image=window[:, 1:],
+            reward=self._to_device(reward.astype(np.float32)),
+            next_image=self._to_device(self._stack(env, nxt)),
             next_state=self._to_device(r["state"][env, nxt]),
-            done=self._to_device(r["terminated"][env, slot].astype(np.float32)),
+            done=self._to_device(r["terminated"][env, last].astype(np.float32)),
+            discount=self._to_device((gamma ** steps).astype(np.float32)),
         )
 
     # ----------------------------------------------------------------------------------------- checkpointing

@@ -438,7 +438,7 @@ class Trainer:
             # updates begin with the first policy step: (total_steps - learning_starts) x updates_per_step in all
             if self.learning and prev_step >= t.learning_starts and len(self.buffer) >= a.batch_size:
                 for _ in range(t.updates_per_step * n):
-                    self.agent.update(self.buffer.sample(a.batch_size), self.step)
+                    self.agent.update(self.buffer.sample(a.batch_size, a.n_step, a.gamma), self.step)
 
             if crossed(prev_step, self.step, t.log_every) or self.step >= t.total_steps:
                 now = time.perf_counter()

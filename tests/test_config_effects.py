@@ -129,7 +129,25 @@ def test_exploration_noise_batch_size_buffer_size(tmp_path: Path, monkeypatch) -
     cfg = load(*TINY, "agent.batch_size=12", "agent.buffer_size=500")
     t = Trainer(cfg, tmp_path / "b")
     original = t.buffer.sample
-    t.buffer.sample = lambda n: sizes.append(n) or original(n)
+    t.buffer.sample = lambda n, *args: sizes.append(n) or original(n, *args)
     t.train()
     assert set(sizes) == {12}
     assert t.buffer.nbytes < Trainer(load(*TINY, "agent.buffer_size=900"), tmp_path / "c").buffer.nbytes
+
+
+def test_n_step_reaches_the_sampled_batches(tmp_path: Path) -> None:
+    discounts: dict[int, set] = {}
+    for n in (1, 3):
+        cfg = load(*TINY, f"agent.n_step={n}", "agent.gamma=0.5")
+        t = Trainer(cfg, tmp_path / f"n{n}")
+        update = t.agent.update
+        seen = discounts.setdefault(n, set())
+
+        def spy(batch, step, update=update, seen=seen):
+            seen.update([None] if batch.discount is None else batch.discount.tolist())
+            return update(batch, step)
+
+        t.agent.update = spy
+        t.train()
+    assert discounts[1] == {None}  # one step: the agent's gamma
+    assert discounts[3] <= {0.5, 0.25, 0.125} and 0.125 in discounts[3]  # up to 3 rewards summed

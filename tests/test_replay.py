@@ -34,9 +34,10 @@ class CodedEnv(DrivingEnv):
         code = (self.env_id, self.episode % 256, self.steps)
         frame = np.zeros((H, W), dtype=np.uint8)
         frame.flat[:3] = code
+        # progress grows with the step, so each step of an episode has its own reward
         signals = DrivingSignals(speed=1.0, speed_along_lane=1.0, lateral_offset=0.0, lane_half_width=2.0,
                                  heading_error=0.0, collision=crash, off_road=False, lane_invasion=False,
-                                 progress=0.1)
+                                 progress=0.1 + self.steps)
         return frame, np.array(code, dtype=np.float32), signals
 
     def _sim_reset(self, seed):
@@ -167,6 +168,39 @@ def test_wraparound_never_yields_a_corrupted_transition(n_envs):
     assert set(keys) == expected  # only live transitions, and (uniform-ish) every one of them
 
 
+def n_step_reference(key: tuple, record: dict, n: int, gamma: float) -> tuple[float, dict, bool, int]:
+    """Straightforward n-step target pieces for the transition at ``key``, walked one recorded step at a time:
+    (discounted reward sum, the observation to bootstrap from, terminated, steps summed)."""
+    total, m = 0.0, 0
+    while True:
+        t = record[key]
+        total += gamma ** m * float(t["reward"])
+        m += 1
+        key = _key(t["next_obs"]["state"])
+        if t["terminated"] or t["truncated"] or m == n or key not in record:  # ended, n summed, or newest row
+            return total, t["next_obs"], bool(t["terminated"]), m
+
+
+@pytest.mark.parametrize("n_envs, capacity", [(1, 10_000), (3, 90)])
+def test_n_step_sampling_matches_a_per_transition_reference(n_envs: int, capacity: int) -> None:
+    n, gamma = 3, 0.5
+    buf = make(capacity, n_envs=n_envs)
+    record, _ = fill(buf, n_envs, 400)  # with capacity 90 the rings wrap many times
+    batch = buf.sample(3000, n_step=n, gamma=gamma)
+    steps_seen = set()
+    for b, key in enumerate(_key(s) for s in batch.obs_state.numpy()):
+        total, nxt, terminated, m = n_step_reference(key, record, n, gamma)
+        steps_seen.add(m)
+        np.testing.assert_array_equal(batch.obs_image[b].numpy(), record[key]["obs"]["image"], err_msg=str(key))
+        np.testing.assert_array_equal(batch.action[b].numpy(), record[key]["action"])
+        assert batch.reward[b].item() == pytest.approx(total, rel=1e-6), key
+        np.testing.assert_array_equal(batch.next_state[b].numpy(), nxt["state"], err_msg=str(key))
+        np.testing.assert_array_equal(batch.next_image[b].numpy(), nxt["image"], err_msg=str(key))
+        assert batch.done[b].item() == float(terminated)
+        assert batch.discount[b].item() == pytest.approx(gamma ** m)
+    assert steps_seen == {1, 2, 3}  # cut short by episode ends, and full length
+
+
 def test_env_streams_stay_separate():
     buf = make(3000, n_envs=3)
     record, _ = fill(buf, 3, 300, seed=5)
@@ -234,7 +268,7 @@ def test_state_dict_round_trip_continues_exactly():
     b = make(60, n_envs=2, seed=2)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     for _ in range(3):
-        for x, y in zip(a.sample(32), b.sample(32)):
+        for x, y in zip(a.sample(32, n_step=2, gamma=0.9), b.sample(32, n_step=2, gamma=0.9)):
             assert torch.equal(x, y)
     obs = {"image": np.full((2, STACK, H, W), 7, np.uint8), "state": np.ones((2, STATE_DIM), np.float32)}
     for buf in (a, b):  # both continue writing identically
@@ -242,7 +276,7 @@ def test_state_dict_round_trip_continues_exactly():
         buf.add(np.ones((2, ACTION_DIM), np.float32), np.ones(2, np.float32), obs, no, no)
     assert len(a) == len(b)
     for x, y in zip(a.sample(64), b.sample(64)):
-        assert torch.equal(x, y)
+        assert x is y is None or torch.equal(x, y)  # a one-step batch has no discount of its own
 
 
 def test_load_state_dict_refuses_other_shapes():
@@ -257,5 +291,6 @@ def test_cuda_batch():
     buf = ReplayBuffer(100, (H, W), STACK, STATE_DIM, ACTION_DIM, device="cuda")
     record, _ = fill(buf, 1, 50)
     b = buf.sample(32)
-    assert all(t.device.type == "cuda" for t in b)
-    check_batch(Batch(*(t.cpu() for t in b)), record)
+    assert all(t.device.type == "cuda" for t in b if t is not None)
+    check_batch(Batch(*(None if t is None else t.cpu() for t in b)), record)
+    assert buf.sample(32, n_step=3, gamma=0.9).discount.device.type == "cuda"

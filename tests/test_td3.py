@@ -205,3 +205,18 @@ def test_state_dict_round_trip_continues_identically() -> None:
         a.update(make_batch(i), step=i)
         b.update(make_batch(i), step=i)
     assert same(params(a.actor), params(b.actor)) and same(params(a.critic_target), params(b.critic_target))
+
+
+def test_n_step_discount_of_a_batch_replaces_gamma() -> None:
+    """A batch's own discount (n-step sampling) is what the critic target bootstraps with; gamma when it has none."""
+    gamma = 0.9
+    results = []
+    for discount in (None, gamma, gamma ** 3):
+        agent = make_agent(gamma=gamma)
+        batch = make_batch(1, reward_scale=5.0)
+        if discount is not None:
+            batch = batch._replace(discount=torch.full((8,), discount))
+        agent.update(batch, step=1)
+        results.append(params(agent.critic))
+    assert same(results[0], results[1]), "discount = gamma is the one-step update"
+    assert not same(results[0], results[2])

@@ -118,6 +118,8 @@ class TD3:
         action = batch.action.to(self.device, non_blocking=True)
         reward = batch.reward.to(self.device, non_blocking=True)
         not_done = 1.0 - batch.done.to(self.device, non_blocking=True)
+        # an n-step batch (agent.n_step) carries gamma ** m for its m-step rewards; a one-step batch uses gamma
+        discount = cfg.gamma if batch.discount is None else batch.discount.to(self.device, non_blocking=True)
 
         # --- critic target: y = r + gamma * (1 - terminated) * min_i Q'_i(s', pi'(s') + clipped noise)
         with torch.no_grad():
@@ -130,7 +132,7 @@ class TD3:
                 noise = (noise * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
                 next_action = (next_action + noise).clamp(-1.0, 1.0)
             target_q = torch.stack(self.critic_target(next_critic_features, next_states, next_action)).min(0).values
-            y = reward + cfg.gamma * not_done * target_q
+            y = reward + discount * not_done * target_q
 
         # --- critic step (the critic's CNN and MLP in one optimizer, clipped together)
         features = self._encode(self.critic.encoder, images)
