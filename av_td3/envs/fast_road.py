@@ -6,8 +6,9 @@ is ~70% of a step. Here both are the same computations on numpy arrays — same 
 on-lane test — so they return what highway-env's own methods return (``tests/test_env_highway.py`` compares them
 on random positions). Vehicles move only in ``Road.step``, so :class:`BatchedRoadStep` looks up the lanes of all
 of them in one batch per sub-step, and :class:`FastNeighbours` computes the coordinates of every vehicle on every
-lane once per sub-step for all the queries that follow. :func:`speed_up` installs them on one road; lanes other than straight and circular ones (and roads with obstacles,
-landmarks or recorded histories) keep highway-env's own methods.
+lane once per sub-step for all the queries that follow. :func:`speed_up` installs them on one road; lanes other
+than straight and circular ones (and roads with obstacles, landmarks or recorded histories) keep highway-env's
+own methods.
 """
 
 from __future__ import annotations
@@ -158,7 +159,11 @@ class FastNeighbours:
         self._row = {id(lane): i for i, lane in enumerate(lookup.table.lanes)}
         self._searches: dict[LaneIndex, tuple[np.ndarray, np.ndarray]] = {}  # the road's lanes never change
         self._step = 0
+        # per sub-step: the cache key, each vehicle's index, all vehicles' (s, r) on every lane [lanes, vehicles]
+        # and, per queried lane, (s in that lane's frame, on a searched lane) of every vehicle
         self._key: tuple | None = None
+        self._index: dict[int, int] = {}
+        self._s = self._r = np.zeros((0, 0))
         self._lanes: dict[LaneIndex, tuple[np.ndarray, np.ndarray]] = {}
 
     def moved(self) -> None:
@@ -212,8 +217,8 @@ class FastNeighbours:
         me = self._index.get(id(vehicle))
         if me is None:  # not one of the road's vehicles
             s = self.road.network.get_lane(lane_index).local_coordinates(vehicle.position)[0]
-        else:  # its own s on the lane, as computed for all vehicles
-            s = self._s[self._searches[lane_index][0][0], me]
+        else:  # its own s on the lane (the first lane searched), as computed for all vehicles
+            s = self._s[self._search(lane_index)[0][0], me]
             others[me] = False
         vehicles = self.road.vehicles
         v_front = v_rear = None
