@@ -259,28 +259,23 @@ class ReplayBuffer:
         env, slot = self._draw(batch_size)
         r = self._rows
         if n_step == 1:
-            nxt = (slot + 1) % self.rows_per_env
-            window = self._to_device(self._window(env, slot))
-            return Batch(
-                obs_image=window[:, :-1],
-                obs_state=self._to_device(r["state"][env, slot]),
-                action=self._to_device(r["action"][env, slot]),
-                reward=self._to_device(r["reward"][env, slot]),
-                next_image=window[:, 1:],
-                next_state=self._to_device(r["state"][env, nxt]),
-                done=self._to_device(r["terminated"][env, slot].astype(np.float32)),
-            )
-        reward, last, steps = self._n_step(env, slot, n_step, gamma)
-        nxt = (last + 1) % self.rows_per_env
+            last, reward, discount = slot, r["reward"][env, slot], None
+            window = self._to_device(self._window(env, slot))  # one gather for both stacks
+            obs_image, next_image = window[:, :-1], window[:, 1:]
+        else:
+            total, last, steps = self._n_step(env, slot, n_step, gamma)
+            reward, discount = total.astype(np.float32), self._to_device((gamma ** steps).astype(np.float32))
+            obs_image = self._to_device(self._stack(env, slot))
+            next_image = self._to_device(self._stack(env, (last + 1) % self.rows_per_env))
         return Batch(
-            obs_image=self._to_device(self._stack(env, slot)),
+            obs_image=obs_image,
             obs_state=self._to_device(r["state"][env, slot]),
             action=self._to_device(r["action"][env, slot]),
-            reward=self._to_device(reward.astype(np.float32)),
-            next_image=self._to_device(self._stack(env, nxt)),
-            next_state=self._to_device(r["state"][env, nxt]),
+            reward=self._to_device(reward),
+            next_image=next_image,
+            next_state=self._to_device(r["state"][env, (last + 1) % self.rows_per_env]),
             done=self._to_device(r["terminated"][env, last].astype(np.float32)),
-            discount=self._to_device((gamma ** steps).astype(np.float32)),
+            discount=discount,
         )
 
     # ----------------------------------------------------------------------------------------- checkpointing

@@ -120,8 +120,8 @@ def flat_hparams(cfg: Config) -> dict[str, float | int | str | bool]:
     a, e = cfg.agent, cfg.env
     return {"seed": cfg.seed, "agent": a.name, "encoder": a.encoder, "clip_actor": a.clip.actor or "off",
             "clip_critic": a.clip.critic or "off", "lr_actor": a.lr.actor, "lr_critic": a.lr.critic,
-            "policy_freq": a.policy_freq, "tau": a.tau, "gamma": a.gamma, "batch_size": a.batch_size,
-            "town": e.town, "npcs": e.npcs, "total_steps": cfg.trainer.total_steps}
+            "policy_freq": a.policy_freq, "tau": a.tau, "gamma": a.gamma, "n_step": a.n_step,
+            "batch_size": a.batch_size, "town": e.town, "npcs": e.npcs, "total_steps": cfg.trainer.total_steps}
 
 
 def write_summary(run_dir: Path, summary: Summary) -> None:
