@@ -182,10 +182,15 @@ class ReplayBuffer:
         broken = self._rows["has_action"][env, slot] & ~self._is_transition(env, slot)
         return int(np.count_nonzero(self._rows["has_action"]) - np.count_nonzero(broken))
 
+    def _stack_rows(self, env: np.ndarray, slot: np.ndarray) -> np.ndarray:
+        """Rows [B, stack] holding the frames of the observation at each (env, slot), oldest first. Frames before
+        the episode start are the episode's first frame (the row ``min(d, step)`` back)."""
+        back = np.minimum(np.arange(self.stack - 1, -1, -1), self._rows["step"][env, slot][:, None])
+        return (slot[:, None] - back) % self.rows_per_env
+
     def _stack(self, env: np.ndarray, slot: np.ndarray) -> np.ndarray:
         """Frames uint8 [B, stack, H, W] of the observation at each (env, slot), oldest first."""
-        back = np.minimum(np.arange(self.stack - 1, -1, -1), self._rows["step"][env, slot][:, None])
-        return self._rows["frame"][env[:, None], (slot[:, None] - back) % self.rows_per_env]
+        return self._rows["frame"][env[:, None], self._stack_rows(env, slot)]
 
     def _n_step(self, env: np.ndarray, slot: np.ndarray, n_step: int, gamma: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,9 +219,7 @@ class ReplayBuffer:
         The next observation's stack is ``window[:, 1:]``: its step is one more, so its frame ``d >= 1`` back is
         the observation's frame ``d - 1`` back, the same shift the env's frame stack does. Gathering the shared
         frames once saves a copy and, on cuda, half the host-to-device transfer."""
-        back = np.arange(self.stack - 1, -1, -1)  # rows back from the observation, oldest first
-        back = np.minimum(back, self._rows["step"][env, slot][:, None])
-        rows = np.concatenate([slot[:, None] - back, slot[:, None] + 1], axis=1) % self.rows_per_env
+        rows = np.concatenate([self._stack_rows(env, slot), (slot[:, None] + 1) % self.rows_per_env], axis=1)
         return self._rows["frame"][env[:, None], rows]
 
     def _draw(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -258,22 +261,25 @@ class ReplayBuffer:
         ``discount`` ``gamma ** m`` for m rewards summed (``agent.n_step``)."""
         env, slot = self._draw(batch_size)
         r = self._rows
+        # last: the row of the last transition summed; nxt: the row of the observation to bootstrap from
         if n_step == 1:
-            last, reward, discount = slot, r["reward"][env, slot], None
+            last, nxt = slot, (slot + 1) % self.rows_per_env
+            reward, discount = r["reward"][env, slot], None
             window = self._to_device(self._window(env, slot))  # one gather for both stacks
             obs_image, next_image = window[:, :-1], window[:, 1:]
         else:
             total, last, steps = self._n_step(env, slot, n_step, gamma)
+            nxt = (last + 1) % self.rows_per_env
             reward, discount = total.astype(np.float32), self._to_device((gamma ** steps).astype(np.float32))
             obs_image = self._to_device(self._stack(env, slot))
-            next_image = self._to_device(self._stack(env, (last + 1) % self.rows_per_env))
+            next_image = self._to_device(self._stack(env, nxt))
         return Batch(
             obs_image=obs_image,
             obs_state=self._to_device(r["state"][env, slot]),
             action=self._to_device(r["action"][env, slot]),
             reward=self._to_device(reward),
             next_image=next_image,
-            next_state=self._to_device(r["state"][env, (last + 1) % self.rows_per_env]),
+            next_state=self._to_device(r["state"][env, nxt]),
             done=self._to_device(r["terminated"][env, last].astype(np.float32)),
             discount=discount,
         )

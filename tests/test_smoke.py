@@ -23,7 +23,8 @@ TAGS = ["train/critic_loss", "train/actor_loss", "train/q1", "train/q2", "episod
         "eval/success_rate", "eval/collisions", "perf/steps_per_s",
         # agent.encoder=shared (the default): the actor has no CNN of its own, so no grad/actor/cnn tags
         *(f"grad/{net}/{part}/{kind}"
-          for net, parts in (("actor", ("mlp", "total")), ("critic", ("cnn", "mlp", "total"))) for part in parts for kind in ("before_clip", "before_clip_max", "after_clip", "after_clip_max")),
+          for net, parts in (("actor", ("mlp", "total")), ("critic", ("cnn", "mlp", "total"))) for part in parts
+          for kind in ("before_clip", "before_clip_max", "after_clip", "after_clip_max")),
         *(f"grad/{net}/{k}" for net in ("actor", "critic") for k in ("clip_coef", "clip_fraction", "updates")),
         "alert/critic/clip_violation", "alert/actor/grad_explosion_warning"]
 
