@@ -103,7 +103,8 @@ def test_command_line_list_replaces_the_experiments_list() -> None:
 
 def test_job_dir_is_named_by_the_jobs_own_overrides() -> None:
     cfg = hydra_compose("experiment=clip_ablation", "debug=smoke", "launcher=local_parallel", "trainer.resume=auto",
-                        "trainer.torch_threads=1", "agent.clip.actor=null", "agent.clip.critic=10.0", "seed=1")
+                        "trainer.torch_threads=1", "trainer.progress=false",
+                        "agent.clip.actor=null", "agent.clip.critic=10.0", "seed=1")
     # The sweeper's params reach the job as overrides, so they name it; presets and run-only keys do not.
     assert cfg.hydra.job.override_dirname == "agent.clip.actor=null,agent.clip.critic=10.0,seed=1"
     assert cfg.hydra.sweep.subdir == cfg.hydra.job.override_dirname
