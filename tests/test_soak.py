@@ -49,8 +49,9 @@ def test_many_short_episodes_do_not_degrade(tmp_path: Path, monkeypatch) -> None
     half = len(rss) // 2
     assert sum(rss[half:]) / len(rss[half:]) - sum(rss[:half]) / half < 20 * 2**20
     fds = [s[2] for s in steady]
-    # a leak grows with every episode; a file open for a moment (a checkpoint being written) is not one
-    assert fds[-1] <= fds[0] and max(fds) - min(fds) <= 2, f"open file handles grew: {fds}"
+    # A leak raises the floor as the run goes on. A file open for a moment is not one: TensorBoard's writer
+    # thread opens its event file for each flush, so any one sample may count it, the last one included.
+    assert min(fds[half:]) <= min(fds[:half]) and max(fds) - min(fds) <= 2, f"open file handles grew: {fds}"
     # CSV grows by about the same number of bytes per logging interval (no re-writes, no duplicates)
     growth = [b[3] - a[3] for a, b in zip(steady, steady[1:])]
     assert max(growth) < 3 * (sum(growth) / len(growth)) and min(growth) > 0
