@@ -66,7 +66,7 @@ class BenchConfig:
     features_dim: int = 64
     hidden_dim: int = 256
     hidden_layers: int = 2
-    lane_points: int = 5             # our state vector: 3 + 2 * lane_points floats
+    lane_points: int = 5             # our state vector: 5 + 2 * lane_points floats
     # update rows
     update_reps: int = 9
     updates_per_rep: int = 40

@@ -13,6 +13,7 @@ import torch
 
 from av_td3 import bench
 from av_td3.cli import main as cli
+from av_td3.envs.base import state_dim
 
 ROWS = ["update/ours_separate", "update/ours_separate_monitor_off", "update/ours_shared", "update/sb3",
         "replay/ours", "replay/reference", "replay/sb3", "replay/sb3_optimize_memory_usage",
@@ -81,7 +82,8 @@ def test_json_has_every_row_and_ratio_finite_and_positive(tiny_run) -> None:
 def test_replay_bytes_are_the_allocated_arrays(tiny_run) -> None:
     result, _, _ = tiny_run
     frame = 64 * 64
-    assert result.row("replay/reference").median == frame + 4 * 13 + 4 * 2 + 4
+    state = 4 * state_dim(bench.BenchConfig().lane_points)  # float32 speed, offset, heading, lead, lane points
+    assert result.row("replay/reference").median == frame + state + 4 * 2 + 4
     assert frame <= result.row("replay/ours").median <= 1.1 * result.row("replay/reference").median
     # SB3 stores the stacked observation (2 frames) twice, or once with optimize_memory_usage
     assert result.row("replay/sb3").median >= 2 * 2 * frame

@@ -107,14 +107,36 @@ def test_left_handed_world_is_converted_to_the_ego_frame():
     car.transform.location.y = LANES_Y[0] - 1.0
     _, state, signals = env._observe(image_now(fake))
     assert signals.lateral_offset == pytest.approx(1.0) and state[1] == pytest.approx(1.0)
-    np.testing.assert_allclose(state[3:].reshape(3, 2), [[4, -1], [8, -1], [12, -1]], atol=1e-5)
+    np.testing.assert_allclose(state[base.lane_point_slice(3)].reshape(3, 2), [[4, -1], [8, -1], [12, -1]], atol=1e-5)
 
     car.transform.location.y, car.transform.rotation.yaw, car.speed = LANES_Y[0], 10.0, 5.0
     _, state, signals = env._observe(image_now(fake))
     assert signals.heading_error == pytest.approx(-math.radians(10.0)) and state[2] == signals.heading_error
     assert signals.speed == pytest.approx(5.0)
     assert signals.speed_along_lane == pytest.approx(5.0 * math.cos(math.radians(10.0)))
-    assert np.all(state[3:].reshape(3, 2)[:, 1] > 0)  # the lane ahead is to the car's left
+    assert np.all(state[base.lane_point_slice(3)].reshape(3, 2)[:, 1] > 0)  # the lane ahead is to the car's left
+    env.close()
+
+
+def test_state_holds_the_lead_npc_in_the_route_lane():
+    """The nearest of our NPCs ahead in the route's lane sets the lead gap and closing speed; one in the next lane
+    or behind does not, nor one beyond LEAD_RANGE_M."""
+    env, fake, _ = make_env(npcs=3, **{"route.start_index": 0})
+    env.reset(seed=0)
+    car = ego(fake)
+    car.speed = 8.0
+    x0, y0 = car.transform.location.x, car.transform.location.y
+    npcs = [a for a in fake.server.of_type("vehicle.") if a.autopilot_port is not None]
+    for npc, (dx, y, speed) in zip(npcs, [(15.0, y0 + 0.5, 3.0), (6.0, y0 + LANE_WIDTH, 0.0), (-6.0, y0, 0.0)]):
+        npc.transform.location.x, npc.transform.location.y, npc.transform.rotation.yaw = x0 + dx, y, 0.0
+        npc.speed = speed
+    _, state, _ = env._observe(image_now(fake))
+    assert state[base.LEAD_GAP] == pytest.approx(15.0, abs=1e-4)
+    assert state[base.LEAD_CLOSING] == pytest.approx(8.0 - 3.0, abs=1e-4)
+
+    npcs[0].transform.location.x = x0 + base.LEAD_RANGE_M + 5.0  # out of range: nobody ahead
+    _, state, _ = env._observe(image_now(fake))
+    assert (state[base.LEAD_GAP], state[base.LEAD_CLOSING]) == (base.LEAD_RANGE_M, 0.0)
     env.close()
 
 

@@ -15,8 +15,8 @@ from highway_env.vehicle.kinematics import Vehicle
 
 from av_td3.config import ConfigError, EnvConfig, ImageConfig
 from av_td3.envs import HIGHWAY_ID, make, make_vector
-from av_td3.envs.base import (HEADING, INFO_KEYS, LATERAL, REWARD_COMPONENTS, action_space, lane_point_slice,
-                              observation_space, state_dim)
+from av_td3.envs.base import (HEADING, INFO_KEYS, LATERAL, LEAD_CLOSING, LEAD_GAP, LEAD_RANGE_M, REWARD_COMPONENTS,
+                              action_space, lane_point_slice, observation_space, state_dim)
 
 ROOT = Path(__file__).resolve().parent.parent
 IDLE = np.zeros(2, dtype=np.float32)
@@ -167,6 +167,31 @@ def test_lane_points_follow_the_road_into_the_next_segment(smoke_env_cfg: EnvCon
     assert (points[3:, 1] > 0).all() and (np.diff(points[2:, 1]) > 0).all()  # the bend goes left (y > 0)
     gaps = np.linalg.norm(np.diff(points, axis=0), axis=1)
     assert ((gaps > 3.8) & (gaps < 4.0 + 1e-4)).all()  # 4 m apart along the lane (chords in the bend)
+
+
+def test_state_holds_the_lead_vehicle_in_the_ego_lane(smoke_env_cfg: EnvConfig) -> None:
+    """Gap (along the lane, centre to centre) and closing speed to the nearest car ahead in the ego's lane; cars in
+    the other lane or behind do not count, and a car round the bend is measured along the lane."""
+    env = make(replace(smoke_env_cfg, npcs=0))
+    obs, _ = env.reset(seed=0)  # 28 m into a 58 m straight, 10 m/s, nobody about
+    assert (obs["state"][LEAD_GAP], obs["state"][LEAD_CLOSING]) == (LEAD_RANGE_M, 0.0)
+    ego, road = env.sim.vehicle, env.sim.road
+    s, _ = ego.lane.local_coordinates(ego.position)
+    other_lane = road.network.side_lanes(ego.lane_index)[0]
+    road.vehicles += [Vehicle.make_on_lane(road, ego.lane_index, s + 20.0, speed=4.0),
+                      Vehicle.make_on_lane(road, other_lane, s + 8.0, speed=0.0),
+                      Vehicle.make_on_lane(road, ego.lane_index, s - 8.0, speed=0.0)]
+    state = env._observe()[1]
+    assert state[LEAD_GAP] == pytest.approx(20.0, abs=1e-3)
+    assert state[LEAD_CLOSING] == pytest.approx(ego.speed - 4.0, abs=1e-3)
+
+    env.reset(seed=1)  # 9.5 m before the straight ends in a left-hand bend
+    ego, road = env.sim.vehicle, env.sim.road
+    bend = road.network.next_lane(ego.lane_index, position=ego.lane.position(ego.lane.length, 0))
+    road.vehicles.append(Vehicle.make_on_lane(road, bend, 10.0, speed=0.0))
+    state = env._observe()[1]
+    assert state[LEAD_GAP] == pytest.approx(19.5, abs=0.1)  # the path's chords fall a little short of the arc
+    assert state[LEAD_CLOSING] == pytest.approx(ego.speed, rel=0.05)
 
 
 @pytest.mark.parametrize("sim_hz, policy_hz", [(15, 5), (20, 10)])

@@ -8,7 +8,10 @@ Terminate on collision or leaving the road; truncate at ``env.max_episode_steps`
 
 State vector layout, all in SI units in the ego frame (x forward, y left):
 ``[speed m/s, lateral_offset m (left of lane centre > 0), heading_error rad (car heading - lane heading, wrapped
-to [-pi, pi]), x_1, y_1, ..., x_K, y_K]`` where (x_k, y_k) are the next K lane-centre points.
+to [-pi, pi]), lead_gap m, lead_closing_speed m/s, x_1, y_1, ..., x_K, y_K]`` where (x_k, y_k) are the next K
+lane-centre points and the lead entries describe the nearest other vehicle ahead in the ego's lane (see
+:func:`lead_vehicle`): the distance along the lane, centre to centre, and how fast it shrinks (> 0: closing in).
+With no vehicle within :data:`LEAD_RANGE_M` the gap reads ``LEAD_RANGE_M`` and the closing speed 0.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ ACTION_NAMES = ("steer", "throttle_brake")
 REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
 INFO_KEYS = ("collision", "lane_invasion", "off_road", "speed", "progress")
 
-SPEED, LATERAL, HEADING = 0, 1, 2
-STATE_HEAD = 3
+SPEED, LATERAL, HEADING, LEAD_GAP, LEAD_CLOSING = 0, 1, 2, 3, 4
+STATE_HEAD = 5
+LEAD_RANGE_M = 50.0  # how far ahead the lead vehicle is looked for (the frame shows 25 m ahead)
+LEAD_PATH_SPACING_M = 2.0  # spacing of the lane-centre path the lead vehicle is looked for along
+LEAD_PATH_STEPS = int(LEAD_RANGE_M / LEAD_PATH_SPACING_M)  # path points after the ego's own: it spans the range
 
 
 class EnvUnavailableError(RuntimeError):
@@ -49,7 +55,7 @@ def lane_point_slice(lane_points: int) -> slice:
 def state_scale(lane_points: int, lane_point_spacing: float) -> np.ndarray:
     """Typical magnitudes of each state entry; networks divide by these so inputs are O(1)."""
     reach = max(lane_points * lane_point_spacing, 1.0)
-    return np.array([10.0, 2.0, 1.0] + [reach] * (2 * lane_points), dtype=np.float32)
+    return np.array([10.0, 2.0, 1.0, LEAD_RANGE_M, 5.0] + [reach] * (2 * lane_points), dtype=np.float32)
 
 
 def observation_space(stack: int, height: int, width: int, lane_points: int) -> gym.spaces.Dict:
@@ -73,6 +79,40 @@ def to_ego_frame(points_xy: np.ndarray, ego_xy: np.ndarray, ego_heading: float) 
     d = np.asarray(points_xy, dtype=np.float64) - np.asarray(ego_xy, dtype=np.float64)
     c, s = math.cos(ego_heading), math.sin(ego_heading)
     return np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=1)
+
+
+def lead_vehicle(path_xy: np.ndarray, half_width: float, ego_speed: float, others_xy: np.ndarray,
+                 others_velocity: np.ndarray) -> tuple[float, float]:
+    """(gap m, closing speed m/s) to the nearest other vehicle ahead in the ego's lane.
+
+    ``path_xy`` [P, 2] is the lane centre from the ego's own projection on it onwards (so arc length 0 is the
+    ego), ``others_xy`` [N, 2] and ``others_velocity`` [N, 2] the other vehicles, all in one world frame (its
+    handedness does not matter). A vehicle counts when its projection on the path lies within the path and
+    less than ``half_width`` from the centre line. The closing speed is ``ego_speed`` (along the lane) minus
+    the other's velocity along the path there. None found: ``(LEAD_RANGE_M, 0.0)``."""
+    path = np.asarray(path_xy, dtype=np.float64)
+    others = np.asarray(others_xy, dtype=np.float64).reshape(-1, 2)
+    if len(others) == 0 or len(path) < 2:
+        return LEAD_RANGE_M, 0.0
+    seg = np.diff(path, axis=0)  # [S, 2]
+    seg_len = np.maximum(np.hypot(seg[:, 0], seg[:, 1]), 1e-9)
+    rel = others[:, None, :] - path[None, :-1, :]  # [N, S, 2]
+    t = (rel * seg).sum(-1) / seg_len ** 2  # position along each segment, 0..1 on it
+    distance = np.hypot(*np.moveaxis(rel - np.clip(t, 0.0, 1.0)[..., None] * seg, -1, 0))
+    k = np.argmin(distance, axis=1)  # the nearest segment of each vehicle
+    rows = np.arange(len(others))
+    t_k = t[rows, k]
+    inside = ((k > 0) | (t_k >= 0.0)) & ((k < len(seg) - 1) | (t_k <= 1.0))  # not behind the ego, nor past the end
+    in_lane = inside & (distance[rows, k] < half_width)
+    if not in_lane.any():
+        return LEAD_RANGE_M, 0.0
+    arc = np.concatenate([[0.0], np.cumsum(seg_len)])[k] + np.clip(t_k, 0.0, 1.0) * seg_len[k]
+    arc = np.where(in_lane, arc, np.inf)
+    i = int(np.argmin(arc))
+    if arc[i] > LEAD_RANGE_M:
+        return LEAD_RANGE_M, 0.0
+    direction = seg[k[i]] / seg_len[k[i]]
+    return float(arc[i]), float(ego_speed - np.asarray(others_velocity, dtype=np.float64).reshape(-1, 2)[i] @ direction)
 
 
 @dataclass

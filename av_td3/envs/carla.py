@@ -27,8 +27,9 @@ import numpy as np
 import psutil
 
 from av_td3.config import ConfigError, EnvConfig
-from av_td3.envs.base import (REWARD_COMPONENTS, DrivingEnv, DrivingSignals, EnvUnavailableError, SimulatorLostError,
-                              to_ego_frame, wrap_angle)
+from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, REWARD_COMPONENTS, DrivingEnv,
+                              DrivingSignals, EnvUnavailableError, SimulatorLostError, lead_vehicle, to_ego_frame,
+                              wrap_angle)
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,10 @@ class Route:
 
     def points_ahead(self, s: float, n: int, spacing: float) -> np.ndarray:
         """The ``n`` lane-centre points ``spacing``, 2 * ``spacing``, ... metres further along the route."""
-        ss = s + spacing * np.arange(1, n + 1)
+        return self.points_at(s + spacing * np.arange(1, n + 1))
+
+    def points_at(self, ss: np.ndarray) -> np.ndarray:
+        """Lane-centre points at arc lengths ``ss`` (held at the route's ends beyond them)."""
         return np.stack([np.interp(ss, self.s, self.xy[:, 0]), np.interp(ss, self.s, self.xy[:, 1])], axis=1)
 
 
@@ -374,8 +378,22 @@ class CarlaDrivingEnv(DrivingEnv):
             collision=self._drain(self._collisions) > 0, off_road=on_lane is None,
             lane_invasion=self._drain(self._invasions) > 0, progress=progress)
         points = to_ego_frame(self._route.points_ahead(s, c.lane_points, c.lane_point_spacing), p, heading)
-        state = np.concatenate([[signals.speed, signals.lateral_offset, signals.heading_error], points.ravel()])
+        gap, closing = self._lead(s, signals)
+        state = np.concatenate([[signals.speed, signals.lateral_offset, signals.heading_error, gap, closing],
+                                points.ravel()])
         return self._gray(image), state.astype(np.float32), signals
+
+    def _lead(self, s: float, signals: DrivingSignals) -> tuple[float, float]:
+        """Gap and closing speed to our NPC ahead on the route's lane. Transforms and velocities are the client's
+        copies from the last tick, so this asks the server nothing."""
+        npcs = list(self._world.get_actors(self._npc_ids)) if self._npc_ids else []
+        if not npcs:
+            return LEAD_RANGE_M, 0.0
+        path = self._route.points_at(s + LEAD_PATH_SPACING_M * np.arange(LEAD_PATH_STEPS + 1))
+        velocities = [a.get_velocity() for a in npcs]
+        return lead_vehicle(path, signals.lane_half_width, signals.speed_along_lane,
+                            np.array([_xy(a.get_transform().location) for a in npcs]),
+                            np.array([[v.x, -v.y] for v in velocities]))
 
     @staticmethod
     def _drain(events: queue.Queue) -> int:

@@ -45,7 +45,8 @@ from highway_env.vehicle.graphics import VehicleGraphics  # noqa: E402
 
 from av_td3.config import ConfigError, EnvConfig, ImageConfig, RewardConfig  # noqa: E402
 from av_td3.envs import fast_road  # noqa: E402
-from av_td3.envs.base import MAX_SPEED_M_S, DrivingEnv, DrivingSignals, to_ego_frame, wrap_angle  # noqa: E402
+from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, MAX_SPEED_M_S,  # noqa: E402
+                              DrivingEnv, DrivingSignals, lead_vehicle, to_ego_frame, wrap_angle)
 
 VIEW_METRES = 50.0  # width of the world the frame shows, whatever its pixel size
 ACCELERATION_RANGE = (-5.0, 5.0)  # m/s^2 for throttle_brake = -1 .. 1 (highway-env's default)
@@ -184,18 +185,30 @@ class HighwayDrivingEnv(DrivingEnv):
         )
         self._prev_position, self._prev_band = ego.position.copy(), band
         flip = np.array([1.0, -1.0])  # highway-env's world (y down) -> a right-handed one (y up)
-        points = to_ego_frame(self._lane_points(s) * flip, ego.position * flip, -ego.heading)
-        state = np.concatenate([[signals.speed, offset, heading_error], points.ravel()]).astype(np.float32)
-        return self._render(), state, signals
+        points = to_ego_frame(self._lane_points(s, self.cfg.lane_points, self.cfg.lane_point_spacing) * flip,
+                              ego.position * flip, -ego.heading)
+        gap, closing = self._lead(s, signals)
+        state = np.concatenate([[signals.speed, offset, heading_error, gap, closing], points.ravel()])
+        return self._render(), state.astype(np.float32), signals
 
-    def _lane_points(self, s: float) -> np.ndarray:
-        """World positions of the next ``env.lane_points`` lane-centre points ahead of longitudinal ``s`` on the
+    def _lead(self, s: float, signals: DrivingSignals) -> tuple[float, float]:
+        """Gap and closing speed to the vehicle ahead in the ego's lane (highway-env's world frame throughout)."""
+        ego = self.sim.vehicle
+        others = [v for v in self.sim.road.vehicles if v is not ego]
+        if not others:
+            return LEAD_RANGE_M, 0.0
+        path = np.vstack([ego.lane.position(s, 0), self._lane_points(s, LEAD_PATH_STEPS, LEAD_PATH_SPACING_M)])
+        return lead_vehicle(path, signals.lane_half_width, signals.speed_along_lane,
+                            np.array([v.position for v in others]), np.array([v.velocity for v in others]))
+
+    def _lane_points(self, s: float, count: int, spacing: float) -> np.ndarray:
+        """World positions of ``count`` lane-centre points ``spacing`` apart ahead of longitudinal ``s`` on the
         ego's lane, continuing onto the next lane of the road where a segment ends."""
         network = self.sim.road.network
         index, lane = self.sim.vehicle.lane_index, self.sim.vehicle.lane
         points = []
-        for k in range(1, self.cfg.lane_points + 1):
-            target = s + k * self.cfg.lane_point_spacing
+        for k in range(1, count + 1):
+            target = s + k * spacing
             while target > lane.length:
                 following = network.next_lane(index, position=lane.position(lane.length, 0))
                 if following == index:  # the road ends: extend the last lane
