@@ -219,3 +219,21 @@ def test_a_controller_without_gradients_is_labelled_so(tmp_path: Path) -> None:
     cells = {row["group"]: _cells(row) for row in summary.table.to_dict("records")}
     assert cells["agent=pid"]["actor clipping"] == cells["agent=pid"]["critic clipping"] == "no gradients logged"
     assert cells["default"]["critic clipping"].endswith("(limit 10)")
+
+
+def test_a_baseline_evaluated_once_is_drawn_as_a_level(tmp_path: Path) -> None:
+    """A short controller run has one evaluation: a line through one point has no length, so the plot draws a
+    marker there and a dashed level across, labelled so; learning curves stay lines."""
+    from av_td3.analysis.plots import eval_return_figure
+
+    write_run(tmp_path / "td3", [], seed=0)  # six evaluations
+    write_run(tmp_path / "pid", ["agent=pid"], seed=0, scalars={"eval/return": [(5000, 223.0)]})
+    groups, _, _ = group_runs(find_runs(tmp_path))
+    ax = eval_return_figure({g.label: g.runs for g in groups}).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    pid = next(line for label, line in lines.items() if label.startswith("agent=pid"))
+    assert pid.get_linestyle() == "--" and list(pid.get_ydata()) == [223.0, 223.0]
+    assert "evaluated at step 5,000 only: dashed level" in pid.get_label()
+    td3 = lines["default (n=1)"]
+    assert td3.get_linestyle() == "-" and len(td3.get_xdata()) == 6
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {pid.get_label(), td3.get_label()}

@@ -28,8 +28,13 @@ def _empty(ax, text: str) -> None:
 
 
 def plot_eval_return(groups: dict[str, list[Run]], path: Path) -> None:
+    eval_return_figure(groups).savefig(path, dpi=100)
+
+
+def eval_return_figure(groups: dict[str, list[Run]]) -> Figure:
     """Evaluation return against env steps: per group the IQM over seeds with a 95% bootstrap band, and each
-    seed as a thin line."""
+    seed as a thin line. A group evaluated at one step only (a short controller run used as the baseline) would
+    be a line of no length: it is drawn as a marker there and a dashed level across the plot."""
     fig = Figure(figsize=(10, 5), layout="constrained")
     ax = fig.add_subplot()
     drawn = False
@@ -42,8 +47,13 @@ def plot_eval_return(groups: dict[str, list[Run]], path: Path) -> None:
             ax.plot(curves.index, curves[name], color=color, lw=0.7, alpha=0.35)
         steps = curves.index.to_numpy()
         values = [row[np.isfinite(row)] for row in curves.to_numpy()]
-        ax.plot(steps, [stats.iqm(v) if len(v) else np.nan for v in values], color=color, lw=2,
-                label=f"{label} (n={len(runs)})")
+        level = [stats.iqm(v) if len(v) else np.nan for v in values]
+        if len(steps) == 1:
+            ax.plot(steps, level, color=color, marker="o", ls="none")
+            ax.axhline(level[0], color=color, lw=1.5, ls="--",
+                       label=f"{label} (n={len(runs)}, evaluated at step {steps[0]:,} only: dashed level)")
+            continue
+        ax.plot(steps, level, color=color, lw=2, label=f"{label} (n={len(runs)})")
         band = [stats.iqm_ci(v, reps=BAND_REPS) if len(v) >= 2 else (np.nan, np.nan) for v in values]
         ax.fill_between(steps, [b[0] for b in band], [b[1] for b in band], color=color, alpha=0.2, lw=0)
     if not drawn:
@@ -52,7 +62,7 @@ def plot_eval_return(groups: dict[str, list[Run]], path: Path) -> None:
         ax.set_xlabel("env step")
         ax.set_ylabel("evaluation return (IQM, 95% CI; thin: seeds)")
         ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 def plot_grad_norms(groups: dict[str, list[Run]], path: Path) -> None:
