@@ -172,6 +172,9 @@ class EnvConfig:
     # Lane-centre points in the state vector (ego frame), spaced `lane_point_spacing` metres apart.
     lane_points: int = rng(5, 1, 32)
     lane_point_spacing: float = rng(4.0, 0.5)
+    # Gap and closing speed to the nearest car ahead in the ego's lane in the state vector. false: they always
+    # read "nobody ahead" (50 m, 0 m/s), so the state keeps its size and only the information is taken away.
+    lead_vehicle: bool = True
     num_envs: int = rng(1, 1, 64)
     # Embedded simulator: physics steps per second and agent decisions per second.
     simulation_frequency: int = rng(15, 1, 120)

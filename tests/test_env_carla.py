@@ -134,6 +134,11 @@ def test_state_holds_the_lead_npc_in_the_route_lane():
     assert state[base.LEAD_GAP] == pytest.approx(15.0, abs=1e-4)
     assert state[base.LEAD_CLOSING] == pytest.approx(8.0 - 3.0, abs=1e-4)
 
+    env.cfg.lead_vehicle = False  # the ablation: the same scene reads "nobody ahead"
+    _, state, _ = env._observe(image_now(fake))
+    assert (state[base.LEAD_GAP], state[base.LEAD_CLOSING]) == (base.LEAD_RANGE_M, 0.0)
+    env.cfg.lead_vehicle = True
+
     npcs[0].transform.location.x = x0 + base.LEAD_RANGE_M + 5.0  # out of range: nobody ahead
     _, state, _ = env._observe(image_now(fake))
     assert (state[base.LEAD_GAP], state[base.LEAD_CLOSING]) == (base.LEAD_RANGE_M, 0.0)

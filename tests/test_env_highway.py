@@ -194,6 +194,25 @@ def test_state_holds_the_lead_vehicle_in_the_ego_lane(smoke_env_cfg: EnvConfig) 
     assert state[LEAD_CLOSING] == pytest.approx(ego.speed, rel=0.05)
 
 
+def test_lead_vehicle_false_reads_nobody_ahead(smoke_env_cfg: EnvConfig) -> None:
+    """env.lead_vehicle=false: the same car 20 m ahead leaves the lead entries at "nobody ahead"; the rest of the
+    state is unchanged."""
+    states = []
+    for lead_vehicle in (True, False):
+        env = make(replace(smoke_env_cfg, npcs=0, lead_vehicle=lead_vehicle))
+        env.reset(seed=0)
+        ego, road = env.sim.vehicle, env.sim.road
+        s, _ = ego.lane.local_coordinates(ego.position)
+        road.vehicles.append(Vehicle.make_on_lane(road, ego.lane_index, s + 20.0, speed=4.0))
+        states.append(env._observe()[1])
+    on, off = states
+    assert on[LEAD_GAP] == pytest.approx(20.0, abs=1e-3) and on[LEAD_CLOSING] > 0
+    assert (off[LEAD_GAP], off[LEAD_CLOSING]) == (LEAD_RANGE_M, 0.0)
+    keep = np.ones(len(on), dtype=bool)
+    keep[[LEAD_GAP, LEAD_CLOSING]] = False
+    np.testing.assert_array_equal(on[keep], off[keep])
+
+
 @pytest.mark.parametrize("sim_hz, policy_hz", [(15, 5), (20, 10)])
 def test_frequencies_set_the_simulated_time_per_step(smoke_env_cfg: EnvConfig, sim_hz: int, policy_hz: int) -> None:
     env = make(replace(smoke_env_cfg, npcs=0, simulation_frequency=sim_hz, policy_frequency=policy_hz))

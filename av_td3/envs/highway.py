@@ -195,7 +195,7 @@ class HighwayDrivingEnv(DrivingEnv):
         """Gap and closing speed to the vehicle ahead in the ego's lane (highway-env's world frame throughout)."""
         ego = self.sim.vehicle
         others = [v for v in self.sim.road.vehicles if v is not ego]
-        if not others:
+        if not others or not self.cfg.lead_vehicle:
             return LEAD_RANGE_M, 0.0
         path = np.vstack([ego.lane.position(s, 0), self._lane_points(s, LEAD_PATH_STEPS, LEAD_PATH_SPACING_M)])
         return lead_vehicle(path, signals.lane_half_width, signals.speed_along_lane,
