@@ -386,7 +386,9 @@ class CarlaDrivingEnv(DrivingEnv):
     def _lead(self, s: float, signals: DrivingSignals) -> tuple[float, float]:
         """Gap and closing speed to our NPC ahead on the route's lane. Transforms and velocities are the client's
         copies from the last tick, so this asks the server nothing."""
-        npcs = list(self._world.get_actors(self._npc_ids)) if self._npc_ids and self.cfg.lead_vehicle else []
+        if not self.cfg.lead_vehicle:  # the ablation: nobody ahead, and no lookup
+            return LEAD_RANGE_M, 0.0
+        npcs = list(self._world.get_actors(self._npc_ids)) if self._npc_ids else []
         if not npcs:
             return LEAD_RANGE_M, 0.0
         path = self._route.points_at(s + LEAD_PATH_SPACING_M * np.arange(LEAD_PATH_STEPS + 1))

@@ -193,9 +193,11 @@ class HighwayDrivingEnv(DrivingEnv):
 
     def _lead(self, s: float, signals: DrivingSignals) -> tuple[float, float]:
         """Gap and closing speed to the vehicle ahead in the ego's lane (highway-env's world frame throughout)."""
+        if not self.cfg.lead_vehicle:  # the ablation: nobody ahead, and no lookup
+            return LEAD_RANGE_M, 0.0
         ego = self.sim.vehicle
         others = [v for v in self.sim.road.vehicles if v is not ego]
-        if not others or not self.cfg.lead_vehicle:
+        if not others:
             return LEAD_RANGE_M, 0.0
         path = np.vstack([ego.lane.position(s, 0), self._lane_points(s, LEAD_PATH_STEPS, LEAD_PATH_SPACING_M)])
         return lead_vehicle(path, signals.lane_half_width, signals.speed_along_lane,
