@@ -1,19 +1,27 @@
-# Two commands for a newcomer (see README): `make train` and `make test`. Both set up .venv first if needed.
+# Two commands for a newcomer (see README): `make train` and `make test`. Both set up .venv first if needed:
+# `make train` installs what training (and validate/compare) needs, `make test` adds the development extras
+# (CARLA client, wandb, mlflow, launcher plugins, Stable-Baselines3, pytest).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 # A CPU build of torch: on the project's machines pip takes this version from local disk in seconds.
 TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench clean-venv
+.PHONY: setup setup-dev train test bench clean-venv
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-train
+setup-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed-train: pyproject.toml Makefile
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PIP) "$(TORCH)"
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-train
+	$(PIP) -e '.[dev]'
 	touch $@
 
 # A real training run on the embedded simulator with the default configuration (add overrides with ARGS="...").
@@ -21,10 +29,11 @@ train: setup
 	$(PY) launch.py $(ARGS)
 
 # Everything CI runs: the whole test suite (server/GPU tests skip themselves when those are absent).
-test: setup
+test: setup-dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: setup
+# Compares against Stable-Baselines3, a development extra.
+bench: setup-dev
 	$(VENV)/bin/av-td3 bench $(ARGS)
 
 clean-venv:
