@@ -191,6 +191,16 @@ class EnvConfig:
     max_reconnects: int = rng(3, 0)
     camera: CameraConfig = field(default_factory=CameraConfig)
     route: RouteConfig = field(default_factory=RouteConfig)
+    # At start and after a reconnect: true loads env.town afresh (a clean world); false keeps the loaded map when
+    # it is env.town and destroys every vehicle and sensor on it (faster, for a server only this run uses).
+    load_world: bool = True
+    # base_type of the NPC blueprints (car, van, truck, bus, motorcycle, bicycle), drawn per reset from the seed.
+    npc_types: list[str] = field(default_factory=lambda: ["car"])
+    # Seconds a step waits, after its frame's camera image and on-tick callback, for collision events of that
+    # frame still in flight on their own stream (a later one counts at the next step).
+    event_wait_s: float = rng(0.01, 0.0, 1.0)
+    # Time-out of the first tick and camera frame of a new scene (start, reconnect): a cold server is slow.
+    first_frame_timeout_s: float = rng(60.0, 0.1)
 
 
 # ----------------------------------------------------------------------------------------------------------- monitor
