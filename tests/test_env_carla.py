@@ -19,6 +19,8 @@ from av_td3.config import ConfigError, EnvConfig
 from av_td3.envs import base
 from av_td3.envs.base import INFO_KEYS, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError
 from av_td3.envs.carla import CarlaDrivingEnv
+from av_td3.envs.carla.ports import claim_dir, claim_path
+from tests import carla_double
 from tests.carla_double import (LANE_WIDTH, LANES_Y, SPAWN_X, ActorBlueprint, FakeCarlaModule, Image, Location,
                                 Transform)
 
@@ -31,7 +33,8 @@ def private_tempdir(tmp_path, monkeypatch):
 
 def carla_cfg(**overrides) -> EnvConfig:
     """The env=carla config (conf/env/carla.yaml) with dotted-key overrides, e.g. ``**{"camera.x": 2.0}``."""
-    cfg = EnvConfig(name="carla", town="Town01", npcs=4, timeout_s=2.0, max_reconnects=3, max_episode_steps=1000)
+    cfg = EnvConfig(name="carla", town="Town01", npcs=4, timeout_s=2.0, max_reconnects=3, max_episode_steps=1000,
+                    event_wait_s=0.0)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = cfg
@@ -105,11 +108,13 @@ def test_left_handed_world_is_converted_to_the_ego_frame():
     env.reset(seed=0)
     car = ego(fake)
     car.transform.location.y = LANES_Y[0] - 1.0
+    fake.server.publish()  # the client reads its snapshot of the server, not the server
     _, state, signals = env._observe(image_now(fake))
     assert signals.lateral_offset == pytest.approx(1.0) and state[1] == pytest.approx(1.0)
     np.testing.assert_allclose(state[base.lane_point_slice(3)].reshape(3, 2), [[4, -1], [8, -1], [12, -1]], atol=1e-5)
 
     car.transform.location.y, car.transform.rotation.yaw, car.speed = LANES_Y[0], 10.0, 5.0
+    fake.server.publish()
     _, state, signals = env._observe(image_now(fake))
     assert signals.heading_error == pytest.approx(-math.radians(10.0)) and state[2] == signals.heading_error
     assert signals.speed == pytest.approx(5.0)
@@ -130,6 +135,7 @@ def test_state_holds_the_lead_npc_in_the_route_lane():
     for npc, (dx, y, speed) in zip(npcs, [(15.0, y0 + 0.5, 3.0), (6.0, y0 + LANE_WIDTH, 0.0), (-6.0, y0, 0.0)]):
         npc.transform.location.x, npc.transform.location.y, npc.transform.rotation.yaw = x0 + dx, y, 0.0
         npc.speed = speed
+    fake.server.publish()
     _, state, _ = env._observe(image_now(fake))
     assert state[base.LEAD_GAP] == pytest.approx(15.0, abs=1e-4)
     assert state[base.LEAD_CLOSING] == pytest.approx(8.0 - 3.0, abs=1e-4)
@@ -140,6 +146,7 @@ def test_state_holds_the_lead_npc_in_the_route_lane():
     env.cfg.lead_vehicle = True
 
     npcs[0].transform.location.x = x0 + base.LEAD_RANGE_M + 5.0  # out of range: nobody ahead
+    fake.server.publish()
     _, state, _ = env._observe(image_now(fake))
     assert (state[base.LEAD_GAP], state[base.LEAD_CLOSING]) == (base.LEAD_RANGE_M, 0.0)
     env.close()
@@ -172,7 +179,7 @@ def test_stale_camera_image_is_skipped_and_the_ticks_frame_is_used():
     env, fake, _ = make_env(**{"image.stack": 2})
     env.reset(seed=0)
     fake.server.stale_images = True  # every tick now first delivers an image of the previous frame
-    env._images.put(image_now(fake))  # and one left over from an earlier tick is already waiting
+    env._inbox.image(image_now(fake))  # and one left over from an earlier tick is already waiting
     obs, *_ = env.step(np.zeros(2))
     assert np.all(obs["image"][-1] == fake.server.frame % 256)
     obs, *_ = env.step(np.zeros(2))
@@ -194,14 +201,19 @@ def test_missing_camera_image_is_a_time_out_not_a_hang():
 
 
 # --------------------------------------------------------------------------------------- lifecycle, cleanup
+def claims_left() -> list[str]:
+    return [e.name for e in os.scandir(claim_dir())]
+
+
 def test_close_stops_sensors_then_destroys_all_actors_in_one_batch_then_restores_settings():
     fake = FakeCarlaModule()
     fake.server.settings.fixed_delta_seconds = 0.0  # the server's own settings before we touch it
-    env, _, _ = make_env(fake, npcs=5)
+    env, _, _ = make_env(fake, npcs=5, load_world=False)
     env.reset(seed=0)
     sensor_ids = [a.id for a in fake.server.of_type("sensor.")]
     vehicle_ids = [a.id for a in fake.server.of_type("vehicle.")]
     assert len(vehicle_ids) == 6 and len(sensor_ids) == 3
+    assert len(fake.server.on_tick) == 1
     start = len(fake.server.calls)
     env.close()
     tail = fake.server.calls[start:]
@@ -209,59 +221,123 @@ def test_close_stops_sensors_then_destroys_all_actors_in_one_batch_then_restores
                                     "tm.set_synchronous_mode"]
     assert sorted(c[1] for c in tail[:3]) == sorted(sensor_ids)
     assert tail[3][1] == ["DestroyActor"] * 9
-    assert tail[4] == ("apply_settings", False, 0.0) and tail[5] == ("tm.set_synchronous_mode", False)
-    assert fake.server.actors == {}
-    assert not list(os.scandir(tempfile.gettempdir()))  # port claims released
+    assert tail[4] == ("apply_settings", False, 0.0, False) and tail[5] == ("tm.set_synchronous_mode", False)
+    assert fake.server.actors == {} and fake.server.on_tick == {}
+    assert claims_left() == []  # port claims released
     env.close()  # a second close is harmless
     assert fake.server.calls[start + len(tail):] == []
 
 
-def test_reset_moves_the_ego_and_does_not_respawn_anything():
+def test_reset_respawns_the_npcs_and_moves_the_ego():
     env, fake, _ = make_env(npcs=6)
     env.reset(seed=0)
-    actors = dict(fake.server.actors)
-    spawns = len(calls(fake, "spawn_actor")) + len(calls(fake, "apply_batch_sync"))
-    for seed in (1, 2, 3):
-        env.reset(seed=seed)
-    assert fake.server.actors == actors
-    assert len(calls(fake, "spawn_actor")) + len(calls(fake, "apply_batch_sync")) == spawns
-    assert len(calls(fake, "set_transform")) == 4  # one teleport per reset
+    ego_id = ego(fake).id
+    npcs = {a.id for a in fake.server.of_type("vehicle.") if a.autopilot_port is not None}
+    assert len(npcs) == 6
+    env.reset(seed=1)
+    assert ego(fake).id == ego_id  # the ego and its sensors stay
+    fresh = {a.id for a in fake.server.of_type("vehicle.") if a.autopilot_port is not None}
+    assert len(fresh) == 6 and not fresh & npcs  # the NPCs were destroyed and spawned again
+    assert len(calls(fake, "set_transform")) == 2  # one teleport per reset
     env.close()
 
 
-def test_random_start_is_seeded_and_avoids_npcs():
-    env, fake, _ = make_env(npcs=5)
-    npcs = [a.transform.location for a in fake.server.of_type("vehicle.") if a.autopilot_port]
-    starts = []
+def traffic(fake: FakeCarlaModule) -> tuple:
+    """The ego's start and every NPC's blueprint and spawn point, as the server holds them."""
+    car = ego(fake)
+    npcs = sorted((a.type_id, a.transform.location.x, a.transform.location.y)
+                  for a in fake.server.of_type("vehicle.") if a.autopilot_port is not None)
+    return (car.transform.location.x, car.transform.location.y), tuple(npcs)
+
+
+def test_same_seed_gives_the_same_npc_spawns_and_blueprints_in_every_episode():
+    """Two runs, three episodes each: the episode seed alone decides the ego's start and the NPCs' spawn points and
+    blueprints (and the Traffic Manager's seed), so an evaluation episode is the same at every evaluation."""
+    runs = []
     for _ in range(2):
-        env.reset(seed=7)
-        starts.append((ego(fake).transform.location.x, ego(fake).transform.location.y))
-        assert all(n.distance(ego(fake).transform.location) > 10.0 for n in npcs)
-    assert starts[0] == starts[1]
+        env, fake, _ = make_env(npcs=8, seed=None)
+        episodes = []
+        for seed in (3, 4, 3):
+            env.reset(seed=seed)
+            episodes.append((traffic(fake), fake.traffic_managers[8000].seed))
+        env.close()
+        runs.append(episodes)
+    assert runs[0] == runs[1]
+    assert runs[0][0] == runs[0][2] and runs[0][0] != runs[0][1]
+    starts, npcs = runs[0][0][0]
+    assert len(npcs) == 8 and len({n[0] for n in npcs}) > 1  # several blueprints drawn
+    assert all(math.dist(starts, n[1:]) > 10.0 for n in npcs)  # none on top of the ego
+
+
+def test_npc_types_choose_the_blueprints():
+    env, fake, _ = make_env(npcs=12)
+    env.reset(seed=0)
+    cars = {"vehicle.audi.a2", "vehicle.citroen.c3", "vehicle.nissan.micra", "vehicle.tesla.model3"}
+    assert {n[0] for n in traffic(fake)[1]} <= cars  # default: cars only, no bus, truck or bike
+    env.close()
+    env, fake, _ = make_env(npcs=12, npc_types=["truck", "bus"])
+    env.reset(seed=0)
+    assert {n[0] for n in traffic(fake)[1]} == {"vehicle.carlamotors.carlacola", "vehicle.mitsubishi.fusorosa"}
+    env.close()
+    with pytest.raises(ConfigError, match=r"env.npc_types=\['lorry'\].*car, van, truck"):
+        make_env(npc_types=["lorry"])
+
+
+def test_occupied_spawn_points_fall_back_to_free_ones():
+    """A point another client's car occupies fails to spawn: the NPCs take the next free ones in the seeded
+    order, and the ego at start-up takes the next free start (try_spawn_actor, no exception)."""
+    fake = FakeCarlaModule()
+    env, _, _ = make_env(fake, npcs=25, load_world=False)
+    blockers = [fake.server.spawn(ActorBlueprint("vehicle.audi.a2"), Transform(Location(x, LANES_Y[1])))
+                for x in SPAWN_X]  # another client takes the middle lane after we started
+    fake.server.publish()
+    env.reset(seed=0)
+    start = traffic(fake)[0]
+    free = {(float(x), y) for x in SPAWN_X for y in (LANES_Y[0], LANES_Y[2]) if math.dist((x, y), start) > 10.0}
+    npcs = [a for a in fake.server.of_type("vehicle.") if a.autopilot_port is not None]
+    assert len(free) < 25 and {(a.transform.location.x, a.transform.location.y) for a in npcs} == free
+    assert all(b.id in fake.server.actors for b in blockers)  # another client's cars are left alone
+    env.close()
+
+    fake = FakeCarlaModule()
+    tried = []
+    real_blocked = fake.server.blocked
+
+    def first_two_taken(transform):
+        tried.append((transform.location.x, transform.location.y))
+        return len(tried) <= 2 or real_blocked(transform)
+
+    fake.server.blocked = first_two_taken
+    env, _, _ = make_env(fake)
+    assert len(calls(fake, "try_spawn_actor")) == 3 and len(set(tried[:3])) == 3
+    assert (ego(fake).transform.location.x, ego(fake).transform.location.y) == tried[2]
     env.close()
 
 
-def test_leftovers_of_a_killed_run_are_avoided_and_reported(caplog):
+def test_start_up_loads_the_town_or_destroys_strays_and_forces_the_settings(caplog):
     fake = FakeCarlaModule()
     fake.server.settings.synchronous_mode = True  # left so by a run that never closed
+    fake.server.settings.no_rendering_mode = True
     leftovers = [fake.server.spawn(ActorBlueprint("vehicle.audi.a2"), Transform(Location(x, y)))
-                 for x in SPAWN_X[:-1] for y in LANES_Y]  # only the last column of spawn points is free
+                 for x in SPAWN_X[:-1] for y in LANES_Y]
+    camera = fake.server.spawn(ActorBlueprint("sensor.camera.rgb"), Transform())
     with caplog.at_level(logging.WARNING):
-        env, _, _ = make_env(fake, npcs=0)
-    assert "already in synchronous mode" in caplog.text
-    for seed in range(3):
-        env.reset(seed=seed)
-        assert all(car.transform.location.distance(ego(fake).transform.location) > 10.0 for car in leftovers)
-    env.close()
-    assert set(fake.server.actors) == {car.id for car in leftovers}  # only what we spawned is destroyed
-
-
-def test_world_is_loaded_only_when_the_town_changes():
-    env, fake, _ = make_env(town="Town01")
-    env.close()
+        env, _, _ = make_env(fake, npcs=0, load_world=False)
+    assert "already in synchronous mode" in caplog.text and "destroying 28 vehicles and sensors" in caplog.text
     assert calls(fake, "load_world") == []
-    env, fake, _ = make_env(FakeCarlaModule(town="Town01"), town="Town02")
-    assert [c[1] for c in calls(fake, "load_world")] == ["Town02"]
+    assert not {car.id for car in leftovers} & set(fake.server.actors) and camera.id not in fake.server.actors
+    assert calls(fake, "apply_settings")[-1] == ("apply_settings", True, 0.05, False)  # rendering forced on
+    env.close()
+    assert calls(fake, "apply_settings")[-1][1] is False  # never handed back synchronous
+
+    env, fake, _ = make_env(FakeCarlaModule(), load_world=True)  # the default: a fresh town, same map or not
+    assert [c[1] for c in calls(fake, "load_world")] == ["Town01"]
+    env.close()
+
+
+def test_world_is_loaded_with_a_long_time_out():
+    env, fake, _ = make_env(FakeCarlaModule(town="Town01"), town="Town02", load_world=False)
+    assert [c[1] for c in calls(fake, "load_world")] == ["Town02"]  # another town is loaded even so
     assert calls(fake, "load_world")[0][2] >= 60.0  # loading gets a long time-out ...
     assert calls(fake, "set_timeout")[-1] == ("set_timeout", 2.0)  # ... and timeout_s is back afterwards
     env.close()
@@ -282,12 +358,26 @@ def test_time_out_mid_episode_reconnects_and_truncates_on_the_last_good_observat
     np.testing.assert_array_equal(obs["image"], good["image"])
     np.testing.assert_array_equal(obs["state"], good["state"])
     assert len(fake.server.clients) == 2
-    # the old actors were removed and the scene rebuilt once: no leak
-    assert not old_actors & set(fake.server.actors) and len(fake.server.actors) == 1 + 4 + 3
+    # the town was taken over again (old actors gone) and the ego rebuilt once: no leak; NPCs come at reset
+    assert not old_actors & set(fake.server.actors) and len(fake.server.actors) == 1 + 3
+    assert len(fake.traffic_managers) == 1  # the process's one Traffic Manager, still bound to a live server
     obs, info = env.reset(seed=1)
-    assert info["reconnects"] == 1
+    assert info["reconnects"] == 1 and len(fake.server.actors) == 1 + 3 + 4
     _, _, terminated, truncated, info = env.step(np.zeros(2))
     assert not terminated and not truncated and info["reconnects"] == 1
+    env.close()
+
+
+def test_server_restart_aborts_an_in_process_env():
+    """What the real client does when the server process restarts under it: the per-process Traffic Manager is
+    bound to the dead server and its worker thread aborts the process at the next tick (carla#7597). Only a
+    fresh process survives that (issue #23, item 1); here the double shows the abort."""
+    env, fake, _ = make_env()
+    env.reset(seed=0)
+    fake.server.restart()
+    with pytest.raises(carla_double.ProcessAborted):
+        env.step(np.zeros(2))
+    env._tm = None  # the abort ends the process; nothing of it is cleaned up
     env.close()
 
 
@@ -312,12 +402,17 @@ def test_max_reconnects_zero_gives_up_at_once():
     env.close()
 
 
-def test_time_out_during_reset_is_retried():
+def test_time_out_during_reset_is_retried_with_the_same_draws():
+    reference, fake_ref, _ = make_env()
+    reference.reset(seed=0)
+    expected = traffic(fake_ref)
+    reference.close()
     env, fake, sleeps = make_env()
     fake.server.timeouts_on_tick = 2  # the reset's tick, then the rebuild's tick after the first reconnect
     obs, info = env.reset(seed=0)
     assert info["reconnects"] == 1 and sleeps == [1.0, 2.0]
     assert env.observation_space.contains(obs)
+    assert traffic(fake) == expected
     env.close()
 
 
@@ -326,7 +421,66 @@ def test_unreachable_server_at_start_is_env_unavailable():
     fake.server.down = True
     with pytest.raises(EnvUnavailableError, match=r"somehost:2345.*docker compose -f docker/compose.yaml up"):
         make_env(fake, host="somehost", port=2345)
-    assert not list(os.scandir(tempfile.gettempdir()))
+    assert claims_left() == []
+
+
+def test_a_slow_first_frame_waits_first_frame_timeout_s_not_timeout_s():
+    """A cold server's first frames can take longer than a step's time-out; only the first is given longer."""
+    fake = FakeCarlaModule()
+    fake.server.delays["image"] = 0.4
+    env, _, _ = make_env(fake, timeout_s=0.2, first_frame_timeout_s=5.0)
+    assert calls(fake, "tick")[0] == ("tick", 5.0) and calls(fake, "tick")[-1] == ("tick", 5.0)
+    fake.server.delays["image"] = 0.0
+    env.reset(seed=0)
+    assert calls(fake, "tick")[-1] == ("tick", 0.2)
+    env.close()
+    fake = FakeCarlaModule()
+    fake.server.delays["image"] = 0.4
+    with pytest.raises(EnvUnavailableError, match="time-out of 0.2s waiting for the camera image"):
+        make_env(fake, timeout_s=0.2, first_frame_timeout_s=0.2)
+
+
+# ------------------------------------------------------------------------------------------- frame-stamped events
+def test_a_late_collision_event_counts_at_its_own_frame():
+    """The collision of frame N arrives on its own stream after the frame's camera image: with env.event_wait_s
+    long enough it still counts at step N; with 0 it counts at step N + 1 (late, never lost)."""
+    for wait, step_counted in ((0.3, 0), (0.0, 1)):
+        env, fake, _ = make_env(event_wait_s=wait, **{"route.start_index": 0})
+        env.reset(seed=0)
+        fake.server.delays["collision"] = 0.1
+        fake.server.collide_at = {fake.server.frame + 1}
+        flags = []
+        for _ in range(2):
+            _, _, terminated, _, info = env.step(np.zeros(2))
+            flags.append(info["collision"])
+            if terminated:
+                break
+            assert fake.server.delivery.idle()  # the late event is in before the next step
+        assert flags.index(True) == step_counted, (wait, flags)
+        env.close()
+
+
+def test_an_event_of_a_later_frame_waits_for_its_own_step():
+    env, fake, _ = make_env(**{"route.start_index": 0})
+    env.reset(seed=0)
+    env._inbox.collision(carla_double.CollisionEvent(fake.server.frame + 2))  # stamped two ticks ahead
+    _, _, terminated, _, info = env.step(np.zeros(2))
+    assert not info["collision"] and not terminated
+    _, _, terminated, _, info = env.step(np.zeros(2))
+    assert info["collision"] and terminated
+    env.close()
+
+
+def test_lane_invasion_arriving_with_the_on_tick_callbacks_counts_at_its_step():
+    env, fake, _ = make_env(**{"route.start_index": 0})
+    env.reset(seed=0)
+    fake.server.delays["on_tick"] = 0.1  # the client-side sensor runs on the on-tick thread, after tick()
+    ego(fake).transform.location.y = LANES_Y[0] + LANE_WIDTH / 2 - 0.01
+    ego(fake).transform.rotation.yaw = 80.0
+    ego(fake).speed = 5.0
+    _, _, _, _, info = env.step(np.zeros(2))
+    assert info["lane_invasion"]
+    env.close()
 
 
 # ------------------------------------------------------------------------------ every config key takes effect
@@ -335,9 +489,9 @@ def test_connection_keys_reach_the_client():
     assert calls(fake, "Client")[0] == ("Client", "carla-box", 2010)
     assert ("set_timeout", 3.5) in fake.server.calls
     assert calls(fake, "get_trafficmanager") == [("get_trafficmanager", 8010)]
+    env.reset(seed=0)
     npcs = [a for a in fake.server.of_type("vehicle.") if a.autopilot_port is not None]
     assert [a.autopilot_port for a in npcs] == [8010, 8010]
-    env.reset(seed=0)
     env.step(np.zeros(2))
     assert calls(fake, "tick")[-1] == ("tick", 3.5)  # world.tick waits timeout_s
     env.close()
@@ -345,17 +499,18 @@ def test_connection_keys_reach_the_client():
 
 def test_simulation_keys_reach_the_world():
     env, fake, _ = make_env(fixed_delta_s=0.02, weather="HardRainNoon", npcs=7)
-    assert ("apply_settings", True, 0.02) in fake.server.calls
-    assert fake.server.tm.synchronous and fake.server.tm.seed == 0
+    assert ("apply_settings", True, 0.02, False) in fake.server.calls
+    assert fake.traffic_managers[8000].synchronous
     assert fake.server.weather.name == "HardRainNoon"
     assert env.reward_fn.dt == 0.02
-    assert len([a for a in fake.server.of_type("vehicle.") if a.autopilot_port]) == 7
-    # one batch spawns the NPCs, each with autopilot
-    assert calls(fake, "apply_batch_sync")[0][1] == ["SpawnActor"] * 7
     ticks = len(calls(fake, "tick"))
     env.reset(seed=5)
+    assert len([a for a in fake.server.of_type("vehicle.") if a.autopilot_port]) == 7
+    # one batch spawns the NPCs, each with autopilot, after the Traffic Manager was seeded from the episode seed
+    assert calls(fake, "apply_batch_sync")[-1][1] == ["SpawnActor"] * 7
+    names = [c[0] for c in fake.server.calls]
+    assert names.index("tm.set_random_device_seed") < len(names) - 1 - names[::-1].index("apply_batch_sync")
     assert len(calls(fake, "tick")) - ticks == math.ceil(0.5 / 0.02)  # settling takes SETTLE_S at this delta
-    assert fake.server.tm.seed == 5  # reset(seed) reseeds the Traffic Manager
     env.close()
     with pytest.raises(ConfigError, match="env.weather='Sunny'.*ClearNoon"):
         make_env(weather="Sunny")
@@ -429,7 +584,7 @@ def test_ignored_embedded_keys_warn(caplog):
 def test_warns_when_another_live_process_uses_the_same_server(caplog):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        path = os.path.join(tempfile.gettempdir(), "av_td3_carla_localhost_2000.lock")
+        path = claim_path("localhost_2000")
         with open(path, "w") as f:
             f.write(str(holder.pid))
         with caplog.at_level(logging.WARNING):
@@ -521,3 +676,153 @@ def test_positive_steer_turns_left_as_in_the_embedded_env():
     _, state, signals = env._observe(image_now(fake))
     assert signals.lateral_offset > 0 and signals.heading_error > 0  # drifted and turned to the left
     env.close()
+
+
+# ------------------------------------------------------------------------------------ the double is strict
+def test_double_signatures_match_the_installed_client():
+    """Every call whose argument kinds the double declares has, in the installed ``carla`` wheel, a parameter of
+    that name (or, for calls with several overloads, at that position) and of that Boost.Python type."""
+    carla = pytest.importorskip("carla")
+    import inspect
+    import re
+
+    d = carla_double
+    pairs = {
+        d.Vector3D.__init__: carla.Vector3D.__init__, d.Rotation.__init__: carla.Rotation.__init__,
+        d.VehicleControl.__init__: carla.VehicleControl.__init__,
+        d.ActorBlueprint.set_attribute: carla.ActorBlueprint.set_attribute,
+        d.ActorBlueprint.has_attribute: carla.ActorBlueprint.has_attribute,
+        d.ActorBlueprint.get_attribute: carla.ActorBlueprint.get_attribute,
+        d.BlueprintLibrary.find: carla.BlueprintLibrary.find, d.BlueprintLibrary.filter: carla.BlueprintLibrary.filter,
+        d.Actor.set_transform: carla.Actor.set_transform, d.Actor.set_target_velocity: carla.Actor.set_target_velocity,
+        d.Actor.set_target_angular_velocity: carla.Actor.set_target_angular_velocity,
+        d.Actor.apply_control: carla.Vehicle.apply_control, d.ActorList.filter: carla.ActorList.filter,
+        d.Waypoint.next: carla.Waypoint.next, d.Map.get_waypoint: carla.Map.get_waypoint,
+        d.TrafficManager.set_synchronous_mode: carla.TrafficManager.set_synchronous_mode,
+        d.TrafficManager.set_random_device_seed: carla.TrafficManager.set_random_device_seed,
+        d.World.apply_settings: carla.World.apply_settings, d.World.spawn_actor: carla.World.spawn_actor,
+        d.World.try_spawn_actor: carla.World.try_spawn_actor, d.World.get_actors: carla.World.get_actors,
+        d.World.remove_on_tick: carla.World.remove_on_tick, d.World.tick: carla.World.tick,
+        d.SpawnActor.__init__: carla.command.SpawnActor.__init__,
+        d.SetAutopilot.__init__: carla.command.SetAutopilot.__init__,
+        d.DestroyActor.__init__: carla.command.DestroyActor.__init__, d.Client.set_timeout: carla.Client.set_timeout,
+        d.Client.load_world: carla.Client.load_world, d.Client.get_trafficmanager: carla.Client.get_trafficmanager,
+        d.Client.apply_batch_sync: carla.Client.apply_batch_sync,
+    }
+    boost_name = {float: "float", int: "int", bool: "bool", str: "str", list: "list", type(None): None}
+    for fake, real in pairs.items():
+        # One overload per "name( (Type)arg, ...) -> ..." line; the first parameter is self.
+        overloads = [re.findall(r"\((\w+)\)(\w+)", line)[1:] for line in real.__doc__.splitlines()
+                     if re.match(r"\s*\w+\(", line)]
+        params = [p for p in inspect.signature(fake.__wrapped__).parameters if p != "self"]
+        if fake is d.Client.__init__:
+            params = params[1:]
+        for name, kind in fake.carla_kinds.items():
+            i = params.index(name)
+            for k in kind if isinstance(kind, tuple) else (kind,):
+                want = boost_name.get(k, getattr(k, "__name__", None))
+                if want is None:
+                    continue
+                union = isinstance(kind, tuple)
+                # argN: the wheel leaves that parameter unnamed; only its type can be checked. Boost.Python
+                # prints some C++ int parameters under an enum's name (GBufferTextureID), as in VehicleControl.gear.
+                names = {want, "GBufferTextureID"} if want == "int" else {want}
+                assert any(len(o) > i and o[i][0] in names and (union or o[i][1] in (name, f"arg{i + 2}"))
+                           for o in overloads), (
+                    f"{fake.__qualname__}({name}: {want}) is not in the wheel's {overloads}")
+    assert [p for p in inspect.signature(d.World.tick.__wrapped__).parameters.values()][1].default == 0.0
+
+
+@pytest.mark.parametrize("module", ["double", "wheel"])
+def test_numpy_scalars_are_refused_like_the_real_client(module):
+    """np.float64 subclasses float and passes; np.float32 and np.int64 do not, on the double as on the wheel."""
+    carla = FakeCarlaModule() if module == "double" else pytest.importorskip("carla")
+    errors = (TypeError,)  # Boost.Python.ArgumentError subclasses TypeError; so does the double's
+    with pytest.raises(errors):
+        carla.command.DestroyActor(np.int64(1))
+    with pytest.raises(errors):
+        carla.VehicleControl(throttle=np.float32(0.5))
+    with pytest.raises(errors):
+        carla.Location(x=np.float32(1.0))
+    with pytest.raises(errors):
+        carla.command.SetAutopilot(1, True, np.int64(8000))
+    carla.VehicleControl(throttle=np.float64(0.5), steer=1, brake=True)
+    carla.command.DestroyActor(1)
+
+
+def test_double_refuses_what_the_real_client_refuses_beyond_constructors():
+    fake = FakeCarlaModule()
+    world = fake.Client("localhost", 2000).get_world()
+    with pytest.raises(carla_double.ArgumentError):
+        world.get_actors((1, 2))  # boost::python::list: a tuple does not convert
+    with pytest.raises(carla_double.ArgumentError):
+        world.tick(np.float32(1.0))
+    with pytest.raises(carla_double.ArgumentError):
+        fake.Client("localhost", np.int64(2000))
+    with pytest.raises(carla_double.ArgumentError):
+        carla_double.Transform(None)
+
+
+def test_double_delivers_callbacks_after_tick_and_reads_cached_snapshots():
+    env, fake, _ = make_env()
+    env.reset(seed=0)
+    world, car = env._world, ego(fake)
+    fake.server.delays["image"] = 0.2
+    got = []
+    world.on_tick(lambda snapshot: got.append(snapshot.frame))
+    frame = world.tick(1.0)
+    assert got == []  # nothing arrives inside tick()
+    assert fake.server.delivery.idle() and got == [frame]
+    before = car.get_transform().location.x
+    car.set_transform(Transform(Location(before + 30.0, LANES_Y[0])))
+    assert car.get_transform().location.x == before  # a snapshot of the last tick, not the server
+    fake.server.down = True
+    assert car.get_transform().location.x == before  # and no server call
+    fake.server.down = False
+    world.tick(1.0)
+    assert car.get_transform().location.x == pytest.approx(before + 30.0)
+    tm = fake.Client("localhost", 2000).get_trafficmanager(8000)
+    assert tm is env._tm  # one per process and port
+    env.close()
+
+
+# ------------------------------------------------------------------------------------- curves and junctions
+def test_route_through_a_junction_takes_a_seeded_branch_and_the_lane_points_follow_the_curve():
+    """From the right lane just before the junction, a seeded branch: straight on, or the right turn. On the turn
+    the lane points ahead bend to the right (y < 0 in the ego frame)."""
+    ends = {}
+    for seed in range(8):
+        env, fake, _ = make_env(**{"route.start_index": 29, "route.length_m": 60.0, "lane_points": 5,
+                                   "lane_point_spacing": 4.0})
+        _, info = env.reset(seed=seed)
+        end_y = -env._route.xy[-1, 1]  # back in CARLA's frame
+        ends[seed] = "turn" if end_y > 20.0 else "straight"
+        if ends[seed] == "turn":
+            car = ego(fake)
+            car.transform.location.x = 200.0  # at the junction's entry, heading along +x
+            fake.server.publish()
+            _, state, signals = env._observe(image_now(fake))
+            points = state[base.lane_point_slice(5)].reshape(5, 2)
+            assert np.all(points[2:, 1] < -0.5) and abs(signals.lateral_offset) < 0.5
+        env.close()
+    assert set(ends.values()) == {"turn", "straight"}
+    again, _, _ = make_env(**{"route.start_index": 29, "route.length_m": 60.0})
+    again.reset(seed=3)
+    assert ("turn" if -again._route.xy[-1, 1] > 20.0 else "straight") == ends[3]
+    again.close()
+
+
+# ------------------------------------------------------------------------------------------------ port claims
+def test_port_claims_live_in_a_private_directory_and_refuse_a_planted_one(tmp_path):
+    env, _, _ = make_env()
+    assert oct(os.stat(claim_dir()).st_mode & 0o777) == "0o700"
+    assert {p.name for p in claim_dir().iterdir()} == {"carla_localhost_2000.lock", "carla_tm_8000.lock"}
+    env.close()
+    path = claim_dir()
+    os.rmdir(path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, path)  # someone plants a link where our directory goes
+    with pytest.raises(ConfigError, match="not a private directory"):
+        make_env()
+    assert list(elsewhere.iterdir()) == []

@@ -15,7 +15,7 @@ from tests.carla_double import FakeCarlaModule
 from tests.test_config import load
 
 ARGS = ("env=carla", "debug=smoke", "trainer.total_steps=80", "trainer.learning_starts=40", "trainer.eval_every=40",
-        "trainer.log_every=20", "env.max_episode_steps=30", "env.npcs=3", "trainer.resume=none")
+        "trainer.log_every=20", "env.max_episode_steps=30", "env.npcs=3", "trainer.resume=none", "env.event_wait_s=0.0")
 
 
 @pytest.fixture
