@@ -35,6 +35,7 @@ from av_td3.config import Config, ConfigError
 from av_td3.analysis import bounds
 from av_td3.envs.base import (ACTION_NAMES, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError,
                               decision_dt, state_dim, state_scale)
+from av_td3.progress import Progress
 from av_td3.replay import ReplayBuffer
 from av_td3.sweep import FAILED_OBJECTIVE
 
@@ -152,6 +153,34 @@ class Trainer:
 
         self.summary = Summary(total_steps=t.total_steps)
         self.ckpt = CheckpointManager(run_dir / "checkpoints", t.checkpoint_keep)
+        # A CARLA server runs one synchronous world: evaluation must use the training env's connection (and
+        # restarts the training episode afterwards); the embedded simulator gets a separate eval instance.
+        self.eval_shares_env = e.name == "carla"
+        if self.eval_shares_env and self.n > 1:
+            raise ConfigError(f"env.num_envs={self.n} with env=carla: one CARLA server runs one env. Use "
+                              "env.num_envs=1 and run several jobs, one server each (see README).")
+        # The envs before the replay buffer and the networks: a bad env.town or an unreachable server fails in
+        # seconds, before memory is allocated.
+        self.envs = envs_lib.make_vector(e, self.n)
+        try:
+            self.eval_env = self.envs.envs[0] if self.eval_shares_env else envs_lib.make(e)
+            self._build_agent()
+        except BaseException:
+            self.envs.close()  # a CARLA env restores the server's settings on close
+            raise
+        self.step = 0
+        self.episodes = 0
+        self.reconnects = 0
+        self.resumed_from: Path | None = None
+        self._maybe_resume()
+        self.logger = loggers.make(cfg.logger, run_dir, purge_step=self.step if self.resumed_from else None)
+        self._stop_signal: int | None = None
+        self._launcher_handler: Any = None
+        self._last_return = float("nan")  # of the newest finished training episode, for progress reports
+        self._flushed_step = self.step  # the step of the monitor's last flush into the logs
+
+    def _build_agent(self) -> None:
+        cfg, a, e = self.cfg, self.cfg.agent, self.cfg.env
         # agent=pid drives with a fixed controller: no replay buffer, no updates, same loop otherwise.
         self.learning = a.name != "pid"
         self.agent: TD3 | PIDAgent
@@ -171,24 +200,6 @@ class Trainer:
             self.agent = PIDAgent(a.pid, e.lane_points, decision_dt(e), self.n)
             log.info("agent=pid: PID speed control (target %.1f m/s) + pure pursuit; nothing is learned",
                      a.pid.target_speed)
-
-        # A CARLA server runs one synchronous world: evaluation must use the training env's connection (and
-        # restarts the training episode afterwards); the embedded simulator gets a separate eval instance.
-        self.eval_shares_env = e.name == "carla"
-        if self.eval_shares_env and self.n > 1:
-            raise ConfigError(f"env.num_envs={self.n} with env=carla: one CARLA server runs one env. Use "
-                              "env.num_envs=1 and run several jobs, one server each (see README).")
-        self.envs = envs_lib.make_vector(e, self.n)
-        self.eval_env = self.envs.envs[0] if self.eval_shares_env else envs_lib.make(e)
-        self.step = 0
-        self.episodes = 0
-        self.reconnects = 0
-        self.resumed_from: Path | None = None
-        self._maybe_resume()
-        self.logger = loggers.make(cfg.logger, run_dir, purge_step=self.step if self.resumed_from else None)
-        self._stop_signal: int | None = None
-        self._launcher_handler: Any = None
-        self._last_return = float("nan")  # of the newest finished training episode, for progress reports
 
     # ------------------------------------------------------------------------------------------------ resume
     def _compat(self) -> dict[str, Any]:
@@ -328,23 +339,25 @@ class Trainer:
             self.summary.status, self.summary.reason = "stopped", str(err)
             self.summary.nan_guard = {"triggered": True, "quantity": err.quantity, "step": err.step}
             self.save_checkpoint()  # the weights are still the last good ones: the guard acted before the step
+            self._flush_metrics()
             log.error("NaN guard (monitor.nan_policy=stop): %s. The last good state is checkpointed in %s; lower "
                       "the learning rates or enable clipping, or use monitor.nan_policy=skip.", err, self.ckpt.dir)
             raise
         except Interrupted as err:
             self.summary.status, self.summary.reason = "stopped", str(err)
             self.save_checkpoint()
+            self._flush_metrics()
             if isinstance(err, Preempted):
                 log.warning("%s at env step %d: checkpoint written; the job is requeued and resumes from it.",
                             err, self.step)
             else:
-                log.warning("%s at env step %d: checkpoint written; rerun the same command to resume.", err,
-                            self.step)
+                log.warning("%s at env step %d: checkpoint written.", err, self.step)
             raise
         except SimulatorLostError as err:
             self.summary.status, self.summary.reason = "stopped", f"simulator lost: {err}"
             self.save_checkpoint()
-            log.error("%s — checkpoint written; rerun the same command to resume once the simulator is back.", err)
+            self._flush_metrics()
+            log.error("%s — checkpoint written.", err)
             raise
         except BaseException as err:
             self.summary.status, self.summary.reason = "failed", f"{type(err).__name__}: {err}"
@@ -412,6 +425,7 @@ class Trainer:
                 action = self.agent.check_action(self.agent.act(obs, noise=a.exploration_noise), self.step)
             next_obs, reward, term, trunc, info = self.envs.step(action)
             prev_step, self.step = self.step, self.step + n
+            bar.update(self.step, warmup=self.learning and prev_step < t.learning_starts)
 
             if "reconnects" in info:  # CARLA: cumulative reconnects to the server after time-outs
                 self.reconnects = int(np.max(info["reconnects"]))
@@ -449,6 +463,7 @@ class Trainer:
                     scalars["env/reconnects"] = float(self.reconnects)
                 self.logger.log_scalars(scalars, self.step)
                 interval_start, interval_step = now, self.step
+                self._flushed_step = self.step
                 self._report(bar, scalars)
             evaluated = crossed(prev_step, self.step, t.eval_every) or self.step >= t.total_steps
             if evaluated:
@@ -478,26 +493,31 @@ class Trainer:
                                               env_ids=np.flatnonzero(ended))
                 self.agent.reset(np.flatnonzero(ended))
             obs = next_obs
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     # ----------------------------------------------------------------------------------------------- progress
-    def _progress(self):
-        if not (self.cfg.trainer.progress and sys.stderr.isatty()):
-            return None
-        from tqdm import tqdm
-        return tqdm(total=self.cfg.trainer.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+    def _progress(self) -> Progress:
+        """A bar when on a terminal (and trainer.progress), else a progress line every 30 s; both with an ETA."""
+        t = self.cfg.trainer
+        return Progress(t.total_steps, self.step, t.learning_starts, bar=t.progress and sys.stderr.isatty())
 
-    def _report(self, bar, scalars: dict[str, float]) -> None:
+    def _report(self, bar: Progress, scalars: dict[str, float]) -> None:
         alerts = sum(self.agent.monitor.alert_counts.values()) if self.learning else 0
-        last = self._last_return
-        if bar is not None:
-            bar.n = self.step
-            bar.set_postfix(ret=f"{last:.1f}", alerts=alerts, sps=f"{scalars['perf/steps_per_s']:.0f}")
-            bar.refresh()
-        else:
-            log.info("step %d/%d | %.0f steps/s | last episode return %.2f | alerts fired %d", self.step,
-                     self.cfg.trainer.total_steps, scalars["perf/steps_per_s"], last, alerts)
+        bar.set_stats(f"last episode return {self._last_return:.1f} | {scalars['perf/steps_per_s']:.1f} steps/s | "
+                      f"alerts {alerts}")
+
+    def _flush_metrics(self) -> None:
+        """At a stop (signal, NaN guard, simulator lost): log what the monitor gathered since the last log, so
+        `av-td3 validate` judges the run on every update it made. Called after the checkpoint, which keeps the
+        unflushed interval: a resumed run logs it at its next interval, and these points (at the stop step) are
+        purged on resume."""
+        if not self.learning or self.agent.critic_updates == 0 or self._flushed_step == self.step:
+            return
+        try:
+            self.logger.log_scalars(self.agent.monitor.flush(self.step).scalars, self.step)
+            self._flushed_step = self.step
+        except Exception:  # the stop's own reason matters more than these points
+            log.exception("could not log the metrics gathered since the last log interval")
 
 
 def run(cfg: Config, run_dir: Path) -> Summary:
@@ -514,4 +534,3 @@ def run(cfg: Config, run_dir: Path) -> Summary:
             write_summary(run_dir, failed)
         raise
     return trainer.train()
-
