@@ -3,7 +3,9 @@ paragraph (no traceback wall for problems the user can fix)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import traceback
 from pathlib import Path
 
@@ -22,8 +24,44 @@ EXIT_FAILED = 1       # crashed, or the simulator could not be reached
 EXIT_NAN_GUARD = 3    # stopped by monitor.nan_policy=stop; interrupted by a signal: 128 + signal number
 
 
-def run_job(cfg: DictConfig, run_dir: Path) -> tuple[float, int]:
-    """Train one run into ``run_dir``; return (objective, exit code). The objective is always finite."""
+# What a run writes into its folder before and during its start: a folder holding no more than these, and no
+# checkpoint, belongs to an attempt that never trained.
+START_FILES = frozenset({".hydra", "launch.log", "summary.json", "tb", "scalars.csv", "checkpoints"})
+
+
+def run_job(cfg: DictConfig, run_dir: Path, resume_command: str | None = None,
+            single_run: bool = False) -> tuple[float, int]:
+    """Train one run into ``run_dir``; return (objective, exit code). The objective is always finite.
+
+    ``resume_command``: the command that resumes this run, printed when it stops resumably. ``single_run``: the
+    folder is this run's own (not a sweep's job folder, which the sweep's report lists), so an attempt that
+    never started training removes it rather than leave a folder that `av-td3 validate` would call crashed."""
+    objective, code = _run_job(cfg, run_dir, resume_command)
+    if code in (EXIT_CONFIG, EXIT_FAILED) and single_run and _never_trained(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.error("nothing was trained: removed its output dir %s", run_dir)
+    return objective, code
+
+
+def _never_trained(run_dir: Path) -> bool:
+    if not run_dir.is_dir() or any(p.name not in START_FILES for p in run_dir.iterdir()):
+        return False
+    if any((run_dir / "checkpoints").glob("*.pt")):
+        return False
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return True  # failed before run() wrote one (an invalid config)
+    return summary.get("status") == "failed" and not summary.get("steps")
+
+
+def _resume_hint(resume_command: str | None) -> str:
+    if resume_command is None:  # a parallel launcher's worker: the sweep's command is not known here
+        return "rerun the sweep's command with hydra.sweep.dir=<its sweep dir> to resume."
+    return f"rerun the same command to resume, with the run dir added:\n    {resume_command}"
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, resume_command: str | None) -> tuple[float, int]:
     from av_td3.train import Interrupted, Preempted, run
 
     try:
@@ -49,7 +87,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[float, int]:
         log.error("simulator unavailable: %s", e)
         return FAILED_OBJECTIVE, EXIT_FAILED
     except SimulatorLostError as e:
-        log.error("simulator lost: %s. Rerun the same command to resume from the checkpoint.", e)
+        log.error("simulator lost: %s. Once it is back, %s", e, _resume_hint(resume_command))
         return FAILED_OBJECTIVE, EXIT_FAILED
     except NonFiniteError as e:
         log.error("stopped by the NaN guard: %s (see %s/summary.json)", e, run_dir)
@@ -60,7 +98,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[float, int]:
         e.requeue(e.signum, None)  # submitit's handler: requeues the job and exits this process
         return _objective(run_dir), 128 + e.signum
     except Interrupted as e:
-        log.warning("%s: checkpoint saved in %s; rerun the same command to resume.", e, run_dir / "checkpoints")
+        log.warning("%s: checkpoint saved in %s; %s", e, run_dir / "checkpoints", _resume_hint(resume_command))
         return _objective(run_dir), 128 + e.signum
     except MemoryError as e:
         log.error("out of memory: %s. Lower agent.buffer_size or agent.batch_size.", e)
@@ -75,8 +113,6 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[float, int]:
 
 
 def _objective(run_dir: Path) -> float:
-    import json
-
     try:
         return float(json.loads((run_dir / "summary.json").read_text())["objective"])
     except (OSError, ValueError, KeyError):

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from av_td3 import commands
 from av_td3.config import Config
 
 log = logging.getLogger("av_td3")
@@ -35,6 +35,14 @@ EXIT_SWEEP_INCOMPLETE = 1
 RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress"})
 # Launcher presets whose Hydra plugin is an optional install: preset name -> (plugin module, pip package).
 OPTIONAL_LAUNCHERS = {"ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
+
+
+class SweepIncomplete(SystemExit):
+    """The end-of-sweep exit when a job did not complete: a type of its own, because launch.py maps Hydra's other
+    exits with code 1 (configuration mistakes it reported) to 2."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_SWEEP_INCOMPLETE)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -125,9 +133,9 @@ def collect(sweep_dir: Path) -> list[JobResult]:
 def report(sweep_dir: Path, jobs: list[JobResult]) -> str:
     """The text printed at the end of a sweep: a count, and a table of the jobs that did not complete."""
     failed = [j for j in jobs if j.status != "completed"]
+    compare = commands.cli("compare", str(sweep_dir))  # as this process was started, so it works as printed
     if not failed:
-        return (f"Sweep {sweep_dir}: all {len(jobs)} jobs completed. "
-                f"Compare them: python -m av_td3.cli compare {sweep_dir}")
+        return f"Sweep {sweep_dir}: all {len(jobs)} jobs completed. Compare them:\n    {compare}"
     lines = [f"Sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed; "
              f"{len(failed)} did not:", "", "| job | status | steps | reason |", "|---|---|---|---|"]
     for j in failed:
@@ -135,8 +143,8 @@ def report(sweep_dir: Path, jobs: list[JobResult]) -> str:
         reason = (j.reason or "-").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {j.job} | {j.status} | {steps} | {reason} |")
     lines += ["", f"Details in {sweep_dir / SWEEP_SUMMARY} and each job's summary.json and launch.log. Runs "
-              "stopped by the NaN guard still count in `python -m av_td3.cli compare` (as diverged). Rerun the "
-              f"same command with hydra.sweep.dir={sweep_dir} to skip the completed jobs and retry the others."]
+              f"stopped by the NaN guard still count in `{compare}` (as diverged). Rerun the same command with "
+              f"hydra.sweep.dir={sweep_dir} to skip the completed jobs and retry the others."]
     return "\n".join(lines)
 
 
@@ -155,7 +163,7 @@ class SweepSummary(Callback):
         print(report(sweep_dir, jobs), flush=True)
         if failed:
             # SystemExit passes through Hydra's error handler (it catches Exception): a plain non-zero exit.
-            sys.exit(EXIT_SWEEP_INCOMPLETE)
+            raise SweepIncomplete()
 
 
 # --------------------------------------------------------------------------------- optional launcher plugins

@@ -1,0 +1,178 @@
+"""A newcomer's first hour (issue 19): commands printed by the program work as printed, resume by the printed
+command, a progress ETA from the learning phase, config mistakes that name the fix (exit 2), and failed starts
+that fail fast and leave no output folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from av_td3.config import Config, ConfigError, validate
+from av_td3.progress import Progress, eta_s
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ("debug=smoke", "trainer.torch_threads=1")
+
+
+def fresh_shell_env() -> dict[str, str]:
+    """A shell where the venv is not activated: only the system's PATH, no VIRTUAL_ENV, no PYTHONPATH."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "OMP_NUM_THREADS": "1"}
+
+
+def launch(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# ------------------------------------------------------------------------------------------------- progress
+def test_eta_comes_from_the_learning_phase_rate() -> None:
+    # warm-up: 1000 steps in 10 s (100 steps/s); learning since step 1000 at t=10: 100 steps in 20 s (5 steps/s)
+    assert eta_s(1100, 2000, phase_step=1000, phase_time=10.0, now=30.0) == pytest.approx(900 / 5)
+    assert eta_s(500, 2000, phase_step=None, phase_time=None, now=5.0) is None  # still in the warm-up
+    assert eta_s(1001, 2000, phase_step=1000, phase_time=10.0, now=10.5) is None  # no rate yet
+
+
+def test_progress_says_warm_up_then_an_eta_at_the_learning_rate(caplog) -> None:
+    now = [0.0]
+    progress = Progress(total=2000, initial=0, learning_starts=1000, bar=False, clock=lambda: now[0],
+                        line_every_s=30.0)
+    caplog.set_level(logging.INFO, logger="av_td3")
+    for step in range(1, 1001):  # warm-up at 100 steps/s
+        now[0] += 0.01
+        progress.update(step, warmup=True)
+    assert progress.describe(now[0]).startswith("warm-up")
+    for step in range(1001, 1401):  # learning at 10 steps/s: 400 steps in 40 s
+        now[0] += 0.1
+        progress.update(step, warmup=False)
+    # 600 steps left at the learning rate (10/s) = 60 s; the whole run's average rate would say ~17 s
+    assert progress.describe(now[0]).startswith("ETA 0:01:00"), progress.describe(now[0])
+    # without a terminal: a line every 30 s (the run lasted 50 s), with the ETA once learning has started
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 1 and "ETA" in lines[0], lines
+
+
+# ------------------------------------------------------------------------------------------- config mistakes
+def test_a_typo_names_the_nearest_key_and_exits_2(tmp_path: Path) -> None:
+    proc = launch("agent.clip.actr=1", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "did you mean `agent.clip.actor`?" in proc.stderr
+    assert "+agent.clip.actr" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_none_or_zero_for_a_clip_limit_says_null_turns_clipping_off(tmp_path: Path) -> None:
+    proc = launch("agent.clip.actor=None", cwd=tmp_path)
+    assert proc.returncode == 2 and "`agent.clip.actor=null` (turns clipping off" in proc.stderr, proc.stderr
+    cfg = Config()
+    cfg.agent.clip.critic = 0.0
+    with pytest.raises(ConfigError, match=r"agent.clip.critic=0.0 is out of range.*`agent.clip.critic=null` turns "
+                                          "clipping off"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("override", ["agent.clip.actor=abc", "env=gta"])
+def test_mistakes_hydra_reports_exit_2_too(tmp_path: Path, override: str) -> None:
+    proc = launch(override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert not (tmp_path / "run").exists()
+
+
+def test_experiment_without_m_refuses_naming_the_command(tmp_path: Path) -> None:
+    proc = launch("experiment=clip_ablation", "debug=smoke", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "launch.py -m experiment=clip_ablation debug=smoke" in proc.stderr, proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+# ------------------------------------------------------------------------------------------------ failed starts
+def test_an_unknown_town_fails_before_allocating_and_leaves_no_folder(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = launch(*SMOKE, "env.town=Town01", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-2000:]
+    assert "env.town='Town01'" in out and "replay buffer" not in out
+    assert not (tmp_path / "run").exists()
+    assert time.monotonic() - start < 90  # imports only (the 2-core machine may be busy)
+
+
+def test_carla_without_a_server_fails_before_allocating_and_leaves_no_folder(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = launch(*SMOKE, "env=carla", f"env.port={port}", "env.timeout_s=1", f"hydra.run.dir={tmp_path}/run",
+                  cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-2000:]
+    assert "replay buffer" not in out and "optimizer owns" not in out
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------- printed commands
+def test_the_end_of_sweep_hint_works_as_printed_in_a_fresh_shell(tmp_path: Path) -> None:
+    from av_td3.sweep import collect, report
+    from tests.analysis_fixtures import write_sweep
+
+    sweep = write_sweep(tmp_path / "sweep", [(["agent.clip.actor=null"], 0), ([], 0)])
+    text = report(sweep, collect(sweep))
+    command = text.splitlines()[-1].strip()
+    assert "compare" in command and not command.startswith(("python ", "av-td3 ")), text
+    proc = subprocess.run(command, shell=True, cwd=os.getcwd(), env=fresh_shell_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, (command, proc.stderr[-2000:])
+    assert (sweep / "comparison.md").exists()
+
+
+def _venv_python(cwd: Path) -> str:
+    """The interpreter as a newcomer types it, `.venv/bin/python`, relative to where the command runs."""
+    if sys.prefix == sys.base_prefix:
+        return sys.executable
+    (cwd / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    return ".venv/bin/python"
+
+
+@pytest.mark.slow
+def test_interrupted_run_validates_on_its_updates_and_the_printed_command_resumes_it(tmp_path: Path) -> None:
+    python = _venv_python(tmp_path)
+    # log_every beyond the run: no metrics are logged before the interrupt, only by the stop's final flush
+    args = [*SMOKE, "trainer.log_every=1000"]
+    proc = subprocess.Popen([python, str(ROOT / "launch.py"), *args], cwd=tmp_path, env=fresh_shell_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while not list(tmp_path.glob("outputs/runs/*/*/checkpoints/latest")):  # first checkpoint: ~50 updates in
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, "no checkpoint within 400 s"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    (run_dir,) = tmp_path.glob("outputs/runs/*/*")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and 0 < summary["steps"] < 300
+
+    # the metrics gathered since the start were flushed at the stop: validate sees the updates
+    csv = (run_dir / "scalars.csv").read_text()
+    assert "grad/actor/updates" in csv and "grad/critic/updates" in csv
+    checked = subprocess.run([sys.executable, "-m", "av_td3.cli", "validate", str(run_dir)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert "no updates logged" not in checked.stdout + checked.stderr, checked.stdout
+
+    # the message prints the command that resumes, with the interpreter as typed and the run dir
+    command = out.split("with the run dir added:\n", 1)[1].splitlines()[0].strip()
+    assert command.startswith(f"{python} ") and f"hydra.run.dir=outputs/runs/{run_dir.parent.name}/" in command
+    resumed = subprocess.run(shlex.split(command), cwd=tmp_path, env=fresh_shell_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert list(tmp_path.glob("outputs/runs/*/*")) == [run_dir]  # the same folder, no new one
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
