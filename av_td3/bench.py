@@ -12,7 +12,8 @@ other processes, thermal state — hit every contender alike; medians are report
 * ``replay/*``: bytes per stored transition, from the arrays actually allocated (``nbytes / capacity``): ours and
   SB3's ``ReplayBuffer`` with and without ``optimize_memory_usage``.
 * ``env/*``: the embedded simulator's steps per second at ``env.npcs`` NPCs, random actions; also with
-  highway-env's own (unvectorised) road queries, interleaved rep by rep.
+  highway-env's own (unvectorised) road queries and with the bird's-eye view (``env.view=bev``), interleaved rep
+  by rep.
 * ``e2e/*``: environment steps per second of a short real training run (:class:`av_td3.train.Trainer`:
   acting, stepping, storing, sampling, updating), measured over its log intervals after ``learning_starts``.
 
@@ -49,6 +50,7 @@ TARGETS = {
     "monitor_overhead_pct": ("<=", 3.0),
     "replay_vs_reference": ("<=", 1.1),
     "env_steps_per_s": (">=", 100.0),
+    "env_bev_steps_per_s": (">=", 100.0),
 }
 
 
@@ -410,11 +412,14 @@ def bench_env(cfg: BenchConfig, result: BenchResult, say: Callable[[str], None])
     """Random actions; ``env/steps_per_s`` times the step calls only, ``env/steps_per_s_with_resets`` includes the
     resets (random driving crashes every few steps, far more often than training episodes end).
     ``env/steps_per_s_stock_road`` is the same simulator with highway-env's own per-vehicle road queries instead
-    of the vectorised ones (:mod:`av_td3.envs.fast_road`), interleaved with it rep by rep on the same actions."""
+    of the vectorised ones (:mod:`av_td3.envs.fast_road`), ``env/steps_per_s_bev`` the default simulator drawing
+    the bird's-eye view (``env.view=bev``) instead of the world view; all interleaved rep by rep on the same
+    actions."""
     from av_td3.envs.highway import HighwayDrivingEnv
 
     envs = {"ours": HighwayDrivingEnv(_env_config(cfg), seed=cfg.seed),
-            "stock": HighwayDrivingEnv(_env_config(cfg), seed=cfg.seed, vectorised_road=False)}
+            "stock": HighwayDrivingEnv(_env_config(cfg), seed=cfg.seed, vectorised_road=False),
+            "bev": HighwayDrivingEnv(_env_config(cfg, view="bev"), seed=cfg.seed)}
     stepping: dict[str, list[float]] = {k: [] for k in envs}
     overall: list[float] = []
     resets = 0
@@ -446,8 +451,10 @@ def bench_env(cfg: BenchConfig, result: BenchResult, say: Callable[[str], None])
                            note + f", resets included ({resets} resets in {steps} steps)"))
     result.rows.append(Row("env/steps_per_s_stock_road", "steps/s", stepping["stock"],
                            note + ", step() only, highway-env's own road queries"))
+    result.rows.append(Row("env/steps_per_s_bev", "steps/s", stepping["bev"], note + ", step() only, env.view=bev"))
     say(f"env: {statistics.median(stepping['ours']):.1f} steps/s (step only), "
-        f"{statistics.median(stepping['stock']):.1f} with highway-env's own road queries")
+        f"{statistics.median(stepping['stock']):.1f} with highway-env's own road queries, "
+        f"{statistics.median(stepping['bev']):.1f} with env.view=bev")
 
 
 # --------------------------------------------------------------------------------------------------------------- e2e
@@ -531,6 +538,8 @@ def compute_ratios(result: BenchResult) -> dict[str, float]:
                 ratios[f"{name.split('/')[1]}_vs_ours"] = med[name] / med["replay/ours"]
     if "env/steps_per_s" in med:
         ratios["env_steps_per_s"] = med["env/steps_per_s"]
+    if "env/steps_per_s_bev" in med:
+        ratios["env_bev_steps_per_s"] = med["env/steps_per_s_bev"]
     for name in med:
         if name.startswith("e2e/steps_per_s_num_envs_"):
             ratios[f"e2e_{name.removeprefix('e2e/steps_per_s_')}_vs_1"] = med[name] / med["e2e/steps_per_s"]

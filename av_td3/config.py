@@ -154,6 +154,18 @@ class CameraConfig:
 
 
 @dataclass
+class BevConfig:
+    """The ego-centred, heading-up bird's-eye view (env.view=bev): metres of road the frame shows around the ego.
+    Defaults: 48 m ahead, 16 m behind (the ego a quarter from the bottom), 16 m each side. 48 m ahead shows the
+    lead vehicle almost as far as the state's lead range (50 m, av_td3.envs.base.LEAD_RANGE_M), ~5 s ahead on the
+    racetrack; 16 m to each side keeps the racetrack's tight bends (15-30 m radius) and three highway lanes either
+    side in view. At 64x64 a pixel is then 1 m along and 0.5 m across: a car is ~5 x 4 pixels, a lane 8-10 wide."""
+    ahead_m: float = rng(48.0, 0, 500, lo_open=True)
+    behind_m: float = rng(16.0, 0, 500)
+    side_m: float = rng(16.0, 0, 500, lo_open=True)
+
+
+@dataclass
 class RouteConfig:
     """CARLA route built from the map's own waypoints."""
     length_m: float = rng(500.0, 10)
@@ -169,6 +181,11 @@ class EnvConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     max_episode_steps: int = rng(500, 1)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    # What the image shows (embedded simulator only, see av_td3/envs/views.py): world = highway-env's top view,
+    # world-aligned, 50 m wide, ego centred; bev = ego-centred, heading-up bird's-eye view (env.bev.*) with its own
+    # gray level for road, markings, the ego and other vehicles.
+    view: str = one_of("world", "world", "bev")
+    bev: BevConfig = field(default_factory=BevConfig)
     # Lane-centre points in the state vector (ego frame), spaced `lane_point_spacing` metres apart.
     lane_points: int = rng(5, 1, 32)
     lane_point_spacing: float = rng(4.0, 0.5)
@@ -290,12 +307,6 @@ register_configs()
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
-# What `<key>=null` means, for the keys where null is the way to turn something off (named in range errors, since
-# 0 or None are the values people try first).
-NULL_MEANS = {"agent.clip.actor": "turns clipping off for the actor", "agent.clip.critic": "turns clipping off for "
-              "the critic"}
-
-
 def _check_field(key: str, value: Any, meta: dict) -> None:
     choices = meta.get("choices")
     if choices is not None:
@@ -310,8 +321,7 @@ def _check_field(key: str, value: Any, meta: dict) -> None:
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
         op = ">" if meta.get("lo_open") else ">="
-        off = f" `{key}=null` {NULL_MEANS[key]}." if key in NULL_MEANS else ""
-        raise ConfigError(f"{key}={value} is out of range: it must be {op} {lo}.{off}")
+        raise ConfigError(f"{key}={value} is out of range: it must be {op} {lo}.")
     if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
         op = "<" if meta.get("hi_open") else "<="
         raise ConfigError(f"{key}={value} is out of range: it must be {op} {hi}.")
@@ -337,6 +347,9 @@ def validate(cfg: Config) -> Config:
     if e.policy_frequency > e.simulation_frequency:
         raise ConfigError(f"env.policy_frequency={e.policy_frequency} exceeds env.simulation_frequency="
                           f"{e.simulation_frequency}: the policy cannot act more often than the simulator steps.")
+    if e.name == "carla" and e.view != "world":
+        raise ConfigError(f"env.view={e.view} is drawn by the embedded simulator only: CARLA has its camera; use "
+                          "env.view=world with env=carla (or env=highway for the bird's-eye view).")
     if t.resume not in ("auto", "none") and not t.resume.endswith((".pt", "latest")):
         raise ConfigError(f"trainer.resume={t.resume!r}: use auto, none, or the path of a checkpoint (.pt) file.")
     if not cfg.logger.tensorboard and not cfg.logger.csv and not cfg.logger.wandb and not cfg.logger.mlflow:
@@ -405,19 +418,3 @@ def check_output_dir(args: list[str], cwd: Path | None = None) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={value}: {existing} is not writable by this user, so the run's output dir cannot "
                           f"be created there. Fix its permissions or choose another dir with {key}=PATH.")
-
-
-def schema_keys(cls: type = Config, prefix: str = "") -> dict[str, bool]:
-    """Every key of the schema, dotted (sections too, e.g. ``agent.clip`` and ``agent.clip.actor``), mapped to
-    whether it accepts null. The command-line pre-checks use it to name the nearest valid key for a typo."""
-    import typing
-
-    keys: dict[str, bool] = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        args = typing.get_args(hint)
-        nullable = type(None) in args
-        inner = next((t for t in args if t is not type(None)), hint) if nullable else hint
-        keys[prefix + name] = nullable
-        if dataclasses.is_dataclass(inner):
-            keys.update(schema_keys(inner, f"{prefix}{name}."))
-    return keys

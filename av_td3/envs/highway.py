@@ -3,18 +3,18 @@
 ``env.town`` picks the scene: ``racetrack`` (highway-env's racetrack-v0: a closed two-lane track, lane keeping
 with traffic at 6-9 m/s) or ``highway`` (highway-fast-v0: a straight three-lane road, traffic at 20-30 m/s);
 ``env.npcs`` other vehicles, exactly (at most 30 fit on the racetrack). highway-env moves the
-traffic and the ego car; this module maps our action onto its ``ContinuousAction``, draws the grayscale top view
-with its own graphics classes and reads the :class:`DrivingSignals` off its vehicle and lanes.
+traffic and the ego car; this module maps our action onto its ``ContinuousAction``, has the frame drawn by the
+``env.view`` of :mod:`av_td3.envs.views` and reads the :class:`DrivingSignals` off its vehicle and lanes.
 
 Handedness: highway-env's world is drawn with y pointing *down*, so its positive lateral offset, heading change
 and steering angle are to the driver's *right* as seen in the frame. They are flipped here so the contract holds:
 ego frame x forward, y left; ``lateral_offset > 0`` left of the lane centre; ``steer > 0`` turns left.
 
-Frames: highway-env's axis-aligned top view centred on the ego car, :data:`VIEW_METRES` across. In gray: ground
-101, lane markings 255, the ego car 133 (green), other cars 177 (blue), car outlines 61.
+Frames (``env.view``): ``world``, highway-env's axis-aligned top view centred on the ego car, 50 m across;
+``bev``, an ego-centred, heading-up bird's-eye view (``env.bev.*``). See :mod:`av_td3.envs.views`.
 
 ``gymnasium.make("av_td3/Highway-v0", **kwargs)`` takes :class:`~av_td3.config.EnvConfig` fields as keyword
-arguments, the nested ``image`` and ``reward`` as dicts (or config objects), e.g.
+arguments, the nested ``image``, ``reward`` and ``bev`` as dicts (or config objects), e.g.
 ``gymnasium.make("av_td3/Highway-v0", town="racetrack", npcs=5, image={"height": 64, "width": 64})``.
 A ``max_episode_steps`` given to ``gymnasium.make`` is gymnasium's own (a ``TimeLimit`` wrapper on top of
 the env's ``env.max_episode_steps``, default 500); :func:`av_td3.envs.make` sets the env's own.
@@ -36,19 +36,17 @@ os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # pygame.init() would open au
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
 import numpy as np  # noqa: E402
-import pygame  # noqa: E402
 from highway_env.envs.highway_env import HighwayEnvFast  # noqa: E402
 from highway_env.envs.racetrack_env import RacetrackEnv  # noqa: E402
-from highway_env.road.graphics import RoadGraphics, WorldSurface  # noqa: E402
 from highway_env.vehicle.behavior import IDMVehicle  # noqa: E402
 from highway_env.vehicle.graphics import VehicleGraphics  # noqa: E402
 
-from av_td3.config import ConfigError, EnvConfig, ImageConfig, RewardConfig  # noqa: E402
+from av_td3.config import BevConfig, ConfigError, EnvConfig, ImageConfig, RewardConfig  # noqa: E402
 from av_td3.envs import fast_road  # noqa: E402
 from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, MAX_SPEED_M_S,  # noqa: E402
                               DrivingEnv, DrivingSignals, lead_vehicle, to_ego_frame, wrap_angle)
+from av_td3.envs.views import BirdsEyeView, WorldView  # noqa: E402
 
-VIEW_METRES = 50.0  # width of the world the frame shows, whatever its pixel size
 ACCELERATION_RANGE = (-5.0, 5.0)  # m/s^2 for throttle_brake = -1 .. 1 (highway-env's default)
 STEERING_RANGE = (-math.pi / 4, math.pi / 4)  # rad for steer = -1 .. 1 (agent.pid.max_steer_rad agrees)
 SPEED_RANGE = (0.0, MAX_SPEED_M_S)  # braking stops the car instead of reversing it
@@ -132,12 +130,8 @@ class HighwayDrivingEnv(DrivingEnv):
         })
         if seed is not None:
             self.sim.reset(seed=seed)  # highway-env seeds its random stream on reset only
-        w, h = cfg.image.width, cfg.image.height
-        self._frame = _world_surface(w, h, scaling=w / VIEW_METRES)
-        # The road is drawn once onto a canvas three frames wide and high, and each frame copies its window:
-        # highway-env's lane drawing is most of the rendering time. Redrawn when the frame would leave it.
-        self._canvas = _world_surface(3 * w, 3 * h, scaling=w / VIEW_METRES)
-        self._canvas_centre: np.ndarray | None = None
+        h, w = cfg.image.height, cfg.image.width
+        self.view: WorldView | BirdsEyeView = BirdsEyeView(h, w, cfg.bev) if cfg.view == "bev" else WorldView(h, w)
         self._prev_position = np.zeros(2)
         self._prev_band = 0
 
@@ -146,7 +140,7 @@ class HighwayDrivingEnv(DrivingEnv):
         self.sim.reset(seed=seed)
         if self.vectorised_road:  # each reset builds a new road: the same results, much faster with many NPCs
             fast_road.speed_up(self.sim.road)
-        self._canvas_centre = None  # a new road object: draw it afresh
+        self.view.reset()  # a new road object: draw it afresh
         self.sim.vehicle.color = VehicleGraphics.EGO_COLOR  # else drawn yellow: the same gray as the blue NPCs
         return self._observe(reset=True)
 
@@ -189,7 +183,7 @@ class HighwayDrivingEnv(DrivingEnv):
                               ego.position * flip, -ego.heading)
         gap, closing = self._lead(s, signals)
         state = np.concatenate([[signals.speed, offset, heading_error, gap, closing], points.ravel()])
-        return self._render(), state.astype(np.float32), signals
+        return self.view.render(self.sim.road, ego), state.astype(np.float32), signals
 
     def _lead(self, s: float, signals: DrivingSignals) -> tuple[float, float]:
         """Gap and closing speed to the vehicle ahead in the ego's lane (highway-env's world frame throughout)."""
@@ -220,38 +214,10 @@ class HighwayDrivingEnv(DrivingEnv):
             points.append(lane.position(target, 0))
         return np.array(points)
 
-    # --- rendering -----------------------------------------------------------------------------------------
-    def _render(self) -> np.ndarray:
-        """The grayscale top view, uint8[H, W], drawn by highway-env's graphics classes."""
-        frame, canvas, ego = self._frame, self._canvas, self.sim.vehicle
-        view = np.array(frame.get_size()) / frame.scaling  # metres
-        # The frame stays on the canvas while the ego is within one view of its centre (0.9: pixel rounding).
-        if self._canvas_centre is None or np.any(np.abs(ego.position - self._canvas_centre) > 0.9 * view):
-            canvas.move_display_window_to(ego.position)
-            RoadGraphics.display(self.sim.road, canvas)
-            self._canvas_centre = ego.position.copy()
-        frame.move_display_window_to(ego.position)
-        # Snap the frame onto the canvas' pixel grid so the copied road and the cars drawn on it line up exactly.
-        offset = np.round((frame.origin - canvas.origin) * frame.scaling)
-        frame.origin = canvas.origin + offset / frame.scaling
-        frame.blit(canvas, (0, 0), area=pygame.Rect(int(offset[0]), int(offset[1]), *frame.get_size()))
-        RoadGraphics.display_road_objects(self.sim.road, frame, offscreen=True)
-        RoadGraphics.display_traffic(self.sim.road, frame, offscreen=True)
-        gray = pygame.transform.grayscale(frame)
-        return pygame.surfarray.pixels_red(gray).T.copy()  # surfarray is [W, H]
-
-
-def _world_surface(width: int, height: int, scaling: float) -> WorldSurface:
-    """A highway-env drawing surface of width x height pixels, `scaling` pixels per metre, centred on its target."""
-    surface = WorldSurface((width, height), 0, pygame.Surface((width, height)))
-    surface.scaling = scaling
-    surface.centering_position = [0.5, 0.5]
-    return surface
-
 
 def from_kwargs(**kwargs: Any) -> HighwayDrivingEnv:
     """gymnasium entry point: ``EnvConfig`` fields as keyword arguments (``image``/``reward`` as dicts)."""
-    for key, schema in (("image", ImageConfig), ("reward", RewardConfig)):
+    for key, schema in (("image", ImageConfig), ("reward", RewardConfig), ("bev", BevConfig)):
         if isinstance(kwargs.get(key), dict):
             kwargs[key] = schema(**kwargs[key])
     return HighwayDrivingEnv(EnvConfig(**kwargs))
