@@ -307,6 +307,12 @@ register_configs()
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
+# What `<key>=null` means, for the keys where null is the way to turn something off (named in range errors, since
+# 0 or None are the values people try first).
+NULL_MEANS = {"agent.clip.actor": "turns clipping off for the actor", "agent.clip.critic": "turns clipping off for "
+              "the critic"}
+
+
 def _check_field(key: str, value: Any, meta: dict) -> None:
     choices = meta.get("choices")
     if choices is not None:
@@ -321,7 +327,8 @@ def _check_field(key: str, value: Any, meta: dict) -> None:
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
         op = ">" if meta.get("lo_open") else ">="
-        raise ConfigError(f"{key}={value} is out of range: it must be {op} {lo}.")
+        off = f" `{key}=null` {NULL_MEANS[key]}." if key in NULL_MEANS else ""
+        raise ConfigError(f"{key}={value} is out of range: it must be {op} {lo}.{off}")
     if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
         op = "<" if meta.get("hi_open") else "<="
         raise ConfigError(f"{key}={value} is out of range: it must be {op} {hi}.")
@@ -418,3 +425,19 @@ def check_output_dir(args: list[str], cwd: Path | None = None) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}={value}: {existing} is not writable by this user, so the run's output dir cannot "
                           f"be created there. Fix its permissions or choose another dir with {key}=PATH.")
+
+
+def schema_keys(cls: type = Config, prefix: str = "") -> dict[str, bool]:
+    """Every key of the schema, dotted (sections too, e.g. ``agent.clip`` and ``agent.clip.actor``), mapped to
+    whether it accepts null. The command-line pre-checks use it to name the nearest valid key for a typo."""
+    import typing
+
+    keys: dict[str, bool] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        nullable = type(None) in args
+        inner = next((t for t in args if t is not type(None)), hint) if nullable else hint
+        keys[prefix + name] = nullable
+        if dataclasses.is_dataclass(inner):
+            keys.update(schema_keys(inner, f"{prefix}{name}."))
+    return keys
