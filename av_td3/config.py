@@ -218,6 +218,9 @@ class EnvConfig:
     event_wait_s: float = rng(0.01, 0.0, 1.0)
     # Time-out of the first tick and camera frame of a new scene (start, reconnect): a cold server is slow.
     first_frame_timeout_s: float = rng(60.0, 0.1)
+    # Minutes without a CARLA server before the run checkpoints and exits non-zero: when the server is lost, the
+    # worker process is restarted (a fresh client and Traffic Manager) with back-off for this long.
+    server_lost_minutes: float = rng(10.0, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------- monitor
