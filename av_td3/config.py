@@ -110,6 +110,10 @@ class AgentConfig:
     hidden_layers: int = rng(2, 1)
     # Feed the lane-state vector to the networks next to the image features.
     use_state: bool = True
+    # Image augmentation in the update only (never when acting or evaluating), see av_td3/agent/augment.py:
+    # none | shift (DrQ's random shift: replicate-pad by augment_pad pixels, crop back at a random offset per sample).
+    augment: str = one_of("none", "none", "shift")
+    augment_pad: int = rng(4, 0, 32)
     compile: bool = False
     # Gains of the classical baseline (used when agent.name=pid).
     pid: PidConfig = field(default_factory=PidConfig)

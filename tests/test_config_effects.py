@@ -151,3 +151,34 @@ def test_n_step_reaches_the_sampled_batches(tmp_path: Path) -> None:
         t.train()
     assert discounts[1] == {None}  # one step: the agent's gamma
     assert discounts[3] <= {0.5, 0.25, 0.125} and 0.125 in discounts[3]  # up to 3 rewards summed
+
+
+@pytest.mark.parametrize("overrides", [("agent.augment=shift",), ("agent.augment=shift", "agent.augment_pad=1")])
+def test_augment_keys_change_the_update(overrides: tuple[str, ...]) -> None:
+    """agent.augment=shift against none, and agent.augment_pad=1 against its default 4 (both with shift)."""
+    from av_td3.agent.td3 import TD3
+    from tests.test_td3 import SPEC
+
+    base = ("agent.augment=shift",) if len(overrides) > 1 else ()
+    results = []
+    for chosen in (base, overrides):
+        cfg: Config = load(*chosen, "agent.features_dim=16", "agent.hidden_dim=32")
+        agent = TD3(cfg.agent, cfg.monitor, SPEC, torch.device("cpu"), q_bound=1e9, seed=0)
+        for i in range(2):
+            agent.update(make_batch(i, reward_scale=50.0), step=i)
+        results.append(params(agent.critic))
+    assert not all(torch.equal(x, y) for x, y in zip(*results))
+
+
+def test_view_keys_change_the_frames() -> None:
+    """env.view and each env.bev.* key change what the composed config's env shows (see tests/test_views.py)."""
+    from av_td3.envs import make
+
+    frames = {}
+    for overrides in ((), ("env.view=bev",), ("env.view=bev", "env.bev.ahead_m=30"),
+                      ("env.view=bev", "env.bev.behind_m=30"), ("env.view=bev", "env.bev.side_m=30")):
+        env = make(load(*overrides, "env.npcs=0").env, seed=0)
+        frames[overrides] = env.reset(seed=0)[0]["image"]
+        env.close()
+    images = list(frames.values())
+    assert all(not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1:])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from av_td3.agent import augment
 from av_td3.agent.monitor import GradMonitor, NonFiniteError
 from av_td3.agent.networks import Actor, Critic, Encoder
 from av_td3.config import AgentConfig, MonitorConfig
@@ -69,6 +70,7 @@ class TD3:
         self.monitor = GradMonitor(monitor_cfg, cfg.clip, {"actor": self.actor.parts(), "critic": self.critic.parts()},
                                    q_bound, spec.action_names, device)
         self._noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        self._augment = augment.make(cfg.augment, cfg.augment_pad, device, seed + 2)  # own stream: see update
         self.critic_updates = 0
         self.actor_updates = 0
         if cfg.compile:
@@ -114,6 +116,8 @@ class TD3:
         one finiteness check per network update (the guard)."""
         cfg, mon = self.cfg, self.monitor
         images, next_images = self._images(batch.obs_image), self._images(batch.next_image)
+        if self._augment is not None:  # agent.augment: the update's images only, never act()'s
+            images, next_images = self._augment(images), self._augment(next_images)
         states, next_states = self._states(batch.obs_state), self._states(batch.next_state)
         action = batch.action.to(self.device, non_blocking=True)
         reward = batch.reward.to(self.device, non_blocking=True)
@@ -189,7 +193,8 @@ class TD3:
                 "actor_target": self.actor_target.state_dict(), "critic_target": self.critic_target.state_dict(),
                 "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                 "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
-                "noise_gen": self._noise_gen.get_state(), "monitor": self.monitor.state_dict()}
+                "noise_gen": self._noise_gen.get_state(), "monitor": self.monitor.state_dict(),
+                "augment": None if self._augment is None else self._augment.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         self.actor.load_state_dict(d["actor"])
@@ -201,4 +206,6 @@ class TD3:
         self.critic_updates = d["critic_updates"]
         self.actor_updates = d["actor_updates"]
         self._noise_gen.set_state(d["noise_gen"])
+        if self._augment is not None and d.get("augment") is not None:  # absent from checkpoints without it
+            self._augment.load_state_dict(d["augment"])
         self.monitor.load_state_dict(d["monitor"])
