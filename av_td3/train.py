@@ -229,7 +229,11 @@ class Trainer:
         check_compatible(state["compat"], self._compat(), path)
         self.agent.load_state_dict(state["agent"])
         if "buffer" in state and self.learning:
-            self.buffer.load_state_dict(state["buffer"])
+            try:
+                self.buffer.load_state_dict(state["buffer"])
+            except ValueError as e:
+                raise ConfigError(f"checkpoint {path}: {e}. Resume with the configuration it was made with, or "
+                                  "start fresh with trainer.resume=none in a new output dir.") from e
         self.step, self.episodes = state["step"], state["episodes"]
         self.rng.bit_generator.state = state["rng"]["trainer"]
         random.setstate(state["rng"]["python"])
