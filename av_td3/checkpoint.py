@@ -1,21 +1,73 @@
-"""Crash-safe checkpoints: atomic writes, the last K kept, a ``latest`` pointer, fallback on a bad file."""
+"""Crash-safe checkpoints: atomic writes, the last K kept, a ``latest`` pointer, fallback on a bad file.
+
+Checkpoints are data, never code. A checkpoint holds only tensors and plain values (dicts, lists, tuples, str,
+int, float, bool, None), so it is read with ``torch.load(weights_only=True)``, which rebuilds exactly those and
+refuses anything else: a crafted ``.pt`` file (given to ``trainer.resume`` or left in a run's ``checkpoints/``)
+cannot run code when it is read. :func:`plain` converts numpy arrays and scalars on save, and refuses other
+objects then, so a checkpoint that could not be read back safely is never written. Files that need a full
+unpickle (those of format 1, written before 2026-12, hold numpy arrays) are refused unless the user sets
+``trainer.trust_checkpoint=true``.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import pickle
+import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from torch.serialization import get_unsafe_globals_in_checkpoint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: tensors and plain values only (read with weights_only=True), the replay buffer's filled rows compressed.
+# 1: numpy arrays and the whole allocated buffer; readable only with trainer.trust_checkpoint=true.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+
+_PLAIN_SCALARS = (str, bytes, int, float, bool, type(None), torch.Tensor)
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one made for a different configuration. The message says what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds Python objects that only a full unpickle rebuilds, and unpickling can run code. Never
+    skipped in favour of an older checkpoint: the user decides (delete it, or trust it explicitly)."""
+
+
+def plain(obj: Any, where: str = "checkpoint") -> Any:
+    """``obj`` with numpy arrays turned into tensors (same dtype and shape) and numpy scalars into Python ones,
+    so that ``torch.load(weights_only=True)`` reads it back; containers left as they are when nothing in them
+    changed (a module's state dict keeps its ``_metadata``). ``where`` names the entry in error messages.
+
+    Raises TypeError for any other type: it would make the checkpoint unreadable without a full unpickle."""
+    if isinstance(obj, np.generic):  # before the scalars: np.float64 is a float subclass, pickled as numpy's
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, _PLAIN_SCALARS):
+        return obj
+    if type(obj) in (dict, collections.OrderedDict):
+        items = [(plain(k, f"{where} key"), plain(v, f"{where}[{k!r}]")) for k, v in obj.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items())):
+            return obj
+        out = type(obj)(items)
+        if hasattr(obj, "_metadata"):  # nn.Module.state_dict() versions its modules' entries here
+            out._metadata = obj._metadata
+        return out
+    if type(obj) in (list, tuple):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return obj if all(v is v0 for v, v0 in zip(items, obj)) else type(obj)(items)
+    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
+                    "tensors, numpy arrays and plain values (dict, list, tuple, str, int, float, bool, None) so "
+                    "that it loads without unpickling code: convert it to one of those in its state_dict().")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -26,11 +78,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temporary file, fsync it, then rename: a crash leaves the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write through a temporary file, fsync it, then rename: a crash leaves the old file or the new, never half.
+
+    The temporary file lies next to ``path`` (so the rename stays on one file system) under a random name and
+    is created exclusively (O_EXCL: never an existing file or a symlink planted in its place); its mode follows
+    the umask, like the file it replaces."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -53,9 +110,13 @@ class CheckpointManager:
         self.keep = keep
 
     def save(self, state: dict, step: int) -> Path:
+        """Write ``state`` (tensors, numpy arrays and plain values; see :func:`plain`) as ``step_<step>.pt``."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".*.tmp"):  # left by a process killed mid-write; one trainer writes this dir
+            stale.unlink(missing_ok=True)
+        safe = plain({"format": FORMAT_VERSION, **state})
         path = self.dir / f"step_{step:010d}.pt"
-        atomic_write_bytes(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
+        atomic_write_bytes(path, lambda f: torch.save(safe, f))
         atomic_write_bytes(self.dir / "latest", lambda f: f.write(path.name.encode()))
         for old in self.all()[:-self.keep]:
             old.unlink(missing_ok=True)
@@ -65,8 +126,10 @@ class CheckpointManager:
         """Checkpoint files, oldest first."""
         return sorted(self.dir.glob("step_*.pt")) if self.dir.is_dir() else []
 
-    def load_latest(self, map_location: torch.device | str = "cpu") -> tuple[dict, Path] | None:
-        """The newest checkpoint that loads; a corrupt one is reported and the previous one used."""
+    def load_latest(self, map_location: torch.device | str = "cpu",
+                    trust: bool = False) -> tuple[dict, Path] | None:
+        """The newest checkpoint that loads; a corrupt one is reported and the previous one used. One that needs
+        an unsafe unpickle stops the search (:class:`UnsafeCheckpointError`) unless ``trust``."""
         candidates = self.all()[::-1]
         pointer = self.dir / "latest"
         if pointer.exists():
@@ -76,21 +139,58 @@ class CheckpointManager:
                 candidates.insert(0, named)
         for path in candidates:
             try:
-                return load(path, map_location), path
+                return load(path, map_location, trust), path
+            except UnsafeCheckpointError:
+                raise
             except CheckpointError as e:
                 log.error("%s — trying the previous checkpoint", e)
         return None
 
 
-def load(path: Path, map_location: torch.device | str = "cpu") -> dict:
+def load(path: Path, map_location: torch.device | str = "cpu", trust: bool = False) -> dict:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain values only, no code runs. A file that
+    names other Python objects raises :class:`UnsafeCheckpointError`, unless ``trust``
+    (``trainer.trust_checkpoint=true``): then it is unpickled in full, which runs whatever code it names."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused the file: unsafe objects, or not a pickle at all
+        unsafe = _unsafe_globals(path)
+        if not unsafe:
+            raise _unreadable(path, e) from e
+        if not trust:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} was not loaded: it names Python objects ({', '.join(unsafe[:6])}) that only "
+                "a full unpickle rebuilds, and unpickling runs code named in the file, so a crafted checkpoint "
+                "can run any command as you. av-td3 checkpoints written since format 2 hold tensors and plain "
+                "values only. If you wrote this file yourself with an older av-td3 (format 1) and trust it, "
+                "add trainer.trust_checkpoint=true to load it once; the next checkpoint is written in the safe "
+                "format. Otherwise delete it, or start fresh with trainer.resume=none.") from e
+        log.warning("trainer.trust_checkpoint=true: unpickling %s in full (it names %s); this runs any code the "
+                    "file names", path, ", ".join(unsafe[:6]))
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as e2:
+            raise _unreadable(path, e2) from e2
     except Exception as e:  # torch raises several types for truncated or garbled files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is corrupt or "
-                              "incomplete. Delete it or point trainer.resume at another checkpoint.") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not an av-td3 checkpoint of format {FORMAT_VERSION}.")
+        raise _unreadable(path, e) from e
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"checkpoint {path} is not an av-td3 checkpoint of format "
+                              f"{' or '.join(map(str, READABLE_FORMATS))}.")
     return state
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python objects (module.name) a checkpoint's pickle names beyond what weights_only allows; read from its
+    opcodes without executing them. Empty when the file is no torch checkpoint at all."""
+    try:
+        return get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch zip file: garbage, truncated, or a raw pickle
+        return []
+
+
+def _unreadable(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}); it is "
+                           "corrupt or incomplete. Delete it or point trainer.resume at another checkpoint.")
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -54,6 +54,9 @@ class TrainerConfig:
     device: str = one_of("auto", "auto", "cpu", "cuda")
     # Checkpoint to resume from: "auto" (latest in this run's output dir, if any), "none", or a file path.
     resume: str = "auto"
+    # Load a checkpoint that needs a full unpickle (format 1, written before 2026-12), which runs any code the
+    # file names: only for a file you wrote yourself. Checkpoints are otherwise read as data (tensors, plain values).
+    trust_checkpoint: bool = False
     # Threads torch may use; 0 keeps torch's default. Sweep launchers split cores between jobs with it.
     torch_threads: int = rng(0, 0)
     # Show a progress bar when attached to a terminal.

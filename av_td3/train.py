@@ -213,8 +213,11 @@ class Trainer:
         resume = self.cfg.trainer.resume
         if resume == "none":
             return
+        trust = self.cfg.trainer.trust_checkpoint
+        # Read onto the CPU: the RNG states must be CPU tensors, the buffer is numpy, and the agent and its
+        # optimizers move what they load onto their own device.
         if resume == "auto":
-            found = self.ckpt.load_latest(self.device)
+            found = self.ckpt.load_latest("cpu", trust)
             if found is None:
                 return
             state, path = found
@@ -225,7 +228,7 @@ class Trainer:
             if not path.exists():
                 raise ConfigError(f"trainer.resume={resume}: no such checkpoint file. Give an existing .pt path, "
                                   "or trainer.resume=auto.")
-            state = load(path, self.device)
+            state = load(path, "cpu", trust)
         check_compatible(state["compat"], self._compat(), path)
         self.agent.load_state_dict(state["agent"])
         if "buffer" in state and self.learning:
