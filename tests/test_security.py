@@ -170,3 +170,23 @@ def test_a_save_removes_temporary_files_left_by_a_killed_writer(tmp_path: Path) 
     (tmp_path / ".step_0000000005.pt.0123abcd.tmp").write_bytes(b"half a checkpoint")
     CheckpointManager(tmp_path, keep=1).save({"step": 6}, 6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000000006.pt"]
+
+
+def test_the_csv_purge_on_resume_never_writes_through_a_planted_file(tmp_path: Path, monkeypatch) -> None:
+    """The CSV logger rewrites scalars.csv without the points a killed process logged after its checkpoint; its
+    temporary file is created the same way as the checkpoint's."""
+    from av_td3.config import CsvConfig
+    from av_td3.loggers import csv as csv_logger
+
+    (tmp_path / "scalars.csv").write_text("step,tag,value\n10,a,1.0\n20,a,2.0\n30,a,3.0\n")
+    csv_logger.CsvBackend(CsvConfig(), tmp_path, purge_step=20).close()
+    assert (tmp_path / "scalars.csv").read_text().splitlines() == ["step,tag,value", "10,a,1.0"]
+    assert [p.name for p in tmp_path.iterdir()] == ["scalars.csv"]
+
+    monkeypatch.setattr(csv_logger.secrets, "token_hex", lambda n: "guessed")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".scalars.csv.guessed.tmp").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        csv_logger.CsvBackend(CsvConfig(), tmp_path, purge_step=5)
+    assert victim.read_text() == "precious"

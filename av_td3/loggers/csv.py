@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +29,17 @@ class CsvBackend:
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
         kept = [rows[0]] + [r for r in rows[1:] if len(r) == 3 and int(r[0]) < purge_step]
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        tmp.replace(self.path)
+        # A fresh file under a random name next to the CSV, created exclusively (never an existing file or a
+        # planted link; mode from the umask), renamed over it: a crash leaves the old CSV or the purged one.
+        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         self._writer.writerows((step, tag, repr(float(v)) if math.isfinite(v) else str(float(v)))
