@@ -292,24 +292,25 @@ class Actor:
         cached = self._server.snapshot.get(self.id)
         return Vector3D(*cached[1]) if cached else Vector3D()
 
+    # set_transform, set_target_*velocity and apply_control are asynchronous calls on the real client (no answer
+    # awaited): a destroyed actor, or one of a restarted server, raises nothing.
     @typed(transform=Transform)
     def set_transform(self, transform: Transform) -> None:
-        self._alive()
+        self._server.check()
         self._server.calls.append(("set_transform", self.id, transform.location.x, transform.location.y))
         self.transform = transform.copy()
 
     @typed(velocity=Vector3D)
     def set_target_velocity(self, velocity: Vector3D) -> None:
-        self._alive()
+        self._server.check()
         self.speed = math.hypot(velocity.x, velocity.y)
 
     @typed(angular_velocity=Vector3D)
     def set_target_angular_velocity(self, angular_velocity: Vector3D) -> None:
-        self._alive()
+        self._server.check()
 
     @typed(control=VehicleControl)
     def apply_control(self, control: VehicleControl) -> None:
-        # An asynchronous call on the real client (no answer awaited): no error for a destroyed actor.
         self._server.check()
         self._server.calls.append(("apply_control", control.throttle, control.steer, control.brake))
         self.control = control
@@ -835,3 +836,47 @@ class FakeCarlaModule:
 
     def Client(self, host: str = "127.0.0.1", port: int = 2000, worker_threads: int = 0) -> Client:  # noqa: N802
         return Client(self, host, port, worker_threads)
+
+
+# ------------------------------------------------------------------------------------------ worker processes
+class InlineWorker:
+    """Stands in for av_td3.envs.carla.worker.ProcessWorker: the session runs in this process, on a fresh
+    ``FakeCarlaModule`` (a fresh "process": no Traffic Manager yet) sharing ``server``. A :class:`ProcessAborted`
+    ends the "process": this call and every later one raise the worker's ``WorkerDied``."""
+
+    def __init__(self, server: FakeServer, cfg: Any, seed: int | None, **session_kwargs: Any) -> None:
+        from av_td3.envs.carla.env import CarlaSession
+        from av_td3.envs.carla.worker import WorkerDied
+
+        self._died = WorkerDied
+        self.module = FakeCarlaModule(server=server)
+        self.alive = True
+        try:
+            self.env = CarlaSession(cfg, seed, carla_module=self.module, sleep=lambda s: None, **session_kwargs)
+        except ProcessAborted as err:
+            raise WorkerDied(f"the CARLA worker process aborted: {err}") from None
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if not self.alive:
+            raise self._died("the CARLA worker process has ended")
+        try:
+            return getattr(self.env, method)(*args, **kwargs)
+        except ProcessAborted as err:
+            self.alive = False
+            raise self._died(f"the CARLA worker process aborted: {err}") from None
+
+    def kill(self) -> None:
+        self.alive = False
+
+
+def inline_workers(server: FakeServer) -> Callable[[Any, Any], InlineWorker]:
+    """A worker factory for ``CarlaDrivingEnv(start=...)`` (or to patch ``worker.start_worker`` with)."""
+    started: list[InlineWorker] = []
+
+    def start(cfg: Any, seed: int | None) -> InlineWorker:
+        worker = InlineWorker(server, cfg, seed)
+        started.append(worker)
+        return worker
+
+    start.started = started  # type: ignore[attr-defined]
+    return start

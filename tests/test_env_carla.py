@@ -1,5 +1,7 @@
-"""CarlaDrivingEnv against the in-repo test double (tests/carla_double.py), against the real client with no server,
-and (marked ``carla``) against a real CARLA 0.9.16 server when one is reachable at CARLA_HOST:CARLA_PORT."""
+"""The CARLA backend against the in-repo test double (tests/carla_double.py), against the real client with no
+server, and (marked ``carla``) against a real CARLA 0.9.16 server when one is reachable at CARLA_HOST:CARLA_PORT.
+``CarlaSession`` is the env on one server in one process; ``CarlaDrivingEnv`` (what the trainer uses) runs a
+session in a worker process and restarts it when the server is lost."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import pytest
 from av_td3.config import ConfigError, EnvConfig
 from av_td3.envs import base
 from av_td3.envs.base import INFO_KEYS, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError
-from av_td3.envs.carla import CarlaDrivingEnv
+from av_td3.envs.carla import CarlaDrivingEnv, CarlaSession
+from av_td3.envs.carla import worker as carla_worker
 from av_td3.envs.carla.ports import claim_dir, claim_path
 from tests import carla_double
 from tests.carla_double import (LANE_WIDTH, LANES_Y, SPAWN_X, ActorBlueprint, FakeCarlaModule, Image, Location,
@@ -47,7 +50,7 @@ def carla_cfg(**overrides) -> EnvConfig:
 def make_env(fake: FakeCarlaModule | None = None, seed: int | None = 0, **overrides):
     fake = fake or FakeCarlaModule()
     sleeps: list[float] = []
-    env = CarlaDrivingEnv(carla_cfg(**overrides), seed, carla_module=fake, sleep=sleeps.append)
+    env = CarlaSession(carla_cfg(**overrides), seed, carla_module=fake, sleep=sleeps.append)
     return env, fake, sleeps
 
 
@@ -83,7 +86,7 @@ def test_observation_contract_matches_base():
 def test_import_without_carla_client_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "carla", None)  # makes `import carla` raise ImportError
     with pytest.raises(EnvUnavailableError, match=r"pip install '\.\[carla\]'"):
-        CarlaDrivingEnv(carla_cfg(), 0)
+        CarlaSession(carla_cfg(), 0)
 
 
 def test_action_mapping_and_non_finite_actions_never_reach_the_simulator():
@@ -626,7 +629,7 @@ def test_real_client_no_server_is_env_unavailable_within_timeout():
     port = _closed_port()
     start = time.monotonic()
     with pytest.raises(EnvUnavailableError) as caught:
-        CarlaDrivingEnv(carla_cfg(host="127.0.0.1", port=port, timeout_s=2.0), 0)
+        CarlaSession(carla_cfg(host="127.0.0.1", port=port, timeout_s=2.0), 0)
     elapsed = time.monotonic() - start
     assert elapsed < 2.0 + 3.0, elapsed
     message = str(caught.value)
@@ -826,3 +829,135 @@ def test_port_claims_live_in_a_private_directory_and_refuse_a_planted_one(tmp_pa
     with pytest.raises(ConfigError, match="not a private directory"):
         make_env()
     assert list(elsewhere.iterdir()) == []
+
+
+# -------------------------------------------------------------------------------- worker process and restarts
+class FakeClock:
+    """``sleep`` advances ``now``; ``on_sleep`` lets a test bring the server back at some time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self.on_sleep = lambda now: None
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        self.on_sleep(self.now)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def worker_env(fake: FakeCarlaModule | None = None, seed: int | None = 0, **overrides):
+    fake = fake or FakeCarlaModule()
+    start, clock = carla_double.inline_workers(fake.server), FakeClock()
+    env = CarlaDrivingEnv(carla_cfg(**overrides), seed, start=start, sleep=clock.sleep, clock=clock)
+    return env, fake, start, clock
+
+
+def test_server_restart_restarts_the_worker_and_truncates_the_episode():
+    env, fake, start, clock = worker_env()
+    env.reset(seed=0)
+    good, *_ = env.step(np.array([0.0, 1.0]))
+    first = start.started[0]
+    fake.server.restart()  # the server process dies and comes back: the worker's Traffic Manager is stale
+    obs, reward, terminated, truncated, info = env.step(np.array([0.0, 1.0]))
+    assert truncated and not terminated and reward == 0.0 and info["reconnects"] == 1
+    assert set(base.INFO_KEYS) <= set(info) and set(info["reward_components"]) == set(REWARD_COMPONENTS)
+    np.testing.assert_array_equal(obs["state"], good["state"])  # the last good observation
+    assert len(start.started) == 2 and not first.alive and start.started[1].module is not first.module
+    assert env.restarts == 1 and clock.sleeps == []  # the server was back: no wait
+    obs, info = env.reset(seed=1)  # the fresh worker took the server over; training goes on
+    assert info["reconnects"] == 1 and env.observation_space.contains(obs)
+    _, _, terminated, truncated, info = env.step(np.zeros(2))
+    assert not terminated and not truncated
+    assert len([a for a in fake.server.of_type("vehicle.") if a.autopilot_port]) == 4
+    env.close()
+    assert fake.server.actors == {}
+
+
+def test_a_reset_that_loses_the_server_is_replayed_on_a_fresh_worker():
+    reference, ref_fake, _, _ = worker_env()
+    reference.reset(seed=2)
+    expected = traffic(ref_fake)
+    reference.close()
+    env, fake, start, _ = worker_env()
+    fake.server.restart()
+    obs, info = env.reset(seed=2)
+    assert info["reconnects"] == 1 and len(start.started) == 2 and traffic(fake) == expected
+    env.close()
+
+
+@pytest.mark.parametrize("minutes, back_after_s, recovers", [(2.0, 90.0, True), (1.0, 90.0, False),
+                                                             (0.5, None, False)])
+def test_server_lost_minutes_is_the_window_before_giving_up(minutes, back_after_s, recovers):
+    """The server goes away; the env restarts workers with back-off for env.server_lost_minutes. A server back
+    within the window continues the run; otherwise SimulatorLostError says how long and how to resume."""
+    env, fake, start, clock = worker_env(server_lost_minutes=minutes)
+    env.reset(seed=0)
+    fake.server.down = True
+    if back_after_s is not None:
+        clock.on_sleep = lambda now: setattr(fake.server, "down", now < back_after_s)
+    if recovers:
+        _, _, _, truncated, info = env.step(np.zeros(2))
+        assert truncated and info["reconnects"] >= 1 and clock.now >= back_after_s
+        env.reset(seed=1)
+    else:
+        with pytest.raises(SimulatorLostError, match=rf"no CARLA server at localhost:2000 for {minutes:g} minute.*"
+                                                     r"env.server_lost_minutes.*rerun the same command"):
+            env.step(np.zeros(2))
+        assert clock.now == pytest.approx(minutes * 60.0)
+        assert clock.sleeps[:3] == [1.0, 2.0, 4.0]  # back-off between restarts
+    env.close()
+
+
+def test_non_finite_actions_are_refused_before_the_worker():
+    env, fake, _, _ = worker_env()
+    env.reset(seed=0)
+    n = len(calls(fake, "apply_control"))
+    with pytest.raises(ValueError, match="non-finite"):
+        env.step(np.array([np.inf, 0.0]))
+    assert len(calls(fake, "apply_control")) == n
+    env.close()
+
+
+class SlowEnv:
+    """A picklable stand-in for a session, for the process plumbing (the double cannot cross processes)."""
+
+    def __init__(self, cfg: EnvConfig, seed: int | None) -> None:
+        if cfg.port == 1:
+            raise EnvUnavailableError("cannot reach the CARLA server at localhost:1")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def hang(self) -> None:
+        time.sleep(60)
+
+    def close(self) -> None:
+        pass
+
+
+def test_process_worker_runs_in_its_own_process_and_reports_its_death():
+    worker = carla_worker.ProcessWorker(carla_cfg(), 0, watchdog_s=30.0, factory=SlowEnv)
+    pid = worker.call("pid")
+    assert pid != os.getpid()
+    os.kill(pid, 9)  # e.g. the CARLA client aborting the process
+    with pytest.raises(carla_worker.WorkerDied, match="ended"):
+        worker.call("pid")
+    worker.kill()
+    with pytest.raises(EnvUnavailableError, match="localhost:1"):  # the constructor's error crosses over
+        carla_worker.ProcessWorker(carla_cfg(port=1), 0, watchdog_s=30.0, factory=SlowEnv)
+    worker = carla_worker.ProcessWorker(carla_cfg(), 0, watchdog_s=30.0, factory=SlowEnv)
+    worker.watchdog_s = 1.0  # started; now a call that hangs
+    with pytest.raises(carla_worker.WorkerDied, match="did not answer within 1 s"):
+        worker.call("hang")
+    worker.kill()
+
+
+def test_real_client_in_a_worker_process_no_server_is_env_unavailable():
+    pytest.importorskip("carla")
+    port = _closed_port()
+    with pytest.raises(EnvUnavailableError, match=rf"127.0.0.1:{port}.*docker compose"):
+        CarlaDrivingEnv(carla_cfg(host="127.0.0.1", port=port, timeout_s=1.0), 0)

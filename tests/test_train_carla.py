@@ -1,4 +1,5 @@
-"""The trainer on env=carla, against the CARLA test double: one connection for training and evaluation."""
+"""The trainer on env=carla, against the CARLA test double: one connection for training and evaluation, and a
+simulator that restarts or goes away mid-run (the worker is run in this process, see carla_double.InlineWorker)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 
 from av_td3.analysis.events import read_scalars_csv
 from av_td3.config import ConfigError
+from av_td3.envs.base import SimulatorLostError
+from av_td3.envs.carla import worker as carla_worker
 from av_td3.train import Trainer
 from tests import carla_double
 from tests.carla_double import FakeCarlaModule
@@ -34,7 +37,21 @@ def fake_carla(monkeypatch, tmp_path) -> FakeCarlaModule:
     monkeypatch.setattr(carla_double, "Image", MarkedImage)
     fake = FakeCarlaModule()
     monkeypatch.setitem(sys.modules, "carla", fake)
+    monkeypatch.setattr(carla_worker, "start_worker", carla_double.inline_workers(fake.server))
     return fake
+
+
+def on_tick_number(fake: FakeCarlaModule, n: int, action) -> None:
+    """Run ``action`` right after the server's ``n``-th tick from now."""
+    tick, count = fake.server.tick, [0]
+
+    def counted(dt: float) -> None:
+        tick(dt)
+        count[0] += 1
+        if count[0] == n:
+            action()
+
+    fake.server.tick = counted
 
 
 def test_training_on_carla_evaluates_on_the_same_connection(fake_carla, tmp_path: Path) -> None:
@@ -46,6 +63,42 @@ def test_training_on_carla_evaluates_on_the_same_connection(fake_carla, tmp_path
     assert list(df[df.tag == "eval/return"]["step"]) == [40, 80]
     assert (df[df.tag == "env/reconnects"]["value"] == 0).all()
     assert trainer.agent.critic_updates == 40
+
+
+def test_a_server_restart_mid_training_restarts_the_worker_and_training_goes_on(fake_carla, tmp_path: Path) -> None:
+    trainer = Trainer(load(*ARGS), tmp_path / "run")
+    on_tick_number(fake_carla, 40, fake_carla.server.restart)  # during the first training episode
+    summary = trainer.train()
+    assert summary.status == "completed" and summary.steps == 80
+    assert len(trainer.buffer) == 80  # one transition per env step: none lost, none twice
+    df = read_scalars_csv(tmp_path / "run" / "scalars.csv")
+    assert df[df.tag == "env/reconnects"]["value"].iloc[-1] == 1
+    assert list(df[df.tag == "eval/return"]["step"]) == [40, 80]
+    assert trainer.envs.envs[0].restarts == 1
+
+
+def test_a_server_that_never_comes_back_checkpoints_and_stops(fake_carla, tmp_path: Path) -> None:
+    trainer = Trainer(load(*ARGS, "env.server_lost_minutes=0"), tmp_path / "run")
+    on_tick_number(fake_carla, 40, lambda: setattr(fake_carla.server, "down", True))
+    with pytest.raises(SimulatorLostError, match="no CARLA server at localhost:2000 for 0 minute"):
+        trainer.train()
+    assert trainer.summary.status == "stopped" and "simulator lost" in trainer.summary.reason
+    assert list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+
+
+def test_a_lost_server_exits_non_zero_with_how_to_resume(fake_carla, tmp_path: Path, caplog) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from av_td3.app import EXIT_FAILED, run_job
+    from tests.test_config import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[*ARGS, "env.server_lost_minutes=0"])
+    on_tick_number(fake_carla, 40, lambda: setattr(fake_carla.server, "down", True))
+    objective, code = run_job(cfg, tmp_path / "run", resume_command="python launch.py env=carla")
+    assert code == EXIT_FAILED != 0
+    assert "no CARLA server at localhost:2000 for 0 minute(s)" in caplog.text and "rerun" in caplog.text
+    assert list((tmp_path / "run" / "checkpoints").glob("*.pt"))
 
 
 def test_carla_refuses_several_envs_on_one_server(fake_carla, tmp_path: Path) -> None:

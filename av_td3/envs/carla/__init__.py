@@ -1,15 +1,18 @@
 """CARLA 0.9.16 backend of the driving-env contract in :mod:`av_td3.envs.base`.
 
-- :mod:`.env`: :class:`CarlaDrivingEnv`, the session with one server: connection, world set-up, the ego and its
-  sensors, ticks, resets and reconnects.
+- :mod:`.worker`: :class:`CarlaDrivingEnv`, what the trainer uses: a session in its own worker process, restarted
+  (a fresh client and Traffic Manager) when the server is lost.
+- :mod:`.env`: :class:`CarlaSession`, the env on one server in this process: connection, world take-over, the ego
+  and its sensors, ticks, resets and in-process reconnects after a stall.
 - :mod:`.sensors`: the sensor inbox that hands a tick's camera image and its frame-stamped events to the step.
 - :mod:`.traffic`: reproducible NPC traffic (blueprint choice, seeded spawning with fallback points).
 - :mod:`.route`: the route along the map's waypoints and the frame conversions.
 - :mod:`.ports`: claims on a server and a Traffic Manager port, so two runs on one server are warned about.
 
-The ``carla`` package is imported when an env is built, never at ``import av_td3`` time.
+The ``carla`` package is imported when a session is built (in the worker), never at ``import av_td3`` time.
 """
 
-from av_td3.envs.carla.env import CarlaDrivingEnv
+from av_td3.envs.carla.env import CarlaSession
+from av_td3.envs.carla.worker import CarlaDrivingEnv
 
-__all__ = ["CarlaDrivingEnv"]
+__all__ = ["CarlaDrivingEnv", "CarlaSession"]

@@ -51,9 +51,10 @@ def _is_unreachable(err: Exception) -> bool:
     return "time-out" in text or "resolve" in text
 
 
-class CarlaDrivingEnv(DrivingEnv):
-    """The driving env on a CARLA 0.9.16 server. ``carla_module`` and ``sleep`` exist for tests (a test double of
-    the client and a fake clock for the reconnect back-off); leave them out to use the real ``carla`` package."""
+class CarlaSession(DrivingEnv):
+    """The driving env on a CARLA 0.9.16 server, in this process (the trainer runs it in a worker process, see
+    :mod:`.worker`). ``carla_module`` and ``sleep`` exist for tests (a test double of the client and a fake clock
+    for the reconnect back-off); leave them out to use the real ``carla`` package."""
 
     def __init__(self, cfg: EnvConfig, seed: int | None = None, *, carla_module: Any = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
@@ -360,8 +361,9 @@ class CarlaDrivingEnv(DrivingEnv):
 
     def _recover(self, err: Exception) -> None:
         """Reconnect with exponential back-off and take the server over again; SimulatorLostError after
-        env.max_reconnects failed attempts in a row. Meant for a stalled server: a restarted one has left this
-        process's Traffic Manager bound to the dead one."""
+        env.max_reconnects failed attempts in a row. This rides out a stalled server; a restarted one has left
+        this process's Traffic Manager bound to the dead one, and the CARLA client aborts the process: the worker
+        (:mod:`.worker`) then starts a fresh one."""
         c = self.cfg
         while True:
             self._failures += 1

@@ -1,0 +1,262 @@
+"""Each CARLA simulator in its own worker process, restarted when its server is lost.
+
+The CARLA client keeps one Traffic Manager per process and port (``TrafficManager::GetTM``). When the server
+restarts, the next ``get_trafficmanager`` hands back the old one, bound to the dead connection, and its worker
+thread aborts the whole process (carla#7597). So the trainer never talks to CARLA itself: :class:`CarlaDrivingEnv`
+runs a :class:`~av_td3.envs.carla.env.CarlaSession` in a child process (the gymnasium vector-env worker model,
+one env per worker) and forwards ``reset``/``step``/``close`` to it. When the worker dies, stops answering, or gives
+up reconnecting (``SimulatorLostError`` after ``env.max_reconnects``), the env kills it and starts a fresh one — a
+fresh client and Traffic Manager — with back-off, ends the current episode as truncated on the last good
+observation, and training goes on. When no worker can be started for ``env.server_lost_minutes``, it raises
+``SimulatorLostError``: the trainer checkpoints and exits non-zero with that message.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import time
+from typing import Any, Callable, Protocol
+
+import gymnasium as gym
+import numpy as np
+
+from av_td3.config import EnvConfig
+from av_td3.envs.base import (REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError, action_space,
+                              observation_space)
+
+log = logging.getLogger(__name__)
+
+# Restart back-off: 1 s, 2 s, 4 s, ... capped, within env.server_lost_minutes.
+BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+
+
+class WorkerDied(RuntimeError):
+    """The worker process ended, or stopped answering: its simulator connection is gone with it."""
+
+
+class Worker(Protocol):
+    """One CarlaSession somewhere: ``call`` runs one of its methods and returns the result or raises what it
+    raised (:class:`WorkerDied` when the worker itself is gone); ``kill`` ends it without asking."""
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
+
+    def kill(self) -> None: ...
+
+
+StartWorker = Callable[[EnvConfig, "int | None"], Worker]
+
+
+# ------------------------------------------------------------------------------------------- the process worker
+def make_session(cfg: EnvConfig, seed: int | None) -> Any:
+    """The worker's env: a CarlaSession on the real client."""
+    from av_td3.envs.carla.env import CarlaSession
+
+    return CarlaSession(cfg, seed)
+
+
+def _serve(conn: Any, factory: Callable[[EnvConfig, "int | None"], Any], cfg: EnvConfig, seed: int | None) -> None:
+    """The worker's main loop: build the env with ``factory``, then answer (method, args, kwargs) until ``close``
+    or until the trainer's end of the pipe closes."""
+    # Ctrl-C reaches the whole process group: the trainer decides what happens (it checkpoints, then closes us).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        env = factory(cfg, seed)
+    except BaseException as err:  # handed to the trainer, which raises it
+        _send(conn, "error", err)
+        return
+    _send(conn, "ok", None)
+    while True:
+        try:
+            method, args, kwargs = conn.recv()
+        except (EOFError, OSError):  # the trainer is gone
+            env.close()
+            return
+        try:
+            result = getattr(env, method)(*args, **kwargs)
+        except BaseException as err:
+            _send(conn, "error", err)
+            if method == "close":
+                return
+            continue
+        _send(conn, "ok", result)
+        if method == "close":
+            return
+
+
+def _send(conn: Any, status: str, value: Any) -> None:
+    try:
+        conn.send((status, value))
+    except Exception:  # an exception that does not pickle (Boost.Python's): its text is enough
+        conn.send((status, RuntimeError(f"{type(value).__name__}: {value}")))
+
+
+class ProcessWorker:
+    """A CarlaSession (or what ``factory``, a picklable function, builds) in a child process, spawned: a clean
+    interpreter, no torch threads or CUDA inherited."""
+
+    def __init__(self, cfg: EnvConfig, seed: int | None, watchdog_s: float,
+                 factory: Callable[[EnvConfig, "int | None"], Any] = make_session) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, args=(child, factory, cfg, seed), daemon=True,
+                                    name="carla-worker")
+        self._process.start()
+        child.close()
+        self.watchdog_s = watchdog_s
+        self._receive()  # the session's constructor: its exception (unreachable, bad config) is raised here
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self._conn.send((method, args, kwargs))
+        except OSError:
+            raise WorkerDied(f"the CARLA worker process has ended (exit code {self._process.exitcode})") from None
+        return self._receive()
+
+    def _receive(self) -> Any:
+        deadline = time.monotonic() + self.watchdog_s
+        while not self._conn.poll(0.1):
+            if not self._process.is_alive():
+                raise WorkerDied(f"the CARLA worker process ended (exit code {self._process.exitcode})")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise WorkerDied(f"the CARLA worker process did not answer within {self.watchdog_s:g} s")
+        try:
+            status, value = self._conn.recv()
+        except (EOFError, OSError):
+            raise WorkerDied(f"the CARLA worker process ended (exit code {self._process.exitcode})") from None
+        if status == "error":
+            raise value
+        return value
+
+    def kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(timeout=10.0)
+        self._conn.close()
+
+
+def watchdog_s(cfg: EnvConfig) -> float:
+    """Longest a healthy worker may take to answer one call: a start (load the town, first frame) and a reset's
+    in-process reconnects, each attempt one time-out plus its back-off, with room to spare."""
+    from av_td3.envs.carla.env import LOAD_WORLD_TIMEOUT_S, MAX_BACKOFF_S as SESSION_BACKOFF_S
+
+    scene = LOAD_WORLD_TIMEOUT_S + max(cfg.first_frame_timeout_s, cfg.timeout_s)
+    return 2.0 * (scene + (cfg.max_reconnects + 1) * (scene + SESSION_BACKOFF_S)) + 60.0
+
+
+def start_process_worker(cfg: EnvConfig, seed: int | None) -> Worker:
+    return ProcessWorker(cfg, seed, watchdog_s(cfg))
+
+
+# Tests swap this for a worker that runs the session in the test's own process, against the test double.
+start_worker: StartWorker = start_process_worker
+
+
+# -------------------------------------------------------------------------------------------------------- env
+class CarlaDrivingEnv(gym.Env):
+    """The driving env on a CARLA 0.9.16 server, run in a worker process that is restarted when the server is
+    lost. Same observation/action/info contract as every backend (:mod:`av_td3.envs.base`), plus
+    ``info["reconnects"]``: reconnects and worker restarts so far. ``start`` (a worker factory), ``sleep`` and
+    ``clock`` exist for tests."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, cfg: EnvConfig, seed: int | None = None, *, start: StartWorker | None = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg, self._seed = cfg, seed
+        self.observation_space = observation_space(cfg.image.stack, cfg.image.height, cfg.image.width,
+                                                   cfg.lane_points)
+        self.action_space = action_space()
+        self._start = start or start_worker
+        self._sleep, self._clock = sleep, clock
+        self.restarts = 0  # workers started again after a lost server
+        self._earlier = 0  # reconnects and restarts before the current worker
+        self._worker_reconnects = 0  # the current worker's own in-process reconnects
+        self._last_obs: dict | None = None
+        self._worker: Worker | None = self._start(cfg, seed)  # a server missing at start fails here, at once
+
+    @property
+    def reconnects(self) -> int:
+        return self._earlier + self._worker_reconnects
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        while True:
+            try:
+                obs, info = self._call("reset", seed=seed, options=options)
+                break
+            except (WorkerDied, SimulatorLostError) as err:
+                self._restart(err)  # and the same reset again, on the fresh worker
+        return obs, self._info(info, obs)
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        action = np.asarray(action, dtype=np.float32).reshape(self.action_space.shape)
+        if not np.all(np.isfinite(action)):  # checked here too: the worker's error would read as a lost server
+            raise ValueError(f"non-finite action {action.tolist()} refused before it reached the simulator")
+        try:
+            obs, reward, terminated, truncated, info = self._call("step", action)
+        except (WorkerDied, SimulatorLostError) as err:
+            self._restart(err)
+            # Nothing happened this step: the episode ends as truncated (an interruption, not a failure, so the
+            # learner bootstraps) on the last good observation, with nothing earned.
+            info = {"collision": False, "lane_invasion": False, "off_road": False, "speed": 0.0, "progress": 0.0,
+                    "reward_components": dict.fromkeys(REWARD_COMPONENTS, 0.0)}
+            return self._last_obs, 0.0, False, True, self._info(info, self._last_obs)
+        return obs, reward, terminated, truncated, self._info(info, obs)
+
+    def close(self) -> None:
+        if self._worker is None:
+            return
+        try:
+            self._worker.call("close")
+        except (WorkerDied, RuntimeError) as err:
+            log.warning("closing the CARLA worker: %s", err)
+        finally:
+            self._worker.kill()
+            self._worker = None
+
+    # --- internals ----------------------------------------------------------------------------------------------
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._worker is None:
+            raise RuntimeError("the CARLA env is closed")
+        return self._worker.call(method, *args, **kwargs)
+
+    def _info(self, info: dict, obs: dict) -> dict:
+        self._worker_reconnects = int(info.get("reconnects", 0))
+        self._last_obs = obs
+        info["reconnects"] = self.reconnects
+        return info
+
+    def _restart(self, err: Exception) -> None:
+        """Kill the worker and start fresh ones with back-off until one stands; SimulatorLostError after
+        env.server_lost_minutes without a server."""
+        c = self.cfg
+        log.warning("CARLA at %s:%d lost (%s): restarting the worker process.", c.host, c.port, err)
+        if self._worker is not None:
+            self._worker.kill()
+            self._worker = None
+        self.restarts += 1
+        self._earlier += 1 + self._worker_reconnects  # the lost worker's own reconnects stay counted
+        self._worker_reconnects = 0
+        deadline = self._clock() + c.server_lost_minutes * 60.0
+        delay = BACKOFF_S
+        while True:
+            try:
+                self._worker = self._start(c, self._seed)
+                log.warning("CARLA at %s:%d: a fresh worker is connected; the episode ends as truncated.",
+                            c.host, c.port)
+                return
+            except (WorkerDied, SimulatorLostError, EnvUnavailableError) as again:
+                err = again
+            left = deadline - self._clock()
+            if left <= 0:
+                raise SimulatorLostError(
+                    f"no CARLA server at {c.host}:{c.port} for {c.server_lost_minutes:g} minute(s) "
+                    f"(env.server_lost_minutes; last error: {err}). Bring the server back (`docker compose -f "
+                    "docker/compose.yaml up -d carla`) and rerun the same command: training resumes from the last "
+                    "checkpoint.") from None
+            self._sleep(min(delay, left))
+            delay = min(2 * delay, MAX_BACKOFF_S)
