@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import gymnasium as gym
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
 from av_td3.config import BevConfig, ConfigError, EnvConfig, ImageConfig
-from av_td3.envs import make
+from av_td3.envs import HIGHWAY_ID, make
 from av_td3.envs.base import observation_space
 from av_td3.envs.highway import HighwayDrivingEnv
 from av_td3.envs.views import EGO, MARKING, OFF_ROAD, ROAD, VEHICLE, BirdsEyeView, WorldView
@@ -137,6 +138,12 @@ def test_observation_contract_and_env_checker() -> None:
         assert env.observation_space.contains(obs)
     assert not np.array_equal(obs["image"][0], obs["image"][-1])  # the stack holds different moments
     check_env(env, skip_render_check=True)
+    env.close()
+    # through gymnasium's registry, the bev geometry given as a dict
+    env = gym.make(HIGHWAY_ID, town="racetrack", npcs=0, view="bev", bev={"ahead_m": 30.0},
+                   image={"height": 32, "width": 32, "stack": 2})
+    assert env.unwrapped.cfg.bev == BevConfig(ahead_m=30.0) and isinstance(env.unwrapped.view, BirdsEyeView)
+    assert env.reset(seed=0)[0]["image"].shape == (2, 32, 32)
     env.close()
 
 
