@@ -228,6 +228,13 @@ class EnvConfig:
     # Minutes without a CARLA server before the run checkpoints and exits non-zero: when the server is lost, the
     # worker process is restarted (a fresh client and Traffic Manager) with back-off for this long.
     server_lost_minutes: float = rng(10.0, 0.0)
+    # Episode rules after CARLA-Roach (av_td3/envs/carla/rules.py): each ends the episode as terminated and names
+    # itself in info["termination"]; null (false) turns it off. Metres sideways off the route's lane centre;
+    # degrees between the car's heading and the route's while moving; seconds standing still; running a red light.
+    route_deviation_m: Optional[float] = rng(5.0, 0, lo_open=True)
+    wrong_way_deg: Optional[float] = rng(135.0, 90, 180)
+    blocked_s: Optional[float] = rng(60.0, 0, lo_open=True)
+    red_light: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------------- monitor
