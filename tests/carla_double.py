@@ -22,7 +22,8 @@ as the real client where the real client is strict, so the env's tests catch wha
 - **A map with a curve and a junction.** Road A runs along CARLA's +x from x=0 to 200 with three 3.5 m lanes
   centred at y = 0, 3.5 and 7 (CARLA's y points right). At x=200 a junction: every lane goes straight on (road B,
   to x=400), and the right lane (y=7) may also turn right along a quarter circle of radius 20 m onto road C, which
-  runs along +y. Spawn points every 20 m on each lane of road A.
+  runs along +y. Spawn points every 20 m on each lane of road A. One traffic light guards the junction: its trigger
+  area is road A's last 10 m, its state ``server.light_state`` (green unless a test sets it).
 
 Every call that matters is appended to ``server.calls`` so tests can check what reached the "server", and in
 which order. Faults are switched on through ``server``: ``down`` (every call times out, as the real client does),
@@ -46,6 +47,7 @@ LANE_WIDTH = 3.5
 LANES_Y = (0.0, 3.5, 7.0)
 SPAWN_X = tuple(range(0, 200, 20))
 JUNCTION_X = 200.0  # road A ends and the junction begins here
+LIGHT_AREA_M = 10.0  # the traffic light's trigger area: this long, ending at the junction
 TURN_RADIUS = 20.0
 EGO = "vehicle.tesla.model3"
 
@@ -186,6 +188,10 @@ class LaneType:
     Driving = 2  # an enum of int values on the real client
 
 
+class TrafficLightState:
+    Red, Yellow, Green, Off, Unknown = range(5)  # an enum of int values on the real client
+
+
 class Image:
     """A camera image; every pixel holds ``frame % 256`` in B, G and R so a test can tell frames apart."""
 
@@ -292,6 +298,14 @@ class Actor:
         cached = self._server.snapshot.get(self.id)
         return Vector3D(*cached[1]) if cached else Vector3D()
 
+    def get_traffic_light(self) -> "TrafficLight | None":
+        """The light whose trigger area (the last LIGHT_AREA_M of road A, before the junction) the snapshot puts
+        this vehicle in, else None."""
+        location = self.get_transform().location
+        inside = JUNCTION_X - LIGHT_AREA_M <= location.x < JUNCTION_X and LANES_Y[0] - LANE_WIDTH / 2 <= location.y \
+            <= LANES_Y[-1] + LANE_WIDTH / 2
+        return self._server.traffic_light if inside and self.id in self._server.snapshot else None
+
     # set_transform, set_target_*velocity and apply_control are asynchronous calls on the real client (no answer
     # awaited): a destroyed actor, or one of a restarted server, raises nothing.
     @typed(transform=Transform)
@@ -333,6 +347,19 @@ class Sensor(Actor):
         self._server.check()
         self._server.calls.append(("stop", self.id))
         self.callback = None
+
+
+class TrafficLight:
+    """The junction's one traffic light (part of the map: it survives load_world and restarts); its state is
+    ``server.light_state``, read like any snapshot."""
+
+    type_id = "traffic.traffic_light"
+
+    def __init__(self, server: "FakeServer") -> None:
+        self._server, self.id = server, 1
+
+    def get_state(self) -> int:
+        return self._server.light_state
 
 
 class ActorList(list):
@@ -464,6 +491,8 @@ class FakeServer:
         self.on_tick: dict[int, Callable[[WorldSnapshot], None]] = {}
         self._callback_ids = itertools.count(1)
         self.delivery = Delivery()
+        self.traffic_light = TrafficLight(self)
+        self.light_state = TrafficLightState.Green
         # faults
         self.down = False
         self.timeouts_on_tick = 0
@@ -827,6 +856,7 @@ class FakeCarlaModule:
 
     Location, Rotation, Transform, Vector3D, VehicleControl = Location, Rotation, Transform, Vector3D, VehicleControl
     WorldSettings, WeatherParameters, LaneType = WorldSettings, WeatherParameters, LaneType
+    TrafficLightState = TrafficLightState
     command = SimpleNamespace(SpawnActor=SpawnActor, SetAutopilot=SetAutopilot, DestroyActor=DestroyActor,
                               FutureActor=FutureActor)
 

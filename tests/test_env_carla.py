@@ -865,6 +865,7 @@ def test_server_restart_restarts_the_worker_and_truncates_the_episode():
     obs, reward, terminated, truncated, info = env.step(np.array([0.0, 1.0]))
     assert truncated and not terminated and reward == 0.0 and info["reconnects"] == 1
     assert set(base.INFO_KEYS) <= set(info) and set(info["reward_components"]) == set(REWARD_COMPONENTS)
+    assert info["termination"] == ""
     np.testing.assert_array_equal(obs["state"], good["state"])  # the last good observation
     assert len(start.started) == 2 and not first.alive and start.started[1].module is not first.module
     assert env.restarts == 1 and clock.sleeps == []  # the server was back: no wait
@@ -961,3 +962,78 @@ def test_real_client_in_a_worker_process_no_server_is_env_unavailable():
     port = _closed_port()
     with pytest.raises(EnvUnavailableError, match=rf"127.0.0.1:{port}.*docker compose"):
         CarlaDrivingEnv(carla_cfg(host="127.0.0.1", port=port, timeout_s=1.0), 0)
+
+
+# ------------------------------------------------------------------------------------------ episode rules
+def step_until_done(env, action, steps: int):
+    for i in range(steps):
+        _, _, terminated, truncated, info = env.step(np.asarray(action, dtype=np.float32))
+        if terminated or truncated:
+            return i + 1, terminated, truncated, info
+    return steps, False, False, info
+
+
+@pytest.mark.parametrize("key, off", [("route_deviation_m", None), ("wrong_way_deg", None)])
+def test_route_deviation_and_wrong_way_terminate_with_their_reason(key, off):
+    """Scripted: the car is put two lanes off its route (still on the road), or turned against it while moving."""
+    for value in ("default", off):
+        overrides = {"route.start_index": 0} if value == "default" else {"route.start_index": 0, key: off}
+        env, fake, _ = make_env(**overrides)
+        env.reset(seed=0)
+        car = ego(fake)
+        if key == "route_deviation_m":
+            car.transform.location.y = LANES_Y[2]  # 7 m right of the route's lane: on the road, off the route
+        else:
+            car.transform.rotation.yaw, car.speed = 180.0, 3.0  # driving back along the route
+        _, _, terminated, truncated, info = env.step(np.zeros(2))
+        if value == "default":
+            assert terminated and not truncated and info["termination"] == key.rsplit("_", 1)[0]
+            assert not info["collision"] and not info["off_road"]
+        else:
+            assert not terminated and info["termination"] == ""
+        env.close()
+
+
+def test_blocked_terminates_after_blocked_s_of_standing_still():
+    env, _, _ = make_env(blocked_s=1.0, fixed_delta_s=0.05, **{"route.start_index": 0})
+    env.reset(seed=0)
+    steps, terminated, truncated, info = step_until_done(env, [0.0, -1.0], 100)
+    assert (steps, terminated, info["termination"]) == (20, True, "blocked")  # 20 ticks of 0.05 s
+    env.close()
+    env, _, _ = make_env(blocked_s=None, max_episode_steps=40, **{"route.start_index": 0})
+    env.reset(seed=0)
+    steps, terminated, truncated, info = step_until_done(env, [0.0, -1.0], 100)
+    assert (steps, terminated, truncated) == (40, False, True)
+    env.close()
+
+
+@pytest.mark.parametrize("light, red_light, reason", [("Red", True, "red_light"), ("Green", True, None),
+                                                      ("Red", False, None)])
+def test_running_a_red_light_terminates(light, red_light, reason):
+    """Scripted: the car drives through the light's trigger area into the junction at 10 m/s."""
+    env, fake, _ = make_env(red_light=red_light, **{"route.start_index": 9})  # x=180, y=0: 20 m before it
+    env.reset(seed=0)
+    fake.server.light_state = getattr(carla_double.TrafficLightState, light)
+    car = ego(fake)
+    car.transform.location.x, car.speed = 195.0, 10.0
+    fake.server.publish()
+    reasons = []
+    for _ in range(20):  # 20 ticks at 10 m/s: through the area, 10 m into the junction and beyond
+        car.speed = 10.0
+        _, _, terminated, _, info = env.step(np.zeros(2))
+        reasons.append(info["termination"])
+        if terminated:
+            break
+    assert (reasons[-1] or None) == reason
+    if reason:
+        assert car.transform.location.x >= 200.0 and reasons.count("red_light") == 1
+    env.close()
+
+
+def test_a_rule_broken_at_the_last_step_terminates_rather_than_truncates():
+    env, fake, _ = make_env(max_episode_steps=1, **{"route.start_index": 0})
+    env.reset(seed=0)
+    ego(fake).transform.location.y = LANES_Y[2]
+    _, _, terminated, truncated, info = env.step(np.zeros(2))
+    assert terminated and not truncated and info["termination"] == "route_deviation"
+    env.close()

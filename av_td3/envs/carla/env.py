@@ -25,6 +25,7 @@ from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M
                               wrap_angle)
 from av_td3.envs.carla.ports import claim_port, release_port
 from av_td3.envs.carla.route import Route, build_route, heading, xy
+from av_td3.envs.carla.rules import EpisodeRules
 from av_td3.envs.carla.sensors import SensorInbox
 from av_td3.envs.carla.traffic import check_types, npc_blueprints, spawn_npcs
 
@@ -86,6 +87,10 @@ class CarlaSession(DrivingEnv):
         self._on_tick_id: int | None = None
         self._npc_ids: list[int] = []
         self._inbox = SensorInbox()
+        self._rules = EpisodeRules(cfg, cfg.fixed_delta_s)
+        self._broken_rule = ""  # the episode rule the last step broke
+        self._in_junction = False  # the ego's lane position at the last observation
+        self._light: Any = None  # the traffic light that governs the ego (see _check_rules)
         self._frame = -1  # frame of the last tick
         self._first_frame = True  # the next tick is the first of a new scene: it gets first_frame_timeout_s
         self._claims = [claim_port(f"{cfg.host}_{cfg.port}", f"CARLA server {cfg.host}:{cfg.port}"),
@@ -267,6 +272,7 @@ class CarlaSession(DrivingEnv):
         self._route_done = s >= self._goal_s
         on_lane = self._map.get_waypoint(transform.location, project_to_road=False,
                                          lane_type=self.carla.LaneType.Driving)
+        self._in_junction = on_lane is not None and bool(on_lane.is_junction)
         signals = DrivingSignals(
             speed=float(v @ [math.cos(yaw), math.sin(yaw)]),
             speed_along_lane=float(v @ [math.cos(lane_heading), math.sin(lane_heading)]),
@@ -338,6 +344,8 @@ class CarlaSession(DrivingEnv):
         self._inbox.take("lane_invasion", self._frame)
         self._prev_s = None
         self._lost_step = False
+        self._rules.reset()
+        self._light = None
         return self._observe(image)
 
     def _sim_step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, DrivingSignals]:
@@ -347,6 +355,7 @@ class CarlaSession(DrivingEnv):
             self._ego.apply_control(self.carla.VehicleControl(
                 throttle=max(throttle_brake, 0.0), steer=-steer, brake=max(-throttle_brake, 0.0)))
             out = self._observe(self._tick())
+            self._broken_rule = self._check_rules(out[2])
         except RuntimeError as err:
             if not _is_unreachable(err):
                 raise
@@ -358,6 +367,18 @@ class CarlaSession(DrivingEnv):
         self._failures = 0
         self._last = out
         return out
+
+    def _check_rules(self, signals: DrivingSignals) -> str:
+        """The episode rule (:mod:`.rules`) this step broke, or "". The traffic lights are read from the client's
+        snapshot of the last tick."""
+        light = self._ego.get_traffic_light()  # the light whose trigger area the ego is in, or None
+        if light is not None:
+            self._light = light  # it governs the ego until the ego enters the junction
+        light_red = self._light is not None and self._light.get_state() == self.carla.TrafficLightState.Red
+        broken = self._rules.check(signals, light_red, self._in_junction)
+        if self._in_junction:
+            self._light = None
+        return broken
 
     def _recover(self, err: Exception) -> None:
         """Reconnect with exponential back-off and take the server over again; SimulatorLostError after
@@ -402,7 +423,12 @@ class CarlaSession(DrivingEnv):
         return obs, info
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
+        self._broken_rule = ""
         obs, reward, terminated, truncated, info = super().step(action)
+        if self._broken_rule and not self._lost_step:
+            terminated, truncated = True, False
+        info["termination"] = ("collision" if info["collision"] else "off_road" if info["off_road"]
+                               else self._broken_rule) if terminated else ""
         if self._lost_step:
             # The server was lost mid-step and is back: the episode ends as truncated (an interruption, not a
             # failure, so the learner bootstraps) on the last good observation, with nothing earned.

@@ -203,7 +203,7 @@ class CarlaDrivingEnv(gym.Env):
             # Nothing happened this step: the episode ends as truncated (an interruption, not a failure, so the
             # learner bootstraps) on the last good observation, with nothing earned.
             info = {"collision": False, "lane_invasion": False, "off_road": False, "speed": 0.0, "progress": 0.0,
-                    "reward_components": dict.fromkeys(REWARD_COMPONENTS, 0.0)}
+                    "termination": "", "reward_components": dict.fromkeys(REWARD_COMPONENTS, 0.0)}
             return self._last_obs, 0.0, False, True, self._info(info, self._last_obs)
         return obs, reward, terminated, truncated, self._info(info, obs)
 
