@@ -7,6 +7,7 @@
 - :mod:`.sensors`: the sensor inbox that hands a tick's camera image and its frame-stamped events to the step.
 - :mod:`.traffic`: reproducible NPC traffic (blueprint choice, seeded spawning with fallback points).
 - :mod:`.route`: the route along the map's waypoints and the frame conversions.
+- :mod:`.rules`: the episode rules after CARLA-Roach (route deviation, wrong way, blocked, red light).
 - :mod:`.ports`: claims on a server and a Traffic Manager port, so two runs on one server are warned about.
 
 The ``carla`` package is imported when a session is built (in the worker), never at ``import av_td3`` time.
