@@ -329,6 +329,9 @@ def test_start_up_loads_the_town_or_destroys_strays_and_forces_the_settings(capl
     assert "already in synchronous mode" in caplog.text and "destroying 28 vehicles and sensors" in caplog.text
     assert calls(fake, "load_world") == []
     assert not {car.id for car in leftovers} & set(fake.server.actors) and camera.id not in fake.server.actors
+    names = [c[0] for c in fake.server.calls]
+    assert calls(fake, "apply_settings")[0][1] is False  # made asynchronous first ...
+    assert names.index("apply_settings") < names.index("apply_batch_sync")  # ... before the strays go
     assert calls(fake, "apply_settings")[-1] == ("apply_settings", True, 0.05, False)  # rendering forced on
     env.close()
     assert calls(fake, "apply_settings")[-1][1] is False  # never handed back synchronous

@@ -148,6 +148,11 @@ class CarlaSession(DrivingEnv):
                             "asynchronous at the end.", c.host, c.port)
                 # Never hand back a synchronous server: it would wait for a tick nobody sends.
                 self._original_settings.synchronous_mode = False
+        settings = world.get_settings()
+        if settings.synchronous_mode:  # a killed run's, or ours before a reconnect
+            # Asynchronous while the town is loaded or cleared, so that nothing in it waits for our ticks.
+            settings.synchronous_mode = False
+            world.apply_settings(settings)
         world = self._clean_world(world)
         self._world, self._map = world, world.get_map()  # from here on close() restores the settings
         settings = world.get_settings()
