@@ -206,8 +206,10 @@ class CarlaSession(DrivingEnv):
             if self._ego is not None:
                 break
         else:
-            raise RuntimeError(f"no free spawn point for the ego among the {len(self._spawn_points)} of {c.town}: "
-                               "another client's vehicles occupy them all")
+            where = (f"spawn point env.route.start_index={c.route.start_index}" if c.route.start_index >= 0
+                     else f"any of the {len(self._spawn_points)} spawn points")
+            raise RuntimeError(f"the ego cannot be spawned at {where} of {c.town}: another client's vehicles "
+                               "occupy it. Stop the other client, or pick another start (env.route.start_index).")
         camera_bp = library.find("sensor.camera.rgb")
         camera_bp.set_attribute("image_size_x", str(c.camera.width))
         camera_bp.set_attribute("image_size_y", str(c.camera.height))
@@ -224,7 +226,8 @@ class CarlaSession(DrivingEnv):
             sensor = world.spawn_actor(blueprint, transform, attach_to=self._ego)
             self._sensors.append(sensor)
             sensor.listen(callback)
-        # Registered after the sensors, so it runs after the client-side lane-invasion sensor's own callback.
+        # Registered after the sensors: if the client runs on-tick callbacks in the order they were registered
+        # (not verified on a real server), it runs after the client-side lane-invasion sensor's.
         self._on_tick_id = world.on_tick(inbox.on_tick)
 
     def _start_candidates(self) -> list[Any]:
@@ -238,9 +241,11 @@ class CarlaSession(DrivingEnv):
             return [points[index]]
         ours = set(self._npc_ids) | ({self._ego.id} if self._ego is not None else set())
         others = [a.get_location() for a in self._world.get_actors().filter("vehicle.*") if a.id not in ours]
-        order = [points[int(i)] for i in self._rng.permutation(len(points))]
-        free = [p for p in order if all(p.location.distance(car) > FREE_RADIUS_M for car in others)]
-        return free + [p for p in order if not any(p is f for f in free)]
+        free, taken = [], []
+        for i in self._rng.permutation(len(points)):
+            point = points[int(i)]
+            (free if all(point.location.distance(car) > FREE_RADIUS_M for car in others) else taken).append(point)
+        return free + taken
 
     # --- simulation ---------------------------------------------------------------------------------------------
     def _tick(self) -> Any:
