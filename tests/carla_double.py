@@ -237,9 +237,10 @@ class ActorBlueprint:
 
 # Not sorted, as the server lists them; base_type as on CARLA 0.9.16's vehicle blueprints.
 VEHICLES = (("vehicle.mitsubishi.fusorosa", "bus", "4"), ("vehicle.audi.a2", "car", "4"),
-            ("vehicle.carlamotors.carlacola", "truck", "4"), (EGO, "car", "4"), ("vehicle.bh.crossbike", "bicycle", "2"),
-            ("vehicle.nissan.micra", "car", "4"), ("vehicle.ford.ambulance", "van", "4"),
-            ("vehicle.citroen.c3", "car", "4"), ("vehicle.kawasaki.ninja", "motorcycle", "2"))
+            ("vehicle.carlamotors.carlacola", "truck", "4"), (EGO, "car", "4"),
+            ("vehicle.bh.crossbike", "bicycle", "2"), ("vehicle.nissan.micra", "car", "4"),
+            ("vehicle.ford.ambulance", "van", "4"), ("vehicle.citroen.c3", "car", "4"),
+            ("vehicle.kawasaki.ninja", "motorcycle", "2"))
 
 
 class BlueprintLibrary:

@@ -24,7 +24,7 @@ from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M
                               DrivingSignals, EnvUnavailableError, SimulatorLostError, lead_vehicle, to_ego_frame,
                               wrap_angle)
 from av_td3.envs.carla.ports import claim_port, release_port
-from av_td3.envs.carla.route import Route, build_route, heading, xy
+from av_td3.envs.carla.route import build_route, heading, xy
 from av_td3.envs.carla.rules import EpisodeRules
 from av_td3.envs.carla.sensors import SensorInbox
 from av_td3.envs.carla.traffic import check_types, npc_blueprints, spawn_npcs

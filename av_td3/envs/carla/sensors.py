@@ -2,11 +2,13 @@
 
 CARLA calls sensor callbacks and ``world.on_tick`` callbacks on its own threads, after ``world.tick()`` has
 returned: camera images and collision events on their own streams from the server, lane invasions from a
-client-side sensor that runs in an on-tick callback. So a step waits, after its tick of frame N, for the camera
-image of frame N and for this inbox's own on-tick callback of frame N (registered after the sensors', so it runs
-after the lane-invasion sensor's if the client keeps registration order, which is not verified on a real server),
-then a short grace (``env.event_wait_s``) for events of frame N still in flight, and counts the events stamped
-with frames up to N. An event that arrives later still is counted at the next step: late, but never lost.
+client-side sensor that runs in an on-tick callback (LibCarla's LaneInvasionSensor; CARLA's newer code moves it to
+the server, and then it arrives on a stream like the collisions). So a step waits, after its tick of frame N, for
+the camera image of frame N and for this inbox's own on-tick callback of frame N (registered after the sensors',
+so it runs after the lane-invasion sensor's if the client keeps registration order, which is not verified on a
+real server), then a short grace (``env.event_wait_s``) for events of frame N still in flight, and counts the
+events stamped with frames up to N. An event that arrives later still is counted at the next step: late, but
+never lost.
 """
 
 from __future__ import annotations
