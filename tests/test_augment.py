@@ -38,6 +38,8 @@ def test_shift_keeps_shape_dtype_and_layout_and_crops_the_padded_image_exactly()
     offsets = [crop_offset(out[i], x[i], 4) for i in range(len(x))]
     assert all(o is not None for o in offsets)  # every frame of a sample moved by one whole-pixel offset
     assert all(0 <= d <= 8 for o in offsets for d in o)
+    frames = (x * 255).to(torch.uint8)  # any dtype: the same offsets move uint8 frames the same way
+    assert torch.equal(RandomShift(4, CPU, seed=0)(frames), (RandomShift(4, CPU, seed=0)(x) * 255).to(torch.uint8))
     nhwc = x.contiguous(memory_format=torch.channels_last)  # the update's layout on CPU
     out = RandomShift(4, CPU, seed=0)(nhwc)
     assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, RandomShift(4, CPU, 0)(x))

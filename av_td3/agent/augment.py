@@ -7,8 +7,9 @@ All frames of one sample's stack move together, so the motion between them is ke
 observations get independent shifts, as in DrQ-v2. Acting and evaluation never see it: :class:`~av_td3.agent.td3.TD3`
 calls it from ``update`` only.
 
-The shift is an exact copy of integer-offset pixels, done as two ``gather`` calls with per-sample indices: no
-per-sample Python loop, and no interpolation (DrQ-v2 gets the same integer shifts from ``F.grid_sample`` on a
+The shift is an exact copy of integer-offset pixels: one ``gather`` with per-sample indices, clamped to the
+image so that the border pixels repeat (the same as replicate padding, without building the padded batch). No
+per-sample Python loop and no interpolation (DrQ-v2 gets the same integer shifts from ``F.grid_sample`` on a
 pixel-centred grid). The offsets come from the augmenter's own ``torch.Generator``, seeded from the agent seed
 and saved in the agent's checkpoint, so a resumed run draws the same shifts as an uninterrupted one.
 """
@@ -16,7 +17,6 @@ and saved in the agent's checkpoint, so a resumed run draws the same shifts as a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from av_td3.config import ConfigError
 
@@ -24,7 +24,7 @@ AUGMENTS = ("none", "shift")
 
 
 class RandomShift:
-    """DrQ random shift of a float image batch [N, C, H, W]: replicate-pad by ``pad`` pixels, crop back to H x W at
+    """DrQ random shift of an image batch [N, C, H, W]: replicate-pad by ``pad`` pixels, crop back to H x W at
     a per-sample random offset. ``pad=0`` returns the batch unchanged."""
 
     def __init__(self, pad: int, device: torch.device, seed: int) -> None:
@@ -38,21 +38,23 @@ class RandomShift:
         return torch.randint(0, 2 * self.pad + 1, (n, 2), generator=self.generator, device=self.generator.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Shifted copy of ``images`` (float [N, C, H, W], any memory format; the result keeps it)."""
+        """Shifted copy of ``images`` ([N, C, H, W], any dtype; NCHW or channels_last, and the result keeps it)."""
         if self.pad == 0:
             return images
         n, c, h, w = images.shape
-        p = self.pad
-        # replicate padding needs a floating-point tensor; it keeps the input's memory format
-        padded = F.pad(images, (p, p, p, p), mode="replicate")  # [N, C, H + 2p, W + 2p]
-        offset = self.offsets(n)
-        rows = offset[:, 0, None] + torch.arange(h, device=images.device)  # [N, H] rows of the padded image
-        cols = offset[:, 1, None] + torch.arange(w, device=images.device)  # [N, W] its columns
-        out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * p))  # [N, C, H, W + 2p]
-        out = out.gather(3, cols[:, None, None, :].expand(n, c, h, w))  # [N, C, H, W]
+        offset = self.offsets(n) - self.pad  # [N, 2]: how far each sample's window moves, -pad .. pad pixels
+        # Output pixel (i, j) of sample k reads pixel (i + dy_k, j + dx_k); reading the border pixel where that
+        # falls outside is what replicate padding then cropping gives, without building the padded batch.
+        rows = (offset[:, 0, None] + torch.arange(h, device=images.device)).clamp_(0, h - 1)  # [N, H]
+        cols = (offset[:, 1, None] + torch.arange(w, device=images.device)).clamp_(0, w - 1)  # [N, W]
+        index = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, h * w)  # flat source pixel, [N, H*W]
+        # One gather over the flattened pixels (~ the cost of a copy), in the batch's own memory layout.
         if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
-            out = out.contiguous(memory_format=torch.channels_last)  # the encoder's layout on CPU (td3.py)
-        return out
+            pixels = images.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view of the NHWC memory
+            out = pixels.gather(1, index[:, :, None].expand(n, h * w, c))
+            return out.reshape(n, h, w, c).permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
+        out = images.reshape(n, c, h * w).gather(2, index[:, None, :].expand(n, c, h * w))
+        return out.reshape(n, c, h, w)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
