@@ -15,13 +15,13 @@ import collections
 import logging
 import os
 import pickle
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.serialization import get_unsafe_globals_in_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def load(path: Path, map_location: torch.device | str = "cpu", trust: bool = Fal
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused the file: unsafe objects, or not a pickle at all
-        unsafe = _unsafe_globals(path)
+        unsafe = _unsafe_globals(path, e)
         if not unsafe:
             raise _unreadable(path, e) from e
         if not trust:
@@ -179,9 +179,13 @@ def load(path: Path, map_location: torch.device | str = "cpu", trust: bool = Fal
     return state
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    """The Python objects (module.name) a checkpoint's pickle names beyond what weights_only allows; read from its
-    opcodes without executing them. Empty when the file is no torch checkpoint at all."""
+def _unsafe_globals(path: Path, err: pickle.UnpicklingError) -> list[str]:
+    """The Python objects (module.name) a checkpoint's pickle names beyond what weights_only allows, read from its
+    opcodes without executing them. Empty when the file is no torch checkpoint at all (garbage, cut short)."""
+    try:
+        from torch.serialization import get_unsafe_globals_in_checkpoint  # torch >= 2.5
+    except ImportError:  # older torch: its refusal names the first such object
+        return re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))[:1]
     try:
         return get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a torch zip file: garbage, truncated, or a raw pickle
