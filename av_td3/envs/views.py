@@ -167,7 +167,11 @@ class BirdsEyeView:
         shapes = [self._lane_geometry(lane, centre, half * math.sqrt(2)) for lane in lanes]
         for shape in shapes:
             if shape is not None:
-                pygame.draw.polygon(surface, ROAD, self._to_canvas(shape[0]))
+                outline = self._to_canvas(shape[0])
+                pygame.draw.polygon(surface, ROAD, outline)
+                # an outline 2 px wide: the fill leaves single pixels open at seams between lanes, and the
+                # racetrack's diagonal lanes lie 0.09 m apart (a hairline at 8 px/m)
+                pygame.draw.polygon(surface, ROAD, outline, 2)
         for shape in shapes:
             for line in shape[1] if shape is not None else []:
                 pygame.draw.lines(surface, MARKING, False, self._to_canvas(line), self._marking_px)
