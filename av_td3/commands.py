@@ -50,3 +50,8 @@ def display_path(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def pip_install(*requirements: str) -> str:
+    """``<python> -m pip install <requirements>``: into the environment that runs av-td3, whichever pip is on PATH."""
+    return shlex.join([*python(), "-m", "pip", "install", *requirements])

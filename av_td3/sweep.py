@@ -172,5 +172,5 @@ def missing_launcher_plugin(overrides: list[str]) -> str | None:
     None. Hydra's own error ("Could not find 'hydra/launcher/ray'") does not say what to install."""
     for preset, (module, package) in OPTIONAL_LAUNCHERS.items():
         if f"launcher={preset}" in overrides and importlib.util.find_spec(module) is None:
-            return f"launcher={preset} needs the Hydra plugin {package}: pip install {package}"
+            return f"launcher={preset} needs the Hydra plugin {package}: {commands.pip_install(package)}"
     return None

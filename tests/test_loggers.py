@@ -173,8 +173,8 @@ def test_missing_package_names_the_pip_extra(tmp_path: Path, monkeypatch: pytest
         for mod in [m for m in sys.modules if m.split(".")[0] == name or m == f"av_td3.loggers.{name}"]:
             monkeypatch.delitem(sys.modules, mod)
         monkeypatch.setitem(sys.modules, name, None)  # what `import name` meets when it is not installed
-        with pytest.raises(ConfigError, match=rf"logger=\[\.\.\.,{name}\] needs the {name} package: "
-                                              rf"pip install '\.\[{name}\]'"):
+        with pytest.raises(ConfigError, match=rf"logger=\[\.\.\.,{name}\] needs the {name} package; from the "
+                                              rf"repository root: \S+ -m pip install -e '\.\[{name}\]'"):
             loggers.make(cfg, tmp_path)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from av_td3 import commands
 from av_td3.config import ConfigError, MlflowConfig
 
 # MLflow 3 sends usage telemetry and writes an installation id to ~/.config/mlflow when first imported; a training
@@ -21,7 +22,8 @@ try:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 except ImportError as e:
-    raise ConfigError("logger=[...,mlflow] needs the mlflow package: pip install '.[mlflow]'") from e
+    raise ConfigError("logger=[...,mlflow] needs the mlflow package; from the repository root: "
+                      f"{commands.pip_install('-e', '.[mlflow]')}") from e
 
 
 class MlflowBackend:

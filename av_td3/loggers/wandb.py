@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from av_td3 import commands
 from av_td3.config import ConfigError, WandbConfig
 
 try:
     import wandb
 except ImportError as e:
-    raise ConfigError("logger=[...,wandb] needs the wandb package: pip install '.[wandb]'") from e
+    raise ConfigError("logger=[...,wandb] needs the wandb package; from the repository root: "
+                      f"{commands.pip_install('-e', '.[wandb]')}") from e
 
 
 @contextmanager
