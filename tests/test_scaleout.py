@@ -268,25 +268,26 @@ def test_submitit_preemption_requeues_and_a_rerun_finishes_the_sweep(tmp_path: P
     command skips seed=0 and resumes seed=1."""
     sweep = tmp_path / "sweep"
     cmd = launch_cmd("-m", "hydra/launcher=submitit_local", *SUBMITIT_ARGS, "seed=0,1", f"hydra.sweep.dir={sweep}")
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    with open(tmp_path / "first.log", "w") as out:  # a file, not a pipe nobody reads while the jobs run
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=out, stderr=subprocess.STDOUT)
     signals = {"seed=0": signal.SIGUSR2, "seed=1": signal.SIGTERM}
     sent: set[str] = set()
     deadline = time.time() + 400
     try:
         while sent != set(signals):  # each job is signalled once it is learning (past step 100), well before 400
-            assert first.poll() is None, first.communicate()[0][-4000:]
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             assert time.time() < deadline, f"jobs not past step 120 within 400 s (signalled: {sent})"
             for job, task in submitit_tasks(first, sweep).items():
                 if seed_of(job.name) not in sent and logged_past(job, LEARNING_STARTS + 20):
                     task.send_signal(signals[seed_of(job.name)])
                     sent.add(seed_of(job.name))
             time.sleep(0.1)
-        out = first.communicate(timeout=600)[0]
+        first.wait(timeout=600)
     except BaseException:
         kill_tree(first)
         raise
-    assert first.returncode != 0, "seed=1 was cancelled: the sweep cannot report success"
+    out = (tmp_path / "first.log").read_text()
+    assert first.returncode != 0, "seed=1 was cancelled: the sweep cannot report success\n" + out[-3000:]
 
     jobs = {seed_of(p.name): p for p in sweep.iterdir() if (p / ".hydra").is_dir()}
     assert sorted(jobs) == ["seed=0", "seed=1"]
