@@ -120,3 +120,18 @@ def test_update_shifts_observations_and_next_observations_independently(monkeypa
     (obs_in, obs_out), (next_in, next_out) = seen
     assert torch.equal(obs_in, next_in) and not torch.equal(obs_out, next_out)
     assert obs_out.shape == (8, SPEC.stack, SPEC.height, SPEC.width)
+
+
+def test_shift_state_survives_a_checkpoint_file(tmp_path) -> None:
+    """The generator state goes through the checkpoint format (read back as data only) and resumes the stream."""
+    from av_td3.checkpoint import CheckpointManager
+
+    agent = make_agent(augment="shift")
+    agent.update(make_batch(0), step=0)
+    manager = CheckpointManager(tmp_path, keep=1)
+    manager.save({"step": 1, "agent": agent.state_dict()}, 1)
+    state, _ = manager.load_latest()
+    resumed = make_agent(augment="shift")
+    resumed.load_state_dict(state["agent"])
+    x = images()
+    assert torch.equal(agent._augment(x), resumed._augment(x))
