@@ -8,6 +8,7 @@ an output dir, and every configuration mistake exits with code 2.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import sys
@@ -20,12 +21,12 @@ if os.environ.get("SDL_VIDEODRIVER", "dummy") == "dummy":
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import av_td3.config  # noqa: E402  (registers the config schema)
 from av_td3 import commands  # noqa: E402
 from av_td3.config import CONF_DIR, NULL_MEANS, ConfigError, schema_keys  # noqa: E402
-from av_td3.sweep import SweepIncomplete  # noqa: E402
+from av_td3.sweep import RUN_ONLY_KEYS, SweepIncomplete  # noqa: E402
 
 log = logging.getLogger("av_td3")
 
@@ -44,6 +45,8 @@ def main(cfg: DictConfig) -> float:
     _task_started = True
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    if not multirun:
+        point_to_interrupted_run(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     objective, exit_code = run_job(cfg, Path(hc.runtime.output_dir), resume_command=resume_command(multirun),
                                    single_run=not multirun)
     # A single run reports failure through its exit code; a sweep goes on past a failed job (its summary.json
@@ -64,6 +67,40 @@ def resume_command(multirun: bool) -> str | None:
         return commands.launch(sys.argv[1:], {"hydra.sweep.dir": commands.display_path(Path(hc.sweep.dir))},
                                multirun=True)
     return commands.launch(sys.argv[1:], {"hydra.run.dir": commands.display_path(Path(hc.runtime.output_dir))})
+
+
+def interrupted_run(runs_root: Path, overrides: list[str]) -> tuple[Path, int] | None:
+    """The newest run in ``runs_root`` (Hydra's ``<date>/<time>`` folders) that was stopped resumably (a signal, a
+    time-out, a lost simulator; not the NaN guard) with the same overrides, run-only keys aside; and its step."""
+    def experiment(items: list[str]) -> list[str]:
+        return sorted(o for o in items if o.lstrip("+~").split("=", 1)[0] not in RUN_ONLY_KEYS)
+
+    wanted = experiment(overrides)
+    for summary_file in sorted(runs_root.glob("*/*/summary.json"), reverse=True):  # newest first
+        run = summary_file.parent
+        try:
+            summary = json.loads(summary_file.read_text())
+            used = list(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+        except (OSError, ValueError):
+            continue
+        if summary.get("status") == "stopped" and not (summary.get("nan_guard") or {}).get("triggered") and \
+                experiment([str(o) for o in used]) == wanted:
+            return run, int(summary.get("steps") or 0)
+    return None
+
+
+def point_to_interrupted_run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    """A rerun of the command of an interrupted run starts a new run (in a new timestamped folder): say which run
+    it could resume instead, and the command that does (only for the default run dir and trainer.resume=auto)."""
+    chose_dir = any(a.lstrip("+").startswith("hydra.run.dir=") for a in sys.argv[1:])
+    if chose_dir or cfg.trainer.resume != "auto" or not commands.launched_by_launch_py():
+        return
+    found = interrupted_run(run_dir.parent.parent, overrides)
+    if found is not None:
+        earlier, step = found
+        command = commands.launch(sys.argv[1:], {"hydra.run.dir": commands.display_path(earlier)})
+        log.warning("this starts a new run; the same command was interrupted at env step %d in %s. To resume that "
+                    "one instead, stop this run (Ctrl-C) and run:\n    %s", step, earlier, command)
 
 
 # ---------------------------------------------------------------------------------------- command-line checks

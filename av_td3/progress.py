@@ -61,7 +61,7 @@ class Progress:
             self.phase_step, self.phase_time = step, now
         delta, self.step = step - self.step, step
         if self._bar is not None:
-            if now - self._last_postfix >= POSTFIX_EVERY_S:
+            if now - self._last_postfix >= POSTFIX_EVERY_S or step >= self.total:
                 self._bar.set_postfix_str(self.describe(now), refresh=False)
                 self._last_postfix = now
             self._bar.update(delta)

@@ -176,3 +176,25 @@ def test_interrupted_run_validates_on_its_updates_and_the_printed_command_resume
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert list(tmp_path.glob("outputs/runs/*/*")) == [run_dir]  # the same folder, no new one
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_rerun_of_an_interrupted_command_is_pointed_to_the_run_it_can_resume(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from launch import interrupted_run
+
+    def run(name: str, status: str, overrides: list[str], nan: bool = False) -> Path:
+        d = tmp_path / "runs" / "2026-12-01" / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (d / "summary.json").write_text(json.dumps({"status": status, "steps": 1234,
+                                                    "nan_guard": {"triggered": nan}}))
+        return d
+
+    wanted = run("10-00-00", "stopped", ["debug=smoke", "seed=1"])
+    run("09-00-00", "stopped", ["debug=smoke", "seed=1"])              # older
+    run("11-00-00", "completed", ["debug=smoke", "seed=1"])            # nothing to resume
+    run("12-00-00", "stopped", ["debug=smoke", "seed=1"], nan=True)    # the NaN guard: resuming diverges again
+    run("13-00-00", "stopped", ["debug=smoke", "seed=2"])              # another configuration
+    # run-only keys (trainer.progress, trainer.torch_threads, ...) do not make another configuration
+    assert interrupted_run(tmp_path / "runs", ["seed=1", "debug=smoke", "trainer.progress=false"]) == (wanted, 1234)
+    assert interrupted_run(tmp_path / "runs", ["debug=smoke", "seed=3"]) is None
