@@ -12,6 +12,7 @@ import fnmatch
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -97,8 +98,13 @@ def free_port() -> int:
 
 
 # Ray replaces 127.0.0.1 by the machine's outward address unless clusters are switched off, as on macOS: with
-# this the head, its raylet and the driver all stay on the loopback interface.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# this the head, its raylet and the driver all stay on the loopback interface. Token authentication with a token
+# of the test's own, given to the head and the driver: Ray 2.60 otherwise turns it on when ~/.ray/auth_token
+# exists (any local ray.init() writes one), and a head and a driver that disagree cannot connect.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+# What Ray writes when it is not told where: its default temp dir and the token file.
+RAY_DEFAULT_FILES = (Path("/tmp/ray"), Path.home() / ".ray" / "auth_token")
 
 
 def start_ray_head(cwd: Path) -> tuple[subprocess.Popen, str, Path]:
@@ -137,17 +143,21 @@ def ray_processes(head: subprocess.Popen, temp: Path) -> list[psutil.Process]:
 
 
 def stop_ray_head(head: subprocess.Popen, temp: Path) -> list[str]:
-    """Stop this head alone (``ray stop`` would stop every Ray on the machine); return what was still running
-    30 s after the SIGTERM (then killed)."""
+    """Stop this head alone (``ray stop`` would stop every Ray on the machine); return the command lines of its
+    processes still running 30 s after the head itself exited (then killed)."""
     head.terminate()
     try:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         pass
     _, alive = psutil.wait_procs(ray_processes(head, temp), timeout=30)
-    survivors = [" ".join(p.cmdline())[:200] for p in alive if p.is_running()]
+    survivors = []
     for p in alive:
-        p.kill()
+        try:
+            survivors.append(" ".join(p.cmdline())[:200])
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     if head.poll() is None:
         head.kill()
         head.wait()
@@ -164,7 +174,7 @@ ray_installed = pytest.mark.skipif(
 @ray_installed
 def test_ray_sweep_on_a_running_head(tmp_path: Path) -> None:
     """The case that matters for outgrowing one machine: joining a Ray cluster that is already running."""
-    default_ray_dir_existed = Path("/tmp/ray").exists()
+    existed = {p for p in RAY_DEFAULT_FILES if p.exists()}
     sweep = tmp_path / "sweep"
     head, address, temp = start_ray_head(tmp_path)
     try:
@@ -190,7 +200,7 @@ def test_ray_sweep_on_a_running_head(tmp_path: Path) -> None:
         survivors = stop_ray_head(head, temp)
     assert survivors == [], f"Ray processes still running 30 s after SIGTERM: {survivors}"
     assert not ray_processes(head, temp)
-    assert default_ray_dir_existed or not Path("/tmp/ray").exists(), "Ray wrote to /tmp/ray, not its temp dir"
+    assert {p for p in RAY_DEFAULT_FILES if p.exists()} == existed, "Ray wrote outside its temp dir"
 
 
 # ------------------------------------------------------------------------------------------------ submitit
