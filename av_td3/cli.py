@@ -1,4 +1,4 @@
-"""``av-td3`` command line: ``validate``, ``compare`` and ``bench`` (``python -m av_td3.cli`` works too).
+"""``av-td3`` command line: ``validate``, ``compare``, ``archive`` and ``bench`` (``python -m av_td3.cli`` works too).
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments and sets ``run``; adding one means
 writing that function and listing it in ``SUBCOMMANDS``. Exit status: 0 success, 1 a check failed, 2 bad usage.
@@ -57,11 +57,45 @@ def _compare(args: argparse.Namespace) -> int:
         result = compare(runs, out, baseline=args.baseline)
     except ValueError as e:  # an unknown --baseline label
         return _usage_error("compare", str(e))
+    from av_td3.analysis.compare import notes, verdicts
+
     if result.summary.common:
         print(f"Every run: {' '.join(result.summary.common)}\n")
     print(result.table)
+    print("\nVerdicts:")
+    print("\n".join(f"  {line}" for line in verdicts(result.summary)))
+    found = notes(result.summary)
+    if found:
+        print("\nNotes and warnings:")
+        print("\n".join(f"  {line}" for line in found))
     print(f"\nwrote {out / 'comparison.md'}, {out / 'comparison.csv'} and {len(result.plots)} plots in "
           f"{out / 'plots'}")
+    return OK
+
+
+def _archive(args: argparse.Namespace) -> int:
+    from av_td3.analysis.archive import archive
+    from av_td3.analysis.runs import RunDiscoveryError
+
+    if args.dest.exists() and not args.dest.is_dir():
+        return _usage_error("archive", f"{args.dest}: is a file, give a folder")
+    if args.dest.resolve() == args.source.resolve() or args.source.resolve() in args.dest.resolve().parents:
+        return _usage_error("archive", f"{args.dest}: inside {args.source}; archive into a folder outside it "
+                                       "(e.g. results/<study>/<sweep name>)")
+    try:
+        result = archive(args.source, args.dest)
+    except RunDiscoveryError as e:
+        return _usage_error("archive", str(e))
+    for target in result.archived:
+        print(f"archived {target}")
+    for line in result.skipped:
+        print(f"skipped {line}")
+    for line in result.warnings:
+        print(f"warning: {line}")
+    if not result.archived:
+        print(f"av-td3 archive: nothing archived from {args.source}", file=sys.stderr)
+        return FAILED
+    print(f"{len(result.archived)} run(s) archived into {args.dest}; read them with: av-td3 compare {args.dest}")
     return OK
 
 
@@ -112,6 +146,18 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_compare)
 
 
+def _add_archive(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("archive", help="keep finished runs' config, summary and scalars in a folder to commit",
+                       description="Copy what compare and validate need of every finished run under SOURCE (config, "
+                                   "overrides, summary.json, all scalars as scalars.csv.gz, code version) into DEST, "
+                                   "one folder per run, well under 1 MB each. compare and validate read archived "
+                                   "runs like run folders and pool them by configuration across folders. "
+                                   "Exit 0: archived; 1: nothing to archive; 2: bad usage.")
+    p.add_argument("source", type=Path, metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder")
+    p.add_argument("dest", type=Path, metavar="DEST", help="the archive folder, e.g. results/clip_study/<sweep>")
+    p.set_defaults(run=_archive)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="update, replay, simulator and training throughput, ours next to SB3",
                        description="Measure in one process, side by side on identical sizes: TD3 updates/s (ours "
@@ -129,7 +175,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_bench)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_compare, _add_bench]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_compare, _add_archive,
+                                                                    _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from av_td3 import commands
 from av_td3.config import Config
+from av_td3.rundir import RUN_ONLY_KEYS, SUMMARY_FILE, flatten, read_json
 
 log = logging.getLogger("av_td3")
 
@@ -31,8 +32,6 @@ COMPLETED_CONFIG = "completed_config.json"
 FAILED_OBJECTIVE = -1e9
 # Exit status of a sweep in which some job did not complete.
 EXIT_SWEEP_INCOMPLETE = 1
-# Keys that change how a job runs, not what it computes: a rerun that differs only in these still skips.
-RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress"})
 # Launcher presets whose Hydra plugin is an optional install: preset name -> (plugin module, pip package).
 OPTIONAL_LAUNCHERS = {"ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher")}
 
@@ -43,24 +42,6 @@ class SweepIncomplete(SystemExit):
 
     def __init__(self) -> None:
         super().__init__(EXIT_SWEEP_INCOMPLETE)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or cut short by a killed process: as if absent
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _config_record(config: Config) -> dict[str, Any]:
@@ -80,16 +61,16 @@ def completed_objective(config: Config, run_dir: Path) -> float | None:
     latest checkpoint. Only ``trainer.resume=auto`` skips: ``none`` or a checkpoint path asks for training."""
     if config.trainer.resume != "auto":
         return None
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_json(run_dir / SUMMARY_FILE)
     if summary is None or summary.get("status") != "completed":
         return None
     objective = summary.get("objective")
-    done = _read_json(run_dir / COMPLETED_CONFIG)
+    done = read_json(run_dir / COMPLETED_CONFIG)
     if done is None or not isinstance(objective, (int, float)) or not math.isfinite(objective):
         log.info("%s: summary.json says completed but %s or the objective is missing; training again",
                  run_dir, COMPLETED_CONFIG)
         return None
-    old, new = _flatten(done), _flatten(_config_record(config))
+    old, new = flatten(done), flatten(_config_record(config))
     changed = sorted(k for k in old.keys() | new.keys() if k not in RUN_ONLY_KEYS and old.get(k) != new.get(k))
     if changed:
         log.info("%s completed with a different config (%s); training again", run_dir, ", ".join(changed))
@@ -111,7 +92,7 @@ class JobResult:
 def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     """One job's outcome from its summary.json, with a reason for every job that did not complete."""
     name = str(job_dir.relative_to(sweep_dir))
-    summary = _read_json(job_dir / "summary.json")
+    summary = read_json(job_dir / SUMMARY_FILE)
     if summary is None:
         return JobResult(name, "no summary", None, None, None,
                          "no summary.json: the job failed before training started (see its launch.log)")

@@ -7,7 +7,6 @@ Everything a run writes goes into ``run_dir`` (the Hydra output dir): ``tb/`` (T
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -17,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,18 +23,19 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from av_td3 import bounds
 from av_td3 import envs as envs_lib
 from av_td3 import loggers
-from av_td3.agent.monitor import CRITICAL_ALERTS, NonFiniteError
+from av_td3.agent.monitor import NonFiniteError
 from av_td3.agent.pid import PIDAgent
 from av_td3.agent.td3 import TD3, Spec
-from av_td3.checkpoint import CheckpointManager, atomic_write_bytes, check_compatible, load
+from av_td3.checkpoint import CheckpointManager, check_compatible, load
 from av_td3.config import Config, ConfigError
-from av_td3.analysis import bounds
 from av_td3.envs.base import (ACTION_NAMES, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError,
                               decision_dt, state_dim, state_scale)
 from av_td3.progress import Progress
 from av_td3.replay import ReplayBuffer
+from av_td3.rundir import DIVERGENCE_ALERTS, Summary, write_summary
 from av_td3.sweep import FAILED_OBJECTIVE
 
 log = logging.getLogger(__name__)
@@ -61,22 +60,6 @@ def preemption_signal() -> signal.Signals:
     """The signal submitit jobs receive before preemption or their time limit: USR2 unless
     ``SUBMITIT_PREEMPT_SIGNAL`` names another."""
     return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
-
-
-@dataclass
-class Summary:
-    """``summary.json``: what `av-td3 compare` reads instead of re-reading every event file."""
-    status: str = "running"                # running | completed | stopped | failed
-    reason: str | None = None
-    steps: int = 0
-    total_steps: int = 0
-    final_eval: dict[str, float] | None = None
-    alerts: dict[str, int] = field(default_factory=dict)
-    critical_alerts: int = 0
-    nan_guard: dict[str, Any] = field(default_factory=lambda: {"triggered": False, "quantity": None, "step": None})
-    skipped_updates: int = 0
-    objective: float = 0.0
-    wall_s: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,10 +106,6 @@ def flat_hparams(cfg: Config) -> dict[str, float | int | str | bool]:
             "clip_critic": a.clip.critic or "off", "lr_actor": a.lr.actor, "lr_critic": a.lr.critic,
             "policy_freq": a.policy_freq, "tau": a.tau, "gamma": a.gamma, "n_step": a.n_step,
             "batch_size": a.batch_size, "town": e.town, "npcs": e.npcs, "total_steps": cfg.trainer.total_steps}
-
-
-def write_summary(run_dir: Path, summary: Summary) -> None:
-    atomic_write_bytes(run_dir / "summary.json", lambda f: f.write(json.dumps(asdict(summary), indent=2).encode()))
 
 
 def crossed(prev: int, now: int, every: int) -> bool:
@@ -325,9 +304,10 @@ class Trainer:
 
     def train(self) -> Summary:
         cfg, t, a = self.cfg, self.cfg.trainer, self.cfg.agent
+        self.summary.provenance = provenance()
         self._write_summary()
         self.logger.log_run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), flat_hparams(cfg),
-                                 {"seed": str(cfg.seed), **provenance()})
+                                 {"seed": str(cfg.seed), **self.summary.provenance})
         stop_signals = [signal.SIGINT, signal.SIGTERM]
         # In a submitit job (launcher=slurm) the launcher's handler for the preemption signal requeues the job
         # at once; take the signal first, checkpoint, then hand it on (see Preempted), so the requeued job
@@ -376,8 +356,8 @@ class Trainer:
             self.summary.wall_s = wall0 + time.perf_counter() - start
             monitor = self.agent.monitor if self.learning else None
             self.summary.alerts = dict(monitor.alert_counts) if monitor else {}
-            self.summary.critical_alerts = sum(v for k, v in self.summary.alerts.items()
-                                               if k.split("/")[1] in CRITICAL_ALERTS)
+            self.summary.divergence_alerts = sum(v for k, v in self.summary.alerts.items()
+                                                 if k.split("/")[1] in DIVERGENCE_ALERTS)
             self.summary.skipped_updates = monitor.skipped_updates if monitor else 0
             self.summary.objective = self.objective()
             self._write_summary()
@@ -541,3 +521,4 @@ def run(cfg: Config, run_dir: Path) -> Summary:
             write_summary(run_dir, failed)
         raise
     return trainer.train()
+

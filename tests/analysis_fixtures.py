@@ -13,13 +13,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from av_td3.agent.monitor import ALERTS
 from av_td3.config import Config
 
 Scalars = dict[str, list[tuple[int, float]]]
 NETS = ("actor", "critic")
-ALERTS = ("clip_violation", "grad_explosion_warning", "grad_explosion_critical", "grad_growth", "q_divergence",
-          "dead_gradient", "action_saturation")
-# Used as the scale of an unclipped net's norms (the monitor's reference limits).
+# Used as the scale of an unclipped net's norms.
 REFERENCE = {"actor": 1.0, "critic": 10.0}
 
 
@@ -28,6 +27,9 @@ def make_config(overrides: Sequence[str] = (), seed: int = 0) -> DictConfig:
     files that the schema alone cannot apply, so they only appear in overrides.yaml)."""
     cfg = OmegaConf.structured(Config)
     cfg.merge_with_dotlist([o.lstrip("+") for o in overrides if "." in o.partition("=")[0]])
+    for o in overrides:  # agent=pid selects conf/agent/pid.yaml, which names the agent
+        if o.startswith("agent="):
+            cfg.agent.name = o.partition("=")[2]
     cfg.seed = seed
     return cfg
 
@@ -58,8 +60,16 @@ def healthy_scalars(cfg: DictConfig, flushes: int = 6, log_every: int = 50, fina
             log(f"grad/{net}/clip_coef", step, coef)
             log(f"grad/{net}/clip_fraction", step, 0.0 if limit is None else 0.5)
             log(f"grad/{net}/updates", step, log_every if net == "critic" else log_every // cfg.agent.policy_freq)
+            log(f"grad/{net}/spikes", step, 0)
+            for q, f in ((50, 0.9), (90, 1.3), (99, 1.45)):
+                log(f"grad/{net}/total/before_clip_p{q}", step, f * parts["total"])
+            if limit is not None:
+                log(f"grad/{net}/clip_limit", step, limit)
+                log(f"grad/{net}/clip_limit_max", step, limit)
+                log(f"grad/{net}/after_over_limit_max", step, 1.0)
             for name in ALERTS:
-                log(f"alert/{net}/{name}", step, 0)
+                if name != "action_saturation" or net == "actor":
+                    log(f"alert/{net}/{name}", step, 0)
         for tag, value in (("train/critic_loss", 1.0), ("train/actor_loss", -5.0), ("train/q1", 5.0),
                            ("train/q2", 5.1), ("train/q_abs_max", 8.0), ("perf/steps_per_s", 100.0)):
             log(tag, step, value)
@@ -93,7 +103,7 @@ def default_summary(cfg: DictConfig, scalars: Scalars) -> dict[str, Any]:
             if f"eval/{f}" in scalars}
     steps = max((pts[-1][0] for pts in scalars.values() if pts), default=0)
     return {"status": "completed", "reason": None, "steps": steps, "total_steps": steps,
-            "final_eval": last or None, "alerts": {}, "critical_alerts": 0,
+            "final_eval": last or None, "alerts": {}, "divergence_alerts": 0,
             "nan_guard": {"triggered": False, "quantity": None, "step": None}, "skipped_updates": 0,
             "objective": last.get("return", 0.0), "wall_s": 1.0}
 

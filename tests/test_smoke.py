@@ -25,8 +25,10 @@ TAGS = ["train/critic_loss", "train/actor_loss", "train/q1", "train/q2", "episod
         *(f"grad/{net}/{part}/{kind}"
           for net, parts in (("actor", ("mlp", "total")), ("critic", ("cnn", "mlp", "total"))) for part in parts
           for kind in ("before_clip", "before_clip_max", "after_clip", "after_clip_max")),
-        *(f"grad/{net}/{k}" for net in ("actor", "critic") for k in ("clip_coef", "clip_fraction", "updates")),
-        "alert/critic/clip_violation", "alert/actor/grad_explosion_warning"]
+        *(f"grad/{net}/{k}" for net in ("actor", "critic") for k in (
+            "clip_coef", "clip_fraction", "updates", "spikes", "clip_limit", "after_over_limit_max",
+            "total/before_clip_p50", "total/before_clip_p90", "total/before_clip_p99")),
+        "alert/critic/clip_violation", "alert/actor/grad_spike"]
 
 
 def launch(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path, float]:

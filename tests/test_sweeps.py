@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from av_td3.analysis import bounds
+from av_td3 import bounds
 from av_td3.config import to_config
 from av_td3.sweep import (COMPLETED_CONFIG, EXIT_SWEEP_INCOMPLETE, SWEEP_SUMMARY, SweepSummary, collect,
                           completed_objective, missing_launcher_plugin, record_completed)

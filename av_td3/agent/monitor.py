@@ -6,10 +6,16 @@ For each network ("actor", "critic") and part ("cnn", "mlp", "total"):
   norm of the part norms, i.e. the norm over exactly the parameter set that is clipped;
 * the before-clip norm is measured before clipping, the after-clip norm after clipping, on the same backward;
 * a network is observed only on updates where it is actually updated (the delayed actor is not padded with 0);
-* every update is aggregated on the training device (mean and max per interval, update count, clipped count);
-  :meth:`GradMonitor.flush` moves everything to the host in ONE transfer and evaluates the alerts there.
+* the limit each update is clipped to comes from ``agent.clip.mode`` (:mod:`av_td3.agent.clipping`) and is
+  logged as used (``grad/<net>/clip_limit``), with the invariant after-clip norm <= limit checked every update;
+* gradient spikes are judged against the net's own history (log-norm above its EMA mean by ``monitor.spike_z``
+  EMA std), so a large but steady norm is not a spike;
+* every update is aggregated on the training device (mean and max per interval, update count, clipped count,
+  the interval's norms for percentiles); :meth:`GradMonitor.flush` moves everything to the host in ONE transfer
+  and evaluates the alerts there.
 
 Alert thresholds follow the configuration (clip limits, ``monitor.*``, the reward scale), never fixed numbers.
+Which alerts mean divergence is decided in :mod:`av_td3.rundir` (DIVERGENCE_ALERTS), not here.
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from av_td3.agent.clipping import ClipLimit, clip_to, make_limit
 from av_td3.config import ClipConfig, MonitorConfig
 
 log = logging.getLogger(__name__)
 
-CRITICAL_ALERTS = ("clip_violation", "grad_explosion_critical", "q_divergence")
+# Alert names per net, in the order they are logged (alert/<net>/<name>, 0 or 1 per flush).
+ALERTS = ("clip_violation", "grad_spike", "q_divergence", "dead_gradient", "action_saturation")
+NORM_PERCENTILES = (50, 90, 99)  # of the interval's before-clip total norms: grad/<net>/total/before_clip_p<q>
 
 
 class NonFiniteError(RuntimeError):
@@ -90,6 +99,46 @@ class FlushResult:
     fired: list[str] = field(default_factory=list)  # "<net>/<alert>" that fired in this interval
 
 
+class SpikeDetector:
+    """Spikes of one net's before-clip norm against its own history, on the device.
+
+    x = log(norm); after ``warmup`` updates (plain mean and variance of x until then), an update is a spike when
+    x > mean + z * std, with mean and variance EMAs (weight ``ema`` on the old value) fed min(x, threshold).
+    Scale-free: a norm 500x the clip limit but steady is no spike; a 50x jump over a steady norm is one."""
+
+    def __init__(self, z: float, ema: float, warmup: int, device: torch.device) -> None:
+        self.z, self.ema, self.warmup = z, ema, warmup
+        self.mean = torch.zeros((), device=device)
+        self.var = torch.zeros((), device=device)  # Welford's M2 during the warm-up, the variance after it
+        self.seen = 0
+
+    def __call__(self, norm: torch.Tensor) -> torch.Tensor:
+        """1.0 when this update's norm is a spike, else 0.0 (a 0-d tensor)."""
+        x = torch.log(norm.detach().float().clamp_min(1e-30))
+        self.seen += 1
+        if self.seen <= self.warmup:
+            delta = x - self.mean
+            self.mean += delta / self.seen
+            self.var += delta * (x - self.mean)
+            if self.seen == self.warmup:
+                self.var /= self.seen
+            return torch.zeros((), device=x.device)
+        threshold = self.mean + self.z * self.var.clamp_min(0).sqrt()
+        capped = torch.minimum(x, threshold)
+        delta = capped - self.mean
+        self.mean += (1 - self.ema) * delta
+        self.var.mul_(self.ema).add_((1 - self.ema) * delta * (capped - self.mean))
+        return (x > threshold).float()
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "seen": self.seen}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mean.copy_(d["mean"])
+        self.var.copy_(d["var"])
+        self.seen = int(d["seen"])
+
+
 class GradMonitor:
     """Clips each network's gradients (when a limit is set) and records what clipping did.
 
@@ -100,16 +149,18 @@ class GradMonitor:
     def __init__(self, cfg: MonitorConfig, clip: ClipConfig, parts: dict[str, dict[str, list[nn.Parameter]]],
                  q_bound: float, action_names: tuple[str, ...], device: torch.device) -> None:
         self.cfg = cfg
-        self.limits = {"actor": clip.actor, "critic": clip.critic}
-        self.reference = {"actor": cfg.reference_limit_actor, "critic": cfg.reference_limit_critic}
+        self.clip_cfg = clip
         self.parts = {net: {p: list(ps) for p, ps in np_.items() if len(ps) > 0} for net, np_ in parts.items()}
         self.params = {net: [p for ps in np_.values() for p in ps] for net, np_ in self.parts.items()}
+        self.limits: dict[str, ClipLimit] = {net: make_limit(clip, net, device) for net in self.parts}
+        self.spikes = {net: SpikeDetector(cfg.spike_z, cfg.spike_ema, cfg.spike_warmup, device)
+                       for net in self.parts}
         self.q_bound = q_bound
         self.action_names = action_names
         self.device = device
         self.stats = DeviceStats(device)
         self._zero_run = {net: torch.zeros(len(np_), device=device) for net, np_ in self.parts.items()}
-        self._growth_ema: dict[str, float] = {}
+        self._norms: dict[str, list[torch.Tensor]] = {net: [] for net in self.parts}  # this interval's totals
         self.alert_counts: dict[str, int] = {}
         self.skipped_updates = 0
         self.nonfinite_actions = 0
@@ -118,14 +169,14 @@ class GradMonitor:
     def clip_and_observe(self, net: str, loss: torch.Tensor, step: int) -> bool:
         """Measure, guard and clip ``net``'s gradients after ``loss.backward()``; return False when the update
         must be dropped (non-finite under ``nan_policy=skip``). Raises :class:`NonFiniteError` under ``stop``."""
-        limit = self.limits[net]
         if not self.cfg.enabled:  # monitoring off: one norm over all gradients, still guarded and clipped
-            total = torch.nn.utils.get_total_norm([p.grad for p in self.params[net] if p.grad is not None],
-                                                  foreach=True)
+            grads = [p.grad for p in self.params[net] if p.grad is not None]
+            total = torch.nn.utils.get_total_norm(grads, foreach=True)
             if not bool(torch.isfinite(loss) & torch.isfinite(total)):
                 return self._non_finite(net, loss, total.reshape(1), step)
+            limit = self.limits[net](total)
             if limit is not None:
-                torch.nn.utils.clip_grads_with_norm_(self.params[net], limit, total, foreach=True)
+                clip_to(grads, limit, total)
             return True
 
         grads = {part: [p.grad for p in ps if p.grad is not None] for part, ps in self.parts[net].items()}
@@ -137,20 +188,24 @@ class GradMonitor:
         if not bool(torch.isfinite(loss) & torch.isfinite(total)):
             return self._non_finite(net, loss, part_norms, step)
 
-        if limit is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params[net], limit, total, foreach=True)
-
+        limit = self.limits[net](total)
         if limit is None:
             after_norms, after_total = part_norms, total
-        else:  # measured again, not inferred from the clip coefficient: a broken clip must show up here
+        else:
+            clip_to([g for gs in grads.values() for g in gs], limit, total)
+            # measured again, not inferred from the clip coefficient: a broken clip must show up here
             after_norms = torch.stack([torch.nn.utils.get_total_norm(g, foreach=True) if g
                                        else torch.zeros((), device=self.device) for g in grads.values()])
             after_total = torch.linalg.vector_norm(after_norms)
+            limit_t = torch.as_tensor(limit, dtype=torch.float32, device=self.device)
+            # [limit used, after / limit]: the invariant after <= limit is checked on the max of the ratio
+            self.stats.add(f"grad/{net}/limit", torch.stack([limit_t, after_total.float() / limit_t]))
         self.stats.add(f"grad/{net}/before", torch.cat([part_norms, total.reshape(1)]))
         self.stats.add(f"grad/{net}/after", torch.cat([after_norms, after_total.reshape(1)]))
         coef = torch.where(total > 0, after_total / total, torch.ones_like(total))
         clipped = (total > limit).float() if limit is not None else torch.zeros_like(total)
-        self.stats.add(f"grad/{net}/coef", torch.stack([coef, clipped]))
+        self.stats.add(f"grad/{net}/coef", torch.stack([coef, clipped, self.spikes[net](total)]))
+        self._norms[net].append(total.detach())
         zr = self._zero_run[net]
         torch.where(part_norms == 0, zr + 1, torch.zeros_like(zr), out=zr)
         self.stats.add(f"grad/{net}/zero_run", zr)
@@ -179,7 +234,11 @@ class GradMonitor:
     # ------------------------------------------------------------------------------------------------- per flush
     def flush(self, step: int) -> FlushResult:
         """Turn the interval's device accumulators into scalars (one host transfer) and evaluate the alerts."""
-        items = self.stats.tensors()
+        items = [(key, kind, t) for key, kind, t in self.stats.tensors()]
+        q = torch.tensor([p / 100 for p in NORM_PERCENTILES], device=self.device)
+        for net, norms in self._norms.items():
+            if norms:
+                items.append((f"grad/{net}/total/before_clip", "pct", torch.quantile(torch.stack(norms).float(), q)))
         values = torch.cat([t.reshape(-1).float() for _, _, t in items]).cpu().tolist() if items else []
         raw: dict[tuple[str, str], list[float]] = {}
         i = 0
@@ -187,8 +246,10 @@ class GradMonitor:
             n = t.numel()
             raw[(key, kind)] = values[i:i + n]
             i += n
-        counts = {key: self.stats.count(key) for key, _, _ in items}
+        counts = {key: self.stats.count(key) for key, kind, _ in items if kind != "pct"}
         self.stats.reset()
+        for norms in self._norms.values():
+            norms.clear()
 
         scalars: dict[str, float] = {"guard/skipped_updates": float(self.skipped_updates),
                                      "guard/nonfinite_actions": float(self.nonfinite_actions)}
@@ -215,8 +276,7 @@ class GradMonitor:
             fired.append("actor/q_divergence")
 
         for net in self.parts:
-            for name in ("clip_violation", "grad_explosion_warning", "grad_explosion_critical", "grad_growth",
-                         "q_divergence", "dead_gradient", "action_saturation"):
+            for name in ALERTS:
                 if name == "action_saturation" and net != "actor":
                     continue
                 tag = f"{net}/{name}"
@@ -232,38 +292,40 @@ class GradMonitor:
             for part, mean, mx in zip(names, raw[(f"grad/{net}/{when}", "mean")], raw[(f"grad/{net}/{when}", "max")]):
                 scalars[f"grad/{net}/{part}/{when}_clip"] = mean
                 scalars[f"grad/{net}/{part}/{when}_clip_max"] = mx
-        coef_mean, clipped_share = raw[(f"grad/{net}/coef", "mean")]
+        for pct, v in zip(NORM_PERCENTILES, raw.get((f"grad/{net}/total/before_clip", "pct"), [])):
+            scalars[f"grad/{net}/total/before_clip_p{pct}"] = v
+        coef_mean, clipped_share, spike_share = raw[(f"grad/{net}/coef", "mean")]
+        updates = counts[f"grad/{net}/before"]
         scalars[f"grad/{net}/clip_coef"] = coef_mean
         scalars[f"grad/{net}/clip_fraction"] = clipped_share
-        scalars[f"grad/{net}/updates"] = float(counts[f"grad/{net}/before"])
+        scalars[f"grad/{net}/updates"] = float(updates)
+        spikes = round(spike_share * updates)
+        scalars[f"grad/{net}/spikes"] = float(spikes)
 
         fired = []
-        limit = self.limits[net]
-        yardstick = limit if limit is not None else self.reference[net]
-        before_max = scalars[f"grad/{net}/total/before_clip_max"]
-        if limit is not None and scalars[f"grad/{net}/total/after_clip_max"] > limit * (1 + self.cfg.tolerance):
-            fired.append(f"{net}/clip_violation")
-        if before_max > self.cfg.critical_factor * yardstick:
-            fired.append(f"{net}/grad_explosion_critical")
-        elif before_max > self.cfg.warn_factor * yardstick:
-            fired.append(f"{net}/grad_explosion_warning")
-        mean = scalars[f"grad/{net}/total/before_clip"]
-        ema = self._growth_ema.get(net)
-        if ema is not None and ema > 0 and mean > self.cfg.growth_factor * ema:
-            fired.append(f"{net}/grad_growth")
-        a = self.cfg.growth_ema
-        self._growth_ema[net] = mean if ema is None else a * ema + (1 - a) * mean
+        if (f"grad/{net}/limit", "mean") in raw:  # clipped in this interval
+            limit_mean, _ = raw[(f"grad/{net}/limit", "mean")]
+            limit_max, ratio_max = raw[(f"grad/{net}/limit", "max")]
+            scalars[f"grad/{net}/clip_limit"] = limit_mean
+            scalars[f"grad/{net}/clip_limit_max"] = limit_max
+            scalars[f"grad/{net}/after_over_limit_max"] = ratio_max
+            if ratio_max > 1 + self.cfg.tolerance:
+                fired.append(f"{net}/clip_violation")
+        if spikes > 0:
+            fired.append(f"{net}/grad_spike")
         if max(raw[(f"grad/{net}/zero_run", "max")]) >= self.cfg.dead_steps:
             fired.append(f"{net}/dead_gradient")
         return fired
 
     def _explain(self, tag: str, s: dict[str, float]) -> str:
         net, name = tag.split("/")
-        limit = self.limits.get(net)
         if name == "clip_violation":
-            return f"after-clip norm {s[f'grad/{net}/total/after_clip_max']:.4g} > limit {limit}"
-        if name.startswith("grad_explosion") or name == "grad_growth":
-            return f"before-clip norm max {s[f'grad/{net}/total/before_clip_max']:.4g} (limit {limit})"
+            return (f"after-clip norm {s[f'grad/{net}/after_over_limit_max']:.4g} x the limit used "
+                    f"(> 1 + monitor.tolerance): the clip did not hold")
+        if name == "grad_spike":
+            return (f"{s[f'grad/{net}/spikes']:.0f} of {s[f'grad/{net}/updates']:.0f} updates' before-clip norms "
+                    f"more than {self.cfg.spike_z:g} std above their running log-mean (max "
+                    f"{s[f'grad/{net}/total/before_clip_max']:.4g})")
         if name == "q_divergence":
             return f"|Q| or |actor loss| beyond {self.q_bound:.4g} = margin x max|r| / (1 - gamma)"
         if name == "dead_gradient":
@@ -272,14 +334,21 @@ class GradMonitor:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"zero_run": {k: v.cpu() for k, v in self._zero_run.items()}, "growth_ema": dict(self._growth_ema),
+        return {"zero_run": {k: v.cpu() for k, v in self._zero_run.items()},
+                "clip": {net: lim.state_dict() for net, lim in self.limits.items()},
+                "spikes": {net: det.state_dict() for net, det in self.spikes.items()},
+                "norms": {net: torch.stack(v).cpu() if v else torch.zeros(0) for net, v in self._norms.items()},
                 "alert_counts": dict(self.alert_counts), "skipped_updates": self.skipped_updates,
                 "nonfinite_actions": self.nonfinite_actions, "stats": self.stats.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         for k, v in d["zero_run"].items():
             self._zero_run[k] = v.to(self.device)
-        self._growth_ema = dict(d["growth_ema"])
+        for net, lim in self.limits.items():
+            lim.load_state_dict(d["clip"][net])
+        for net, det in self.spikes.items():
+            det.load_state_dict(d["spikes"][net])
+        self._norms = {net: list(d["norms"][net].to(self.device).unbind(0)) for net in self.parts}
         self.alert_counts = dict(d["alert_counts"])
         self.skipped_updates = d["skipped_updates"]
         self.nonfinite_actions = d["nonfinite_actions"]

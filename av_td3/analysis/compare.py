@@ -1,6 +1,10 @@
 """``av-td3 compare``: group runs by configuration (seeds pooled), aggregate final evaluation returns with IQM and
-bootstrap intervals, report divergence as a result in its own right, and write ``comparison.md``,
-``comparison.csv`` and ``plots/*.png``."""
+bootstrap intervals, report divergence, collapse, gradient spikes and the scale of the gradient norms next to
+the clip limits, and write ``comparison.md``, ``comparison.csv`` and ``plots/*.png``.
+
+Runs are grouped by their configuration, not by the folder or sitting they come from: live run folders and
+archived runs (``av-td3 archive``) from several machines pool into one group when their configurations match,
+keys that never change what is computed aside (:mod:`av_td3.rundir`)."""
 
 from __future__ import annotations
 
@@ -10,24 +14,24 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
 from av_td3.analysis import stats
 from av_td3.analysis.events import series
 from av_td3.analysis.plots import write_plots
 from av_td3.analysis.runs import Run
-from av_td3.analysis.validate import CRITICAL_ALERTS, NETS
+from av_td3.analysis.verdicts import NETS, judge
 from av_td3.config import ClipConfig
-from av_td3.sweep import RUN_ONLY_KEYS
+from av_td3.rundir import RUN_ONLY_KEYS, flatten, is_experiment_key
 
 # Overrides that leave the experiment unchanged, so runs differing only in these belong together: presets,
 # keys that change how a job runs but not what it computes, and the seed (pooled by the statistics).
 IGNORED_OVERRIDES = frozenset({"seed", "experiment", "debug", "launcher", "hydra/launcher", "hparams_search"}
                               | RUN_ONLY_KEYS)
-# Config keys that never make two runs different experiments (used for runs without overrides.yaml).
-IGNORED_CONFIG_KEYS = frozenset({"seed", "trainer.device", "experiment_name"} | RUN_ONLY_KEYS)
-IGNORED_CONFIG_PREFIXES = ("logger.",)
 EVAL_FIELDS = ("return", "success_rate", "collisions", "lane_invasions")
+NORM_PERCENTILES = (50, 90, 99)
+# A limit that binds on at most / at least this share of updates "never binds" / "binds on every update".
+NEVER_BINDS, ALWAYS_BINDS = 0.001, 0.99
+MIN_RUNS_FOR_VERDICT = 3
 NAN = float("nan")
 
 
@@ -37,20 +41,6 @@ class Group:
     label: str         # "default" or "key=value,key=value"
     items: list[str]   # the label's key=value parts (fewer = closer to the defaults)
     runs: list[Run]
-
-
-def _flatten(cfg: DictConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return out
 
 
 def _value_text(value: Any) -> str:
@@ -70,21 +60,20 @@ def _override_items(overrides: list[str], flat: dict[str, Any]) -> list[str]:
     return sorted(items)
 
 
-def _relevant(key: str) -> bool:
-    return key not in IGNORED_CONFIG_KEYS and not key.startswith(IGNORED_CONFIG_PREFIXES)
-
-
 def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
-    """Group runs (each with a config) by their overrides minus the seed and minus overrides that do not change
-    the experiment; runs without overrides.yaml are labelled by the config keys that differ between the runs.
+    """Group runs (each with a config) whose configurations match, the seed and keys that do not change what is
+    computed aside, wherever and whenever they ran. A group is labelled by its runs' overrides minus the seed and
+    minus overrides that do not change the experiment (the label most of its runs share); runs without
+    overrides.yaml are labelled by the config keys that differ between the runs.
 
-    Returns the groups sorted by label, a warning for each group whose runs' configs differ in more than the
-    seed (e.g. a smoke sweep pooled with a full one, since ``debug=`` is not part of the label), and the
-    overrides every run shares (``python launch.py -m experiment=X agent.encoder=shared``): those are left out
-    of the labels, so ``arm=td3`` stays ``arm=td3`` whatever else the sweep's command line set.
+    Returns the groups sorted by label, warnings (runs launched under one label that differ in their configs,
+    e.g. a smoke run next to full ones, are split and named; a group pooling runs launched differently, from
+    different code versions, or with a seed twice), and the overrides every run shares
+    (``python launch.py -m experiment=X agent.encoder=shared``): those are left out of the labels, so
+    ``arm=td3`` stays ``arm=td3`` whatever else the sweep's command line set.
     """
-    flats = [_flatten(r.config) for r in runs]  # type: ignore[arg-type]
-    keys = sorted({k for f in flats for k in f if _relevant(k)})
+    flats = [flatten(r.config) for r in runs]  # type: ignore[arg-type]
+    keys = sorted({k for f in flats for k in f if is_experiment_key(k)})
     varying = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
     run_items = [_override_items(run.overrides, flat) if run.overrides is not None
                  else [f"{k}={_value_text(flat.get(k))}" for k in varying] for run, flat in zip(runs, flats)]
@@ -92,17 +81,48 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
     if len({tuple(items) for items in run_items}) > 1:
         common = sorted(set.intersection(*(set(items) for items in run_items)))
         run_items = [[i for i in items if i not in common] for items in run_items]
-    groups: dict[str, Group] = {}
-    members: dict[str, list[dict[str, Any]]] = {}
-    for run, flat, items in zip(runs, flats, run_items):
+
+    by_config: dict[tuple, list[int]] = {}
+    for i, flat in enumerate(flats):
+        by_config.setdefault(tuple(repr(flat.get(k)) for k in varying), []).append(i)
+    warnings: list[str] = []
+    named: list[tuple[list[str], list[int]]] = []
+    launched = [[tuple(run_items[i]) for i in members] for members in by_config.values()]
+    unanimous = {labels[0] for labels in launched if len(set(labels)) == 1}
+    for members, labels in zip(by_config.values(), launched):
+        # the most common way its runs were launched, then the shortest; not a name another group has
+        ranked = sorted(set(labels), key=lambda t: (-labels.count(t), len(t), t))
+        items = next((t for t in ranked if t not in unanimous or len(ranked) == 1), ranked[0])
+        if len(ranked) > 1:
+            shown = sorted({",".join(t) or "default" for t in labels})
+            warnings.append(f"group `{','.join(items) or 'default'}` pools runs launched as {', '.join(shown)}: "
+                            "their configurations are the same")
+        named.append((list(items), members))
+    # Runs launched under one label whose configurations differ (debug=smoke is not a label item): split, named.
+    by_label: dict[str, list[int]] = {}
+    for n, (items, _) in enumerate(named):
+        by_label.setdefault(",".join(items), []).append(n)
+    for label, clashing in by_label.items():
+        if len(clashing) < 2:
+            continue
+        differ = [k for k in varying if len({repr(flats[named[n][1][0]].get(k)) for n in clashing}) > 1]
+        for n in clashing:
+            flat = flats[named[n][1][0]]
+            named[n] = (named[n][0] + [f"[{k}={_value_text(flat.get(k))}]" for k in differ], named[n][1])
+        warnings.append(f"runs launched as `{label or 'default'}` differ in their configs ({', '.join(differ)}): "
+                        f"split into {len(clashing)} groups")
+    groups = {}
+    for items, members in named:
         label = ",".join(items) or "default"
-        groups.setdefault(label, Group(label, items, [])).runs.append(run)
-        members.setdefault(label, []).append(flat)
-    warnings = []
-    for label, group_flats in members.items():
-        mixed = [k for k in varying if len({repr(f.get(k)) for f in group_flats}) > 1]
-        if mixed:
-            warnings.append(f"group `{label}` pools runs whose configs differ in: {', '.join(mixed)}")
+        group = groups[label] = Group(label, items, [runs[i] for i in members])
+        versions = sorted({r.code_version for r in group.runs if r.code_version})
+        if len(versions) > 1:
+            warnings.append(f"group `{label}` pools runs from {len(versions)} code versions: {', '.join(versions)}")
+        seeds = [r.seed for r in group.runs]
+        twice = sorted({s for s in seeds if seeds.count(s) > 1 and s is not None})
+        if twice:
+            warnings.append(f"group `{label}` holds seed(s) {', '.join(map(str, twice))} more than once (the same "
+                            "run archived twice, or rerun): each counts as a run")
     return [groups[k] for k in sorted(groups)], warnings, common
 
 
@@ -111,6 +131,7 @@ def default_baseline(groups: list[Group]) -> Group | None:
     clip = ClipConfig()
     candidates = [g for g in groups if all(r.config.agent.clip.actor == clip.actor  # type: ignore[union-attr]
                                            and r.config.agent.clip.critic == clip.critic  # type: ignore[union-attr]
+                                           and r.config.agent.clip.mode == clip.mode  # type: ignore[union-attr]
                                            for r in g.runs)]
     return min(candidates, key=lambda g: (len(g.items), g.label), default=None)
 
@@ -126,22 +147,32 @@ def run_metrics(run: Run) -> dict[str, Any]:
     df = run.scalars
     summary = run.summary or {}
     final_eval = summary.get("final_eval") or {}
+    verdict = judge(run)
     m: dict[str, Any] = {"run": run.name, "state": run.state, "finished": run.finished, "seed": run.seed,
                          "steps": summary.get("steps"), "total_steps": summary.get("total_steps"),
-                         "reason": summary.get("reason")}
+                         "reason": summary.get("reason"), "wall_s": summary.get("wall_s"),
+                         "code_version": run.code_version}
     for name in EVAL_FIELDS:
         value = final_eval.get(name)
         m[name] = float(value) if value is not None else _last(df, f"eval/{name}")
     for net in NETS:
         fraction = series(df, f"grad/{net}/clip_fraction")
         after = series(df, f"grad/{net}/total/after_clip_max")
+        limit = series(df, f"grad/{net}/clip_limit")
         m[f"{net}_clip_fraction"] = float(fraction.mean()) if len(fraction) else NAN
         m[f"{net}_after_clip_max"] = float(after.max()) if len(after) else NAN
+        m[f"{net}_clip_limit_used"] = float(limit.median()) if len(limit) else NAN
+        for q in NORM_PERCENTILES:  # the median over the run's logging intervals of each interval's percentile
+            pct = series(df, f"grad/{net}/total/before_clip_p{q}")
+            m[f"{net}_norm_p{q}"] = float(pct.median()) if len(pct) else NAN
+        spikes, updates = verdict.spikes.get(net, (NAN, NAN))
+        m[f"{net}_spikes"], m[f"{net}_spike_updates"] = spikes, updates
     m["alerts"] = {k: int(v) for k, v in (summary.get("alerts") or {}).items() if v}
     m["nan_guard"] = bool((summary.get("nan_guard") or {}).get("triggered"))
-    critical = df["tag"].str.fullmatch(rf"alert/[^/]+/(?:{'|'.join(CRITICAL_ALERTS)})")
-    m["critical"] = bool(summary.get("critical_alerts")) or bool((df.loc[critical, "value"] > 0).any())
-    m["diverged"] = m["nan_guard"] or m["critical"]
+    m["diverged"] = verdict.diverged is not None
+    m["diverged_why"] = verdict.diverged
+    m["collapsed"] = verdict.collapsed is not None
+    m["collapsed_why"] = verdict.collapsed
     return m
 
 
@@ -179,6 +210,10 @@ def summarize_group(group: Group, rows: pd.DataFrame) -> dict[str, Any]:
         "return_ci_low": NAN, "return_ci_high": NAN,
         "return_mean": float(np.mean(returns)) if len(returns) else NAN,
         "return_std": float(np.std(returns, ddof=1)) if len(returns) >= 2 else NAN,
+        "returns_by_seed": "; ".join(f"{int(sd)}: {r:.4g}" for sd, r in zip(fin["seed"], fin["return"])
+                                     if pd.notna(sd) and pd.notna(r)),
+        "wall_h_mean": float(fin["wall_s"].dropna().mean() / 3600) if fin["wall_s"].notna().any() else NAN,
+        "clip_mode": str(cfg.agent.clip.mode),  # type: ignore[union-attr]
     }
     if len(returns) >= 2:
         s["return_ci_low"], s["return_ci_high"] = stats.iqm_ci(returns)
@@ -187,19 +222,43 @@ def summarize_group(group: Group, rows: pd.DataFrame) -> dict[str, Any]:
     for net in NETS:
         limit = cfg.agent.clip[net]  # type: ignore[union-attr]
         s[f"{net}_clip_limit"] = NAN if limit is None else float(limit)
+        s[f"{net}_clip_limit_used"] = float(fin[f"{net}_clip_limit_used"].median()) if len(fin) else NAN
         s[f"{net}_clip_fraction"] = float(fin[f"{net}_clip_fraction"].mean()) if len(fin) else NAN
         s[f"{net}_after_clip_max"] = float(fin[f"{net}_after_clip_max"].max()) if len(fin) else NAN
+        for q in NORM_PERCENTILES:
+            s[f"{net}_norm_p{q}"] = float(fin[f"{net}_norm_p{q}"].median()) if len(fin) else NAN
+        updates = fin[f"{net}_spike_updates"].sum(min_count=1)
+        s[f"{net}_spikes_per_1k"] = (1000.0 * fin[f"{net}_spikes"].sum() / updates
+                                     if pd.notna(updates) and updates > 0 else NAN)
     alerts: dict[str, int] = {}
     for run_alerts in fin["alerts"]:
         for name, count in run_alerts.items():
             alerts[name] = alerts.get(name, 0) + count
     s["alerts"] = sum(alerts.values())
     s["alerts_by_name"] = "; ".join(f"{k}: {v}" for k, v in sorted(alerts.items()))
-    s["critical_alert_runs"] = int(fin["critical"].sum())
     s["nan_guard_stops"] = int(fin["nan_guard"].sum())
     s["diverged"] = int(fin["diverged"].sum())
     s["divergence_rate"] = s["diverged"] / len(fin) if len(fin) else NAN
+    s["collapsed"] = int(fin["collapsed"].sum())
+    s["collapse_rate"] = s["collapsed"] / len(fin) if len(fin) else NAN
     return s
+
+
+def binding_notes(s: dict[str, Any]) -> list[str]:
+    """Plain words for a clip limit that binds on no update, or on every one (then it normalises)."""
+    notes = []
+    for net in NETS:
+        fraction = s[f"{net}_clip_fraction"]
+        if not np.isfinite(fraction) or not np.isfinite(s[f"{net}_clip_limit"]):
+            continue
+        if fraction <= NEVER_BINDS:
+            notes.append(f"the {net}'s limit never binds ({_pct(fraction)} of updates clipped): clipping the "
+                         f"{net} changes nothing here")
+        elif fraction >= ALWAYS_BINDS:
+            notes.append(f"the {net}'s limit binds on {_pct(fraction)} of updates: its clipping acts as gradient "
+                         f"normalisation (norm p50 {_num(s[f'{net}_norm_p50'])} vs limit "
+                         f"{_num(s[f'{net}_clip_limit_used'])})")
+    return notes
 
 
 # -------------------------------------------------------------------------------------------------- formatting
@@ -217,6 +276,13 @@ def _interval(lo: float, hi: float) -> str:
     return f"[{_num(lo)}, {_num(hi)}]"
 
 
+def _limit_text(s: dict[str, Any], net: str) -> str:
+    limit, mode = s[f"{net}_clip_limit"], s["clip_mode"]
+    if mode == "norm":
+        return f"limit {_num(limit)}"
+    return f"{mode}, limit used ~{_num(s[f'{net}_clip_limit_used'])}"
+
+
 def _cells(s: dict[str, Any]) -> dict[str, str]:
     n = s["n_return"]
     if n >= 2:
@@ -229,19 +295,22 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
     runs = f"{s['runs']} ({s['completed']} completed / {s['stopped']} stopped"
     runs += f", {s['incomplete']} incomplete)" if s["incomplete"] else ")"
     cells = {"group": f"`{s['group']}`", "runs": runs, "return IQM [95% CI]": iqm, "return mean ± std": mean,
-             "success": _pct(s["success_rate"]), "collisions/ep": _num(s["collisions"], 3),
-             "lane inv./ep": _num(s["lane_invasions"], 3)}
+             "success": _pct(s["success_rate"]), "collisions/ep": _num(s["collisions"], 3)}
     for net in NETS:
         limit, top = s[f"{net}_clip_limit"], _num(s[f"{net}_after_clip_max"])
         if not np.isfinite(s[f"{net}_clip_fraction"]) and not np.isfinite(s[f"{net}_after_clip_max"]):
             cells[f"{net} clipping"] = "no gradients logged"  # e.g. agent=pid: nothing is learned
+            cells[f"{net} norm p50/p90/p99"] = "-"
+            cells[f"{net} spikes /1k upd."] = "-"
             continue
         cells[f"{net} clipping"] = (f"unclipped, max norm {top}" if not np.isfinite(limit) else
-                                    f"{_pct(s[f'{net}_clip_fraction'])} clipped, max {top} (limit {_num(limit)})")
+                                    f"{_pct(s[f'{net}_clip_fraction'])} clipped ({_limit_text(s, net)})")
+        cells[f"{net} norm p50/p90/p99"] = "/".join(_num(s[f"{net}_norm_p{q}"], 3) for q in NORM_PERCENTILES)
+        cells[f"{net} spikes /1k upd."] = _num(s[f"{net}_spikes_per_1k"], 2)
     finished = s["runs"] - s["incomplete"]
-    cells["alerts fired"] = f"{s['alerts']}"
-    cells["NaN-guard stops"] = f"{s['nan_guard_stops']}"
-    cells["diverged"] = f"{s['diverged']}/{finished} ({_pct(s['divergence_rate'])})"
+    cells["diverged"] = f"{s['diverged']}/{finished}"
+    cells["collapsed"] = f"{s['collapsed']}/{finished}"
+    cells["wall h/run"] = _num(s["wall_h_mean"], 2)
     if s["is_baseline"]:
         cells["P(> baseline)"] = "baseline"
     elif not np.isfinite(s["p_improvement"]):
@@ -251,7 +320,45 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
         interval = (f"[{s['p_ci_low']:.2f}, {s['p_ci_high']:.2f}]" if np.isfinite(s["p_ci_low"])
                     else "(n=1, no interval)")
         cells["P(> baseline)"] = f"{s['p_improvement']:.2f} {interval} {how}"
+        if s["n_return"] < MIN_RUNS_FOR_VERDICT or s["n_base"] < MIN_RUNS_FOR_VERDICT:
+            cells["P(> baseline)"] += f" (n={min(s['n_return'], s['n_base'])}: no conclusion)"
     return cells
+
+
+def verdict_line(s: dict[str, Any], baseline: str | None) -> str:
+    """One sentence per group against the baseline, read off P(improvement)'s interval."""
+    head = f"`{s['group']}`: return IQM {_num(s['return_iqm'])} (n={s['n_return']})"
+    if s["is_baseline"]:
+        return f"{head}: the baseline"
+    if baseline is None or not np.isfinite(s["p_improvement"]):
+        return f"{head}: no baseline to compare with"
+    n = min(s["n_return"], s["n_base"])
+    if n < MIN_RUNS_FOR_VERDICT:
+        return f"{head}: n={n} against `{baseline}`, no conclusion (run at least {MIN_RUNS_FOR_VERDICT} seeds each)"
+    lo, hi = s["p_ci_low"], s["p_ci_high"]
+    p = f"P(> baseline) {s['p_improvement']:.2f} [{lo:.2f}, {hi:.2f}]"
+    if lo > 0.5:
+        return f"{head}: better than `{baseline}` ({p})"
+    if hi < 0.5:
+        return f"{head}: worse than `{baseline}` ({p})"
+    return f"{head}: no clear difference from `{baseline}` ({p}, the interval spans 0.5)"
+
+
+def identical_groups(summary_rows: list[dict[str, Any]]) -> list[str]:
+    """Pairs of groups whose runs ended with exactly the same final return for every seed: usually a setting
+    that never takes effect (a clip limit that never binds)."""
+    notes = []
+    seen: dict[str, str] = {}
+    for s in summary_rows:
+        key = s["returns_by_seed"]
+        if not key:
+            continue
+        if key in seen:
+            notes.append(f"`{s['group']}` and `{seen[key]}` have identical final returns on every seed "
+                         f"({key}): what tells them apart did not change the runs")
+        else:
+            seen[key] = s["group"]
+    return notes
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
@@ -289,9 +396,11 @@ def summarize(runs: list[Run], baseline: str | None = None) -> Summary:
                              + ", ".join(g.label for g in groups))
     metrics = {g.label: pd.DataFrame([run_metrics(r) for r in g.runs]) for g in groups}
     rows = []
+    n_base = 0 if base is None else int(metrics[base.label].query("finished")["return"].notna().sum())
     for g in groups:
         s = summarize_group(g, metrics[g.label])
         s["is_baseline"] = g is base
+        s["n_base"] = n_base
         if base is None or g is base:
             s.update(p_improvement=NAN, p_ci_low=NAN, p_ci_high=NAN, paired=False)
         else:
@@ -308,8 +417,24 @@ def _left_out_line(m: dict[str, Any]) -> str:
     return line + (f" ({m['reason']})" if pd.notna(m["reason"]) else "")
 
 
+def notes(summary: Summary) -> list[str]:
+    """What a reader must know before reading the table: warnings, limits that never or always bind, groups
+    that are identical."""
+    rows = summary.table.to_dict("records")
+    out = list(summary.warnings)
+    out += [f"`{s['group']}`: {note}" for s in rows for note in binding_notes(s)]
+    out += identical_groups(rows)
+    return out
+
+
+def verdicts(summary: Summary) -> list[str]:
+    base = None if summary.baseline is None else summary.baseline.label
+    return [verdict_line(s, base) for s in summary.table.to_dict("records")]
+
+
 def markdown_report(summary: Summary, plots: list[Path]) -> str:
-    """comparison.md: the table, what its columns mean, divergence, alerts, left-out runs, warnings, plots."""
+    """comparison.md: the table, what its columns mean, verdicts, divergence and collapse (each run with its
+    rule and step), alerts, left-out runs, notes and warnings, plots."""
     rows = summary.table.to_dict("records")
     n_runs = sum(len(g.runs) for g in summary.groups)
     md = [f"# Comparison: {n_runs} run(s) in {len(summary.groups)} group(s)", ""]
@@ -323,12 +448,22 @@ def markdown_report(summary: Summary, plots: list[Path]) -> str:
     md += ["", "Final evaluation return: interquartile mean (IQM) with a 95% percentile-bootstrap interval over "
            f"runs ({stats.REPS} resamples), and mean ± std. Statistics use finished runs (completed or stopped). "
            "P(> baseline): probability that a run of the group scores a higher final return than a baseline run "
-           "(ties count half), with a 95% bootstrap interval. Diverged: runs stopped by the NaN guard or with "
-           "critical alerts, out of the finished runs.", "", markdown_table([_cells(s) for s in rows]), ""]
-    md += ["## Divergence", ""]
-    md += [f"- `{s['group']}`: {s['diverged']} of {s['runs'] - s['incomplete']} finished run(s) diverged "
-           f"({_pct(s['divergence_rate'])}): {s['nan_guard_stops']} stopped by the NaN guard, "
-           f"{s['critical_alert_runs']} with critical alerts" for s in rows]
+           "(ties count half), with a 95% bootstrap interval. Clipping: share of updates clipped and the limit "
+           "(for the adaptive modes the median limit used). Norm p50/p90/p99: percentiles of the before-clip "
+           "global gradient norm within each logging interval, median over the run's intervals and the group's "
+           "runs. Spikes: updates whose before-clip norm jumped more than monitor.spike_z std above its running "
+           "log-mean, per 1,000 updates. Diverged: numerical failure only (NaN guard, a non-finite logged value, "
+           "|Q| beyond the reward bound). Collapsed: the final evaluation lost more than "
+           "monitor.collapse_fraction of the gain of the run's best evaluation over its first.", "",
+           markdown_table([_cells(s) for s in rows]), ""]
+    md += ["## Verdicts", ""] + [f"- {line}" for line in verdicts(summary)]
+    md += ["", "## Divergence and collapse", ""]
+    flagged = [m for df in summary.metrics.values() for m in df.to_dict("records")
+               if m["finished"] and (m["diverged"] or m["collapsed"])]
+    md += [f"- {m['run']}: diverged: {m['diverged_why']}" for m in flagged if m["diverged"]]
+    md += [f"- {m['run']}: collapsed: {m['collapsed_why']}" for m in flagged if m["collapsed"]]
+    if not flagged:
+        md.append("- none: no run diverged or collapsed")
     md += ["", "## Alerts fired (flushes where each alert fired, summed over the group's runs)", ""]
     md += [f"- `{s['group']}`: {s['alerts_by_name'] or 'none'}" for s in rows]
     left_out = [m for df in summary.metrics.values() for m in df.to_dict("records") if not m["finished"]]
@@ -337,8 +472,9 @@ def markdown_report(summary: Summary, plots: list[Path]) -> str:
     md += [f"- {r.name}: no .hydra/config.yaml, cannot be grouped" for r in summary.ungrouped]
     if not left_out and not summary.ungrouped:
         md.append("- none")
-    if summary.warnings:
-        md += ["", "## Warnings", ""] + [f"- {w}" for w in summary.warnings]
+    found = notes(summary)
+    if found:
+        md += ["", "## Notes and warnings", ""] + [f"- {w}" for w in found]
     md += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     return "\n".join(md) + "\n"
 

@@ -12,13 +12,17 @@ from matplotlib.figure import Figure
 from av_td3.analysis import stats
 from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
-from av_td3.analysis.validate import CRITICAL_ALERTS, NETS
+from av_td3.analysis.verdicts import NETS
+from av_td3.rundir import DIVERGENCE_ALERTS, INVARIANT_ALERTS
 
 BAND_REPS = 500  # per evaluation step; a band is a visual aid, the table carries the precise intervals
 
 
 def _colors(n: int) -> list[str]:
     return [f"C{i % 10}" for i in range(n)]
+
+
+LINE_STYLES = ("-", "-.", ":")  # per group, so coinciding curves stay distinguishable ("--": a one-point level)
 
 
 def _empty(ax, text: str) -> None:
@@ -38,7 +42,8 @@ def eval_return_figure(groups: dict[str, list[Run]]) -> Figure:
     fig = Figure(figsize=(10, 5), layout="constrained")
     ax = fig.add_subplot()
     drawn = False
-    for (label, runs), color in zip(groups.items(), _colors(len(groups))):
+    for k, ((label, runs), color) in enumerate(zip(groups.items(), _colors(len(groups)))):
+        style = LINE_STYLES[k % len(LINE_STYLES)]
         curves = pd.DataFrame({r.name: series(r.scalars, "eval/return") for r in runs})
         if curves.empty:
             continue
@@ -53,7 +58,7 @@ def eval_return_figure(groups: dict[str, list[Run]]) -> Figure:
             ax.axhline(level[0], color=color, lw=1.5, ls="--",
                        label=f"{label} (n={len(runs)}, evaluated at step {steps[0]:,} only: dashed level)")
             continue
-        ax.plot(steps, level, color=color, lw=2, label=f"{label} (n={len(runs)})")
+        ax.plot(steps, level, color=color, lw=2, ls=style, label=f"{label} (n={len(runs)})")
         band = [stats.iqm_ci(v, reps=BAND_REPS) if len(v) >= 2 else (np.nan, np.nan) for v in values]
         ax.fill_between(steps, [b[0] for b in band], [b[1] for b in band], color=color, alpha=0.2, lw=0)
     if not drawn:
@@ -81,10 +86,19 @@ def plot_grad_norms(groups: dict[str, list[Run]], path: Path) -> None:
                 _empty(ax, "no gradient norms logged")
                 continue
             for i, (b, a) in enumerate(zip(before, after)):
-                ax.plot(b.index, b, color="C0", lw=0.8, label="before clip" if i == 0 else None)
-                ax.plot(a.index, a, color="C1", lw=0.8, ls="--", label="after clip" if i == 0 else None)
-            limit = runs[0].config.agent.clip[net]  # type: ignore[union-attr]  # grouped runs have a config
-            if limit is not None:
+                ax.plot(b.index, b, color="C0", lw=0.8, label="before clip (mean)" if i == 0 else None)
+                ax.plot(a.index, a, color="C1", lw=0.8, ls="--", label="after clip (mean)" if i == 0 else None)
+            for i, r in enumerate(runs):
+                p99 = series(r.scalars, f"grad/{net}/total/before_clip_p99")
+                ax.plot(p99.index, p99, color="C2", lw=0.6, alpha=0.7, label="before clip p99" if i == 0 else None)
+            cfg = runs[0].config  # type: ignore[union-attr]  # grouped runs have a config
+            limit = cfg.agent.clip[net]  # type: ignore[union-attr]
+            used = [series(r.scalars, f"grad/{net}/clip_limit") for r in runs]
+            if limit is not None and cfg.agent.clip.mode != "norm" and any(len(u) for u in used):
+                for i, u in enumerate(used):  # the adaptive limit as it was used, interval means
+                    ax.plot(u.index, u, color="k", lw=0.8, ls=":",
+                            label=f"limit used ({cfg.agent.clip.mode})" if i == 0 else None)
+            elif limit is not None:
                 ax.axhline(limit, color="k", lw=0.8, ls=":", label=f"limit {limit:g}")
             ax.set_yscale("log")  # norms span orders of magnitude when clipping matters
             ax.set_xlabel("env step")
@@ -94,7 +108,7 @@ def plot_grad_norms(groups: dict[str, list[Run]], path: Path) -> None:
 
 def plot_alerts(groups: dict[str, list[Run]], path: Path) -> None:
     """When each alert fired, one panel per group over the group's whole step range; a mark is darker the more
-    seeds fired it at that step, critical alerts in red."""
+    seeds fired it at that step; divergence and broken-clip alerts in red."""
     fig = Figure(figsize=(12, 2.5 * len(groups) + 0.5), layout="constrained")
     axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
     for ax, (label, runs) in zip(axes, groups.items()):
@@ -109,7 +123,8 @@ def plot_alerts(groups: dict[str, list[Run]], path: Path) -> None:
             continue
         seeds = fired.groupby(["tag", "step"]).size().reset_index(name="seeds")
         tags = sorted(seeds["tag"].unique())
-        colors = ["red" if t.rsplit("/", 1)[-1] in CRITICAL_ALERTS else "darkorange" for t in seeds["tag"]]
+        severe = DIVERGENCE_ALERTS + INVARIANT_ALERTS
+        colors = ["red" if t.rsplit("/", 1)[-1] in severe else "darkorange" for t in seeds["tag"]]
         ax.scatter(seeds["step"], seeds["tag"].map(tags.index), c=colors, marker="|", s=300, linewidths=2,
                    alpha=(0.3 + 0.7 * seeds["seeds"] / len(runs)).to_numpy())
         ax.set_yticks(range(len(tags)), [t.removeprefix("alert/") for t in tags], fontsize="x-small")

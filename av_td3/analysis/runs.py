@@ -1,13 +1,13 @@
-"""Find run folders and load what the trainer left in them; shared by ``av-td3 validate`` and ``av-td3 compare``.
+"""Find run folders and load what the trainer left in them; shared by ``av-td3 validate``, ``compare`` and
+``archive``. The format itself (file names, statuses, how an older config is read) is :mod:`av_td3.rundir`'s.
 
-A run folder is any folder holding ``.hydra/config.yaml`` (a single run, or one job of a sweep). Config,
-overrides and summary are small and loaded eagerly; scalars are read on first use, since discovery of a big
-sweep should not parse every event file.
+A run folder is any folder holding ``.hydra/config.yaml`` (a single run, one job of a sweep, or an archived run).
+Config, overrides and summary are small and loaded eagerly; scalars are read on first use, since discovery of a
+big sweep should not parse every event file. Every file read must lie inside the folder given (no symlink out).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,12 +18,13 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from av_td3 import rundir
 from av_td3.analysis.events import EVENT_GLOB, find_event_files, is_event_file, read_event_files, read_scalars_csv
+from av_td3.rundir import FINISHED, UnsafePathError
 
 # A "running" summary (or none) whose run folder saw no write for this long belongs to a dead process: the
 # trainer rewrites scalars.csv / event files at every log interval, far more often than this.
 STALE_AFTER_S = 30 * 60
-FINISHED = ("completed", "stopped")
 
 
 class RunDiscoveryError(ValueError):
@@ -38,18 +39,27 @@ class Run:
     overrides: list[str] | None     # None: no .hydra/overrides.yaml
     summary: dict[str, Any] | None  # None: no (readable) summary.json
     event_files: list[Path] = field(default_factory=list)
+    archive: dict[str, Any] | None = None  # archive.json of an archived run
 
     @cached_property
     def scalars(self) -> pd.DataFrame:
-        """All scalars as ``step, tag, value``: the event files, or ``scalars.csv`` for a CSV-only run."""
-        csv = self.path / "scalars.csv"
-        if not self.event_files and csv.is_file():
+        """All scalars as ``step, tag, value``: the event files, or the scalars CSV for a CSV-only or archived run."""
+        csv = self.scalars_file
+        if not self.event_files and csv is not None:
             return read_scalars_csv(csv)
         return read_event_files(self.event_files)
 
     @property
+    def scalars_file(self) -> Path | None:
+        return rundir.scalars_file(self.path, self.config)
+
+    @property
     def has_scalars(self) -> bool:
-        return bool(self.event_files) or (self.path / "scalars.csv").is_file()
+        return bool(self.event_files) or self.scalars_file is not None
+
+    @property
+    def code_version(self) -> str | None:
+        return rundir.code_version(self.summary, self.archive)
 
     @property
     def seed(self) -> int | None:
@@ -61,6 +71,8 @@ class Run:
         status = (self.summary or {}).get("status")
         if status in ("completed", "stopped", "failed"):
             return status
+        if self.archive is not None:  # an archive is never still running
+            return "crashed"
         return "running" if time.time() - self._last_write() < STALE_AFTER_S else "crashed"
 
     @property
@@ -69,28 +81,32 @@ class Run:
         return self.state in FINISHED
 
     def _last_write(self) -> float:
-        files = [self.path / "summary.json", self.path / "scalars.csv", *self.event_files]
-        return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):  # absent, or caught mid-rewrite: treated as no summary
-        return None
+        files = [self.path / rundir.SUMMARY_FILE, self.scalars_file, *self.event_files]
+        return max((f.stat().st_mtime for f in files if f is not None and f.exists()), default=0.0)
 
 
 def load_run(run_dir: Path, root: Path, event_files: list[Path] | None = None) -> Run:
-    """Load one run folder; ``event_files`` restricts the scalars to those files (an event file given directly)."""
-    hydra = run_dir / ".hydra"
-    overrides = hydra / "overrides.yaml"
+    """Load one run folder; ``event_files`` restricts the scalars to those files (an event file given directly).
+    Raises :class:`~av_td3.rundir.UnsafePathError` when a file it would read lies outside ``root``."""
+    overrides = run_dir / rundir.OVERRIDES_FILE
+    events = find_event_files(run_dir) if event_files is None else event_files
+    for path in (run_dir, run_dir / rundir.CONFIG_FILE, overrides, run_dir / rundir.SUMMARY_FILE,
+                 run_dir / rundir.ARCHIVE_FILE, run_dir / rundir.DEFAULT_SCALARS_FILE,
+                 run_dir / rundir.ARCHIVED_SCALARS_FILE, *events):
+        if path.exists() or path.is_symlink():
+            rundir.check_inside(root, path)
+    config = rundir.read_config(run_dir)
+    csv = rundir.scalars_file(run_dir, config)
+    if csv is not None:
+        rundir.check_inside(root, csv)
     return Run(
         path=run_dir,
         name=_relative_name(run_dir, root),
-        config=OmegaConf.load(hydra / "config.yaml"),  # type: ignore[arg-type]  # a mapping by contract
+        config=config,
         overrides=[str(o) for o in OmegaConf.load(overrides)] if overrides.is_file() else None,  # type: ignore[union-attr]
-        summary=_read_json(run_dir / "summary.json"),
-        event_files=find_event_files(run_dir) if event_files is None else event_files,
+        summary=rundir.read_json(run_dir / rundir.SUMMARY_FILE),
+        event_files=events,
+        archive=rundir.read_json(run_dir / rundir.ARCHIVE_FILE),
     )
 
 
@@ -101,7 +117,7 @@ def _relative_name(path: Path, root: Path) -> str:
 def _event_file_run(file: Path, root: Path) -> Run:
     """A run for one event file: its run folder is two levels up (``<run>/tb/events...``) when that has .hydra."""
     run_dir = file.parent.parent
-    if (run_dir / ".hydra" / "config.yaml").is_file():
+    if rundir.is_run_dir(run_dir):
         run = load_run(run_dir, run_dir, event_files=[file])
     else:
         run = Run(path=file.parent, name="", config=None, overrides=None, summary=None, event_files=[file])
@@ -115,7 +131,7 @@ def find_run_dirs(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, _ in os.walk(folder):
         here = Path(dirpath)
-        if (here / ".hydra" / "config.yaml").is_file():
+        if rundir.is_run_dir(here):
             found.append(here)
             dirnames[:] = []
         else:
@@ -132,6 +148,13 @@ def find_runs(path: Path) -> list[Run]:
     path = Path(path)
     if not path.exists():
         raise RunDiscoveryError(f"{path}: no such file or folder")
+    try:
+        return _find_runs(path)
+    except UnsafePathError as e:
+        raise RunDiscoveryError(str(e)) from e
+
+
+def _find_runs(path: Path) -> list[Run]:
     if path.is_file():
         if not is_event_file(path):
             raise RunDiscoveryError(f"{path}: not a run folder, sweep folder or TensorBoard event file")

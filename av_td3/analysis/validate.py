@@ -1,6 +1,7 @@
 """``av-td3 validate``: check that every run clipped what it claims, stayed finite, trained both networks and did
 not diverge, using the limits from the run's own ``.hydra/config.yaml`` (never from the command line, so a sweep
-with different limits per job is checked job by job)."""
+with different limits per job is checked job by job). Divergence and collapse are the verdicts of
+:mod:`av_td3.analysis.verdicts`; a collapse and gradient spikes are notes, not failures: they are results."""
 
 from __future__ import annotations
 
@@ -9,23 +10,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from av_td3.analysis.bounds import q_bound
 from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
-
-NETS = ("actor", "critic")
-CRITICAL_ALERTS = ("clip_violation", "grad_explosion_critical", "q_divergence")
-# |actor loss| = |mean Q of the policy's actions|, so it is held to the same bound as the critics' Q values.
-Q_TAGS = ("train/q1", "train/q2", "train/q_abs_max", "train/actor_loss")
+from av_td3.analysis.verdicts import NETS, Verdict, judge
+from av_td3.bounds import q_bound
+from av_td3.rundir import INVARIANT_ALERTS
 
 
 @dataclass
 class RunCheck:
     run: Run
+    verdict: Verdict = field(default_factory=Verdict)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     after_clip_max: dict[str, float] = field(default_factory=dict)  # per net; absent when nothing logged
-    q_abs_max: float = float("nan")
 
     @property
     def ok(self) -> bool:
@@ -40,15 +38,6 @@ def _fmt(x: float | None) -> str:
 
 def _finite(df: pd.DataFrame) -> pd.DataFrame:
     return df[np.isfinite(df["value"].to_numpy())]
-
-
-def _check_finite(df: pd.DataFrame, check: RunCheck) -> None:
-    bad = df[~np.isfinite(df["value"].to_numpy())]
-    if len(bad):
-        first = bad.groupby("tag", sort=False)["step"].min()
-        shown = ", ".join(f"{tag} (step {step})" for tag, step in first.head(3).items())
-        more = f" and {len(first) - 3} more tags" if len(first) > 3 else ""
-        check.problems.append(f"non-finite values in {shown}{more}")
 
 
 def _check_net(df: pd.DataFrame, net: str, run: Run, check: RunCheck) -> None:
@@ -67,16 +56,22 @@ def _check_net(df: pd.DataFrame, net: str, run: Run, check: RunCheck) -> None:
         elif not (norms > 0).any():
             check.problems.append(f"{net} {part}: dead gradient ({tag} is 0 at every step)")
 
-    limit = cfg.agent.clip[net]
-    # Every part's norm is <= the global norm, so any after-clip tag of the net must respect the global limit.
+    tol = float(cfg.monitor.tolerance)
+    # Every mode logs each interval's largest after-clip / limit-used ratio: the invariant is ratio <= 1.
+    ratio = _finite(df[df["tag"] == f"grad/{net}/after_over_limit_max"])
+    if len(ratio) and np.float32(ratio["value"].max()) > np.float32(1 + tol):
+        worst = ratio.loc[ratio["value"].idxmax()]
+        check.problems.append(f"{net}: after-clip norm {worst['value']:.6g} x the limit used at step "
+                              f"{worst['step']} (> 1 + monitor.tolerance = {1 + tol:g}): the clip did not hold")
+    # A fixed limit (mode=norm) also holds every after-clip tag: each part's norm is <= the global norm.
+    limit = cfg.agent.clip[net] if cfg.agent.clip.mode == "norm" else None
     after = _finite(df[df["tag"].str.fullmatch(rf"grad/{net}/[^/]+/after_clip(?:_max)?")])
     if after.empty:
-        if limit is not None:
-            check.problems.append(f"{net}: clipped at {limit:g} but no after-clip norms logged")
+        if cfg.agent.clip[net] is not None:
+            check.problems.append(f"{net}: clipped ({cfg.agent.clip.mode}) but no after-clip norms logged")
         return
     worst = after.loc[after["value"].idxmax()]
     check.after_clip_max[net] = float(worst["value"])
-    tol = float(cfg.monitor.tolerance)
     # TensorBoard stores float32: a norm clipped to exactly 0.3 reads back as 0.30000001. Rounding the threshold
     # the same way keeps every value <= threshold passing (rounding is monotonic) even with monitor.tolerance=0.
     if limit is not None and np.float32(worst["value"]) > np.float32(limit * (1 + tol)):
@@ -84,27 +79,23 @@ def _check_net(df: pd.DataFrame, net: str, run: Run, check: RunCheck) -> None:
                               f"the limit {limit:g} x (1 + {tol:g})")
 
 
-def _check_alerts(df: pd.DataFrame, run: Run, check: RunCheck) -> None:
-    names = "|".join(CRITICAL_ALERTS)
+def _check_alerts(df: pd.DataFrame, check: RunCheck) -> None:
+    names = "|".join(INVARIANT_ALERTS)
     fired = df[df["tag"].str.fullmatch(rf"alert/[^/]+/(?:{names})") & (df["value"] > 0)]
     for tag, steps in fired.groupby("tag")["step"]:
-        check.problems.append(f"critical alert {tag} fired at {len(steps)} flush(es), first at step {steps.min()}")
-    # The summary counts alerts over the whole run, including any part whose event file is not being read.
-    reported = int((run.summary or {}).get("critical_alerts") or 0)
-    if reported and fired.empty:
-        check.problems.append(f"summary.json reports {reported} critical alert(s)")
+        check.problems.append(f"alert {tag} fired at {len(steps)} flush(es), first at step {steps.min()}")
 
 
-def _check_q(df: pd.DataFrame, run: Run, check: RunCheck) -> None:
-    q = _finite(df[df["tag"].isin(Q_TAGS)])
-    if q.empty:
-        return
-    i = q["value"].abs().idxmax()
-    check.q_abs_max = abs(float(q.at[i, "value"]))
-    bound = q_bound(run.config)
-    if check.q_abs_max > bound:
-        check.problems.append(f"Q diverged: |{q.at[i, 'tag']}| = {check.q_abs_max:.6g} at step {q.at[i, 'step']} "
-                              f"exceeds max|r| / (1 - gamma) x q_margin = {bound:.6g}")
+def _verdict_lines(check: RunCheck) -> None:
+    v = check.verdict
+    if v.diverged:
+        check.problems.append(f"diverged: {v.diverged}")
+    if v.collapsed:
+        check.notes.append(f"collapsed: {v.collapsed}")
+    for net, (spikes, updates) in v.spikes.items():
+        if spikes:
+            check.notes.append(f"{net}: {spikes} gradient spike(s) in {updates} updates "
+                               f"({v.spike_rate(net):.2f} per 1k updates)")
 
 
 def check_run(run: Run) -> RunCheck:
@@ -114,7 +105,8 @@ def check_run(run: Run) -> RunCheck:
     if df.empty:
         check.problems.append("no scalars logged")
         return check
-    _check_finite(df, check)
+    check.verdict = judge(run)
+    _verdict_lines(check)
     if run.config is None:
         check.notes.append("limits unknown (no .hydra/config.yaml two levels above the event file): "
                            "only finiteness checked")
@@ -124,8 +116,7 @@ def check_run(run: Run) -> RunCheck:
     else:
         for net in NETS:
             _check_net(df, net, run, check)
-        _check_q(df, run, check)
-    _check_alerts(df, run, check)
+    _check_alerts(df, check)
     return check
 
 
@@ -135,15 +126,16 @@ def _limit_cell(check: RunCheck, net: str) -> str:
         return "unknown"
     if cfg.agent.name == "pid":
         return "n/a"
-    limit = cfg.agent.clip[net]
-    return f"{_fmt(check.after_clip_max.get(net))} / " + ("unclipped" if limit is None else f"{limit:g}")
+    limit, mode = cfg.agent.clip[net], cfg.agent.clip.mode
+    used = "unclipped" if limit is None else f"{limit:g}" if mode == "norm" else f"{mode} (warm-up {limit:g})"
+    return f"{_fmt(check.after_clip_max.get(net))} / {used}"
 
 
 def _q_cell(check: RunCheck) -> str:
     cfg = check.run.config
     if cfg is None:
         return "unknown"
-    return "n/a" if cfg.agent.name == "pid" else f"{_fmt(check.q_abs_max)} / {_fmt(q_bound(cfg))}"
+    return "n/a" if cfg.agent.name == "pid" else f"{_fmt(check.verdict.q_abs_max)} / {_fmt(q_bound(cfg))}"
 
 
 def text_table(columns: dict[str, list[str]]) -> str:

@@ -1,0 +1,207 @@
+"""The run-folder format, in one place: file names, the ``summary.json`` schema, run statuses, which config keys
+are run-only, how an older run's config is read today, and the alert vocabulary the verdicts are built on.
+
+The trainer writes through this module and every reader (``validate``, ``compare``, ``archive``, the sweep
+report) reads through it, so the two sides cannot drift apart. Kept free of torch and pandas at import: Hydra
+imports the sweep module, and so this one, at the start of every run.
+
+A run folder (live, under ``outputs/``) holds::
+
+    .hydra/config.yaml  .hydra/overrides.yaml   the composed config and the command-line overrides (Hydra's)
+    summary.json                                status, final evaluation, alert counts, provenance (Summary)
+    scalars.csv                                 every scalar as step,tag,value (logger.csv.filename)
+    tb/events.out.tfevents.*                    the same scalars for TensorBoard, plus images
+    checkpoints/                                resumable state (not read by the analysis)
+
+An archived run (``av-td3 archive``, committed under ``results/``) keeps only what the analysis needs::
+
+    .hydra/config.yaml  .hydra/overrides.yaml  summary.json  scalars.csv.gz  archive.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+HYDRA_DIR = ".hydra"
+CONFIG_FILE = f"{HYDRA_DIR}/config.yaml"
+OVERRIDES_FILE = f"{HYDRA_DIR}/overrides.yaml"
+SUMMARY_FILE = "summary.json"
+DEFAULT_SCALARS_FILE = "scalars.csv"       # logger.csv.filename's default
+ARCHIVED_SCALARS_FILE = "scalars.csv.gz"   # what an archived run holds instead of scalars.csv and tb/
+ARCHIVE_FILE = "archive.json"              # marks an archived run: source, code version, when
+TB_DIR = "tb"
+CHECKPOINT_DIR = "checkpoints"
+
+# summary.json's status. running: in progress (or its process died: readers tell by the age of the files);
+# completed: reached trainer.total_steps; stopped: on purpose (NaN guard, signal, simulator lost); failed: crashed.
+STATUSES = ("running", "completed", "stopped", "failed")
+FINISHED = ("completed", "stopped")  # results that count
+
+# Keys that change how a job runs, not what it computes: a sweep rerun that differs only in these still skips,
+# and `compare` never splits a group on them.
+RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress", "trainer.trust_checkpoint"})
+# Keys that never make two runs different experiments: the seed is pooled by the statistics, the device and
+# the loggers do not change what is computed, the experiment's name is a label.
+NOT_EXPERIMENT_KEYS = frozenset({"seed", "trainer.device", "experiment_name"}) | RUN_ONLY_KEYS
+NOT_EXPERIMENT_PREFIXES = ("logger.",)
+
+# Keys added after runs were archived, with the value that reproduces what a run made before the key existed
+# (not necessarily today's default): an older run's config is read as if it had set them so.
+LEGACY_VALUES: dict[str, Any] = {"agent.clip.mode": "norm", "agent.augment": "none", "env.view": "world"}
+# Keys older runs have that the schema no longer knows and that never changed what a run computed (alert
+# thresholds of the monitor before the spike detector): dropped on reading, so such runs pool with newer ones.
+RETIRED_KEYS = ("monitor.warn_factor", "monitor.critical_factor", "monitor.reference_limit_actor",
+                "monitor.reference_limit_critic", "monitor.growth_factor", "monitor.growth_ema")
+
+# Alerts (tags alert/<net>/<name>) that mean numerical failure: with the NaN guard and a non-finite logged
+# value, the only grounds on which a run is called diverged.
+DIVERGENCE_ALERTS = ("q_divergence",)
+# The monitor's own invariant (after-clip norm <= the limit used): firing means a broken clip, not a bad run.
+INVARIANT_ALERTS = ("clip_violation",)
+
+
+@dataclass
+class Summary:
+    """``summary.json``: what ``compare`` and the sweep report read instead of re-reading every scalar."""
+    status: str = "running"                # one of STATUSES
+    reason: str | None = None
+    steps: int = 0
+    total_steps: int = 0
+    final_eval: dict[str, float] | None = None
+    alerts: dict[str, int] = field(default_factory=dict)    # "<net>/<alert>" -> flushes where it fired
+    divergence_alerts: int = 0             # flushes where a DIVERGENCE_ALERTS alert fired
+    nan_guard: dict[str, Any] = field(default_factory=lambda: {"triggered": False, "quantity": None, "step": None})
+    skipped_updates: int = 0
+    objective: float = 0.0
+    wall_s: float = 0.0
+    provenance: dict[str, str] = field(default_factory=dict)  # git commit, package versions, host
+
+
+def write_summary(run_dir: Path, summary: Summary) -> None:
+    """Write ``summary.json`` atomically (a reader never sees half a file)."""
+    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when absent, unreadable, cut short by a killed process or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def is_archived(path: Path) -> bool:
+    return (path / ARCHIVE_FILE).is_file()
+
+
+def scalars_file(run_dir: Path, config: DictConfig | None) -> Path | None:
+    """The run's step,tag,value table: the archive's compressed copy, or the CSV the run's config names."""
+    archived = run_dir / ARCHIVED_SCALARS_FILE
+    if archived.is_file():
+        return archived
+    name = DEFAULT_SCALARS_FILE
+    csv = None if config is None else OmegaConf.select(config, "logger.csv")
+    if csv is not None and csv.get("filename"):
+        name = str(csv.filename)
+    path = run_dir / name
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+def _schema_defaults() -> dict[str, Any]:
+    from av_td3.config import Config  # the schema; imported here so reading a summary needs no Hydra
+
+    return OmegaConf.to_container(OmegaConf.structured(Config))  # type: ignore[return-value]
+
+
+def read_config(run_dir: Path) -> DictConfig:
+    """A run's ``.hydra/config.yaml`` as today's code reads it: keys the run predates take their
+    :data:`LEGACY_VALUES` value, or else the schema's default (analysis keys such as ``monitor.collapse_fraction``),
+    so runs from different code versions compare key by key. :data:`RETIRED_KEYS` are dropped; other keys the
+    schema no longer has are kept (they tell runs apart)."""
+    loaded = OmegaConf.load(run_dir / CONFIG_FILE)
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"{run_dir / CONFIG_FILE}: not a mapping")
+    for key in RETIRED_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(loaded, parent)
+        if isinstance(node, DictConfig) and leaf in node:
+            node.pop(leaf)
+    base = OmegaConf.create(_schema_defaults())
+    for key, value in LEGACY_VALUES.items():
+        if OmegaConf.select(loaded, key, default=_MISSING) is _MISSING:
+            OmegaConf.update(base, key, value, force_add=True)
+    merged = OmegaConf.merge(base, loaded)
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+_MISSING = object()
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (a DictConfig is resolved first). An empty mapping is a value of its
+    own (``logger.csv: {}`` differs from ``logger.csv: null``)."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def is_experiment_key(key: str) -> bool:
+    """Whether two runs that differ in ``key`` are different experiments (see NOT_EXPERIMENT_KEYS)."""
+    return key not in NOT_EXPERIMENT_KEYS and not key.startswith(NOT_EXPERIMENT_PREFIXES)
+
+
+def code_version(summary: dict[str, Any] | None, archive: dict[str, Any] | None = None) -> str | None:
+    """The git commit a run was trained with, from its summary (or its archive record); None if unknown."""
+    for record in (summary or {}).get("provenance") or {}, (archive or {}):
+        version = record.get("git_commit") or record.get("code_version")
+        if version:
+            return str(version)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------- safety
+def check_inside(root: Path, path: Path) -> None:
+    """Refuse ``path`` when it resolves outside ``root`` (a symlink out of a run folder or archive, or a ``..``):
+    what ``validate``, ``compare`` and ``archive`` read must be the folder they were given."""
+    real_root, real = Path(os.path.realpath(root)), Path(os.path.realpath(path))
+    if real != real_root and real_root not in real.parents:
+        raise UnsafePathError(f"{path}: resolves to {real}, outside {root}; refusing to read it (a symlink or "
+                              "'..' out of the folder given). Copy the files in, or give the folder they are in.")
+
+
+class UnsafePathError(ValueError):
+    """A file of a run folder resolves outside the folder that was given."""
