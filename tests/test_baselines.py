@@ -132,6 +132,13 @@ def test_td3_components_arms_are_whole_configurations(arm: str, name: str, clip,
     assert (cfg.agent.name, cfg.agent.clip.actor, cfg.agent.num_critics) == (name, clip, critics)
 
 
+@pytest.mark.parametrize("arm, mode, actor", [("td3_noclip", "norm", None), ("td3", "norm", 1.0),
+                                              ("td3_adaptive", "adaptive", 1.0), ("td3_zscore", "zscore", 1.0)])
+def test_clip_study_arms_set_the_clip_mode(arm: str, mode: str, actor) -> None:
+    cfg = load(f"arm={arm}")
+    assert (cfg.agent.name, cfg.agent.clip.mode, cfg.agent.clip.actor) == ("td3", mode, actor)
+
+
 def test_td3_components_study_sweeps_the_arms_and_seeds() -> None:
     from hydra import compose, initialize_config_dir
 
