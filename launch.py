@@ -8,7 +8,6 @@ an output dir, and every configuration mistake exits with code 2.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ if os.environ.get("SDL_VIDEODRIVER", "dummy") == "dummy":
     os.environ["SDL_VIDEODRIVER"] = "offscreen"
 
 import hydra  # noqa: E402
+import yaml  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 import av_td3.config  # noqa: E402  (registers the config schema)
 from av_td3 import commands  # noqa: E402
 from av_td3.config import CONF_DIR, NULL_MEANS, ConfigError, schema_keys  # noqa: E402
-from av_td3.sweep import RUN_ONLY_KEYS, SweepIncomplete  # noqa: E402
+from av_td3.rundir import OVERRIDES_FILE, RUN_ONLY_KEYS, SUMMARY_FILE, read_json  # noqa: E402
+from av_td3.sweep import SweepIncomplete  # noqa: E402
 
 log = logging.getLogger("av_td3")
 
@@ -76,15 +77,16 @@ def interrupted_run(runs_root: Path, overrides: list[str]) -> tuple[Path, int] |
         return sorted(o for o in items if o.lstrip("+~").split("=", 1)[0] not in RUN_ONLY_KEYS)
 
     wanted = experiment(overrides)
-    for summary_file in sorted(runs_root.glob("*/*/summary.json"), reverse=True):  # newest first
+    for summary_file in sorted(runs_root.glob(f"*/*/{SUMMARY_FILE}"), reverse=True):  # newest first
         run = summary_file.parent
-        try:
-            summary = json.loads(summary_file.read_text())
-            used = list(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
-        except (OSError, ValueError):
+        summary = read_json(summary_file)
+        if summary is None or summary.get("status") != "stopped" or (summary.get("nan_guard") or {}).get("triggered"):
             continue
-        if summary.get("status") == "stopped" and not (summary.get("nan_guard") or {}).get("triggered") and \
-                experiment([str(o) for o in used]) == wanted:
+        try:
+            used = [str(o) for o in OmegaConf.load(run / OVERRIDES_FILE)]
+        except (OSError, ValueError, yaml.YAMLError):  # cut short by a killed process: not a candidate
+            continue
+        if experiment(used) == wanted:
             return run, int(summary.get("steps") or 0)
     return None
 
