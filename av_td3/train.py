@@ -30,13 +30,14 @@ from av_td3.agent.monitor import NonFiniteError
 from av_td3.agent.pid import PIDAgent
 from av_td3.agent.td3 import TD3, Spec
 from av_td3.checkpoint import CheckpointManager, check_compatible, load
-from av_td3.config import Config, ConfigError
+from av_td3.config import Config, ConfigError, EnvConfig
 from av_td3.envs.base import (ACTION_NAMES, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError,
                               decision_dt, state_dim, state_scale)
 from av_td3.progress import Progress
 from av_td3.replay import ReplayBuffer
 from av_td3.rundir import DIVERGENCE_ALERTS, Summary, write_summary
 from av_td3.sweep import FAILED_OBJECTIVE
+from av_td3.timing import NO_PHASES, NoPhases
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,13 @@ def flat_hparams(cfg: Config) -> dict[str, float | int | str | bool]:
             "batch_size": a.batch_size, "town": e.town, "npcs": e.npcs, "total_steps": cfg.trainer.total_steps}
 
 
+def agent_spec(e: EnvConfig) -> Spec:
+    """The shapes the agent is built for, from the env config (also used by ``av-td3 bench``)."""
+    return Spec(stack=e.image.stack, height=e.image.height, width=e.image.width, state_dim=state_dim(e.lane_points),
+                action_dim=len(ACTION_NAMES), state_scale=state_scale(e.lane_points, e.lane_point_spacing),
+                action_names=ACTION_NAMES)
+
+
 def crossed(prev: int, now: int, every: int) -> bool:
     """True when a multiple of ``every`` lies in (prev, now] (steps advance by num_envs)."""
     return now // every > prev // every
@@ -124,9 +132,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         self.rng = np.random.default_rng(cfg.seed)
         self.n = e.num_envs
-        self.spec = Spec(stack=e.image.stack, height=e.image.height, width=e.image.width,
-                         state_dim=state_dim(e.lane_points), action_dim=len(ACTION_NAMES),
-                         state_scale=state_scale(e.lane_points, e.lane_point_spacing), action_names=ACTION_NAMES)
+        self.spec = agent_spec(e)
         self.reward_bound = bounds.max_abs_reward(cfg)
         self.q_bound = bounds.q_bound(cfg)
 
@@ -157,6 +163,13 @@ class Trainer:
         self._launcher_handler: Any = None
         self._last_return = float("nan")  # of the newest finished training episode, for progress reports
         self._flushed_step = self.step  # the step of the monitor's last flush into the logs
+        self.phases: NoPhases = NO_PHASES  # av-td3 bench's per-phase timer (see time_phases); no-ops otherwise
+
+    def time_phases(self, timer: NoPhases) -> None:
+        """Charge each phase of the loop and of the agent's update to ``timer`` (``av-td3 bench``)."""
+        self.phases = timer
+        if self.learning:
+            self.agent.phases = timer
 
     def _build_agent(self) -> None:
         cfg, a, e = self.cfg, self.cfg.agent, self.cfg.env
@@ -402,6 +415,7 @@ class Trainer:
         bar = self._progress()
 
         while self.step < t.total_steps:
+            self.phases.begin_step(self.step)
             if self._stop_signal is not None:
                 if self._stop_signal == preemption_signal():  # only taken when a launcher handles it
                     raise Preempted(self._stop_signal, self._launcher_handler)
@@ -410,7 +424,9 @@ class Trainer:
                 action = self.rng.uniform(-1.0, 1.0, size=(n, self.spec.action_dim)).astype(np.float32)
             else:
                 action = self.agent.check_action(self.agent.act(obs, noise=a.exploration_noise), self.step)
+            self.phases.lap("act")
             next_obs, reward, term, trunc, info = self.envs.step(action)
+            self.phases.lap("env_step")
             prev_step, self.step = self.step, self.step + n
             bar.update(self.step, warmup=self.learning and prev_step < t.learning_starts)
 
@@ -424,6 +440,7 @@ class Trainer:
                 ep_comp[c] += info["reward_components"][c]
             if self.learning:
                 self.buffer.add(action, reward, next_obs, term, trunc)
+            self.phases.lap("store")
 
             ended = term | trunc
             if ended.any():
@@ -435,11 +452,14 @@ class Trainer:
                     self._last_return = ep_return[i]
                     for arr in (ep_return, ep_len, ep_col, ep_inv, *ep_comp.values()):
                         arr[i] = 0
+            self.phases.lap("log")
 
             # updates begin with the first policy step: (total_steps - learning_starts) x updates_per_step in all
             if self.learning and prev_step >= t.learning_starts and len(self.buffer) >= a.batch_size:
                 for _ in range(t.updates_per_step * n):
-                    self.agent.update(self.buffer.sample(a.batch_size, a.n_step, a.gamma), self.step)
+                    batch = self.buffer.sample(a.batch_size, a.n_step, a.gamma)
+                    self.phases.lap("sample")
+                    self.agent.update(batch, self.step)  # laps critic, monitor, actor, target
 
             if crossed(prev_step, self.step, t.log_every) or self.step >= t.total_steps:
                 now = time.perf_counter()
@@ -452,6 +472,7 @@ class Trainer:
                 interval_start, interval_step = now, self.step
                 self._flushed_step = self.step
                 self._report(bar, scalars)
+            self.phases.lap("log")
             evaluated = crossed(prev_step, self.step, t.eval_every) or self.step >= t.total_steps
             if evaluated:
                 ev = self.evaluate()
@@ -466,6 +487,7 @@ class Trainer:
                 self.summary.steps = self.step
                 self.save_checkpoint()
                 pending_ckpt = False
+            self.phases.lap("eval_checkpoint")
 
             if evaluated and self.eval_shares_env:  # the evaluation took over the training env: start afresh
                 ended[:] = True
@@ -480,6 +502,7 @@ class Trainer:
                                               env_ids=np.flatnonzero(ended))
                 self.agent.reset(np.flatnonzero(ended))
             obs = next_obs
+            self.phases.lap("env_reset")
         bar.close()
 
     # ----------------------------------------------------------------------------------------------- progress
