@@ -102,7 +102,11 @@ def _archive(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from av_td3.bench import default_out, markdown, preset, run_bench
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from av_td3.bench import default_config, default_out, markdown, preset, run_bench
+    from av_td3.config import ConfigError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         return _usage_error("bench", "--device cuda but no CUDA device is available: use --device cpu")
@@ -120,6 +124,11 @@ def _bench(args: argparse.Namespace) -> int:
             return _usage_error("bench", f"--only {args.only}: unknown section(s) {', '.join(unknown)}; choose from "
                                          f"{', '.join(cfg.sections)}")
         cfg.sections = sections
+    cfg.overrides = tuple(args.overrides)
+    try:
+        default_config(cfg.overrides)
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:  # each message names the key
+        return _usage_error("bench", f"{' '.join(args.overrides)}: {err}")
     result = run_bench(cfg, out, quick=args.quick)
     print()
     print(markdown(result))
@@ -160,11 +169,15 @@ def _add_archive(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="update, replay, simulator and training throughput, ours next to SB3",
-                       description="Measure in one process, side by side on identical sizes: TD3 updates/s (ours "
-                                   "separate/shared, monitor on/off, SB3 TD3.train() if installed: pip install "
-                                   "'.[bench]'), replay bytes per transition, embedded env steps/s and end-to-end "
-                                   "training steps/s. Writes bench.json and bench.md into --out and prints the "
-                                   "table. See benchmarks/README.md.")
+                       description="Measure in one process, side by side on identical sizes: at the shipped "
+                                   "default configuration (conf/, plus OVERRIDES) TD3 updates/s with FLOP/update "
+                                   "and the fraction of the measured matmul rate, training env steps/s next to "
+                                   "SB3's TD3.learn() and where a training step's time goes; at the fixed sizes "
+                                   "of the older rows, TD3 updates/s (ours separate/shared, monitor on/off, SB3 "
+                                   "TD3.train() if installed: pip install '.[bench]'), replay bytes per "
+                                   "transition, embedded env steps/s and end-to-end training steps/s. Writes "
+                                   "bench.json and bench.md into --out and prints the table. See "
+                                   "benchmarks/README.md.")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs (~1 min on an idle 2-core CPU)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default: cpu)")
     p.add_argument("--out", type=Path, default=None,
@@ -172,6 +185,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--only", default=None, metavar="SECTIONS",
                    help="comma-separated subset of update,replay,env,e2e (default: all)")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDES",
+                   help="config overrides for the default-configuration rows, as for training (e.g. "
+                        "agent.batch_size=64 env.image.height=84)")
     p.set_defaults(run=_bench)
 
 

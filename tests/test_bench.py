@@ -1,27 +1,48 @@
 """`av-td3 bench` in a tiny configuration: every row and ratio is there, finite and positive, and every file lands
-in the out dir. (The numbers themselves are benchmarks, not timed tests.)"""
+in the out dir; the headline rows read the shipped defaults, FLOP are counted, the phase breakdown covers the
+step. (The numbers themselves are benchmarks, not timed tests.)"""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from av_td3 import bench
 from av_td3.cli import main as cli
+from av_td3.config import Config, to_config
 from av_td3.envs.base import state_dim
+from av_td3.timing import PhaseTimer
 
-ROWS = ["update/ours_separate", "update/ours_separate_monitor_off", "update/ours_shared", "update/sb3",
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def trained_config(*overrides: str) -> Config:
+    """The configuration `python launch.py [overrides]` trains with (conf/ composed as in tests/test_config.py)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_config(compose("config", overrides=list(overrides)))
+
+# The headline rows at the shipped defaults, shrunk so the tests stay quick (and proving the rows follow the config)
+TINY_DEFAULT = ("agent.batch_size=8", "agent.features_dim=16", "agent.hidden_dim=32", "env.image.stack=2",
+                "env.npcs=2")
+DEFAULT_ROWS = ["update/default", "update/default_monitor_off", "matmul/sgemm_2048", "e2e/default",
+                "e2e/default_sb3"]
+PHASES = {"act", "env_step", "store", "sample", "critic", "actor", "target", "monitor", "log"}
+ROWS = DEFAULT_ROWS + ["update/ours_separate", "update/ours_separate_monitor_off", "update/ours_shared", "update/sb3",
         "replay/ours", "replay/reference", "replay/sb3", "replay/sb3_optimize_memory_usage",
         "env/steps_per_s", "env/steps_per_s_with_resets", "env/steps_per_s_stock_road", "e2e/steps_per_s",
         "e2e/steps_per_s_num_envs_2"]
 RATIOS = ["separate_vs_sb3", "shared_vs_sb3", "monitor_overhead_pct", "replay_vs_reference", "env_steps_per_s",
           "sb3_vs_ours", "sb3_optimize_memory_usage_vs_ours", "separate_vs_sb3_cpu", "shared_vs_sb3_cpu",
-          "monitor_overhead_pct_cpu", "env_vectorised_road_speedup", "e2e_num_envs_2_vs_1"]
+          "monitor_overhead_pct_cpu", "env_vectorised_road_speedup", "e2e_num_envs_2_vs_1",
+          "default_update_matmul_fraction", "default_monitor_overhead_pct", "default_e2e_steps_per_s",
+          "default_e2e_vs_sb3", "sb3_update_matmul_fraction"]
 
 
 def tiny(**kw) -> bench.BenchConfig:
@@ -29,7 +50,7 @@ def tiny(**kw) -> bench.BenchConfig:
     cfg = bench.BenchConfig(height=64, width=64, stack=2, batch_size=8, features_dim=16, hidden_dim=32,
                             update_reps=2, updates_per_rep=2, warmup_updates=1, fill=40, replay_capacity=50,
                             npcs=2, env_reps=2, env_steps_per_rep=5, e2e_total_steps=24, e2e_learning_starts=8,
-                            e2e_log_every=8, e2e_max_episode_steps=20)
+                            e2e_log_every=8, e2e_max_episode_steps=20, overrides=TINY_DEFAULT)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -68,7 +89,7 @@ def test_json_has_every_row_and_ratio_finite_and_positive(tiny_run) -> None:
     assert rows["update/ours_separate"]["reps"] == 2
     for key in RATIOS:
         assert key in data["ratios"] and math.isfinite(data["ratios"][key]), key
-        if not key.startswith("monitor_overhead_pct"):  # a difference of two noisy timings: may come out below 0
+        if "monitor_overhead_pct" not in key:  # a difference of two noisy timings: may come out below 0
             assert data["ratios"][key] > 0, key
     assert {t["name"] for t in data["targets"]} == set(bench.TARGETS)
     assert all(t["met"] in (True, False) for t in data["targets"])
@@ -77,6 +98,96 @@ def test_json_has_every_row_and_ratio_finite_and_positive(tiny_run) -> None:
     for key in ("cpu_model", "logical_cores", "torch", "torch_threads", "device"):
         assert m[key] not in (None, ""), key
     assert m["torch_threads"] == 1
+
+
+def test_update_rows_carry_counted_flop_and_the_matmul_fraction(tiny_run) -> None:
+    result, out, _ = tiny_run
+    matmul = result.row("matmul/sgemm_2048")
+    assert matmul.unit == "GFLOP/s" and len(matmul.values) == 2 and min(matmul.values) > 0
+    updates = [r for r in result.rows if r.name.startswith("update/") and not r.name.endswith("_compile")]
+    assert {r.name for r in updates} >= {"update/default", "update/ours_separate", "update/sb3"}
+    for r in updates:
+        assert r.flop_per_update is not None and math.isfinite(r.flop_per_update) and r.flop_per_update > 0, r.name
+        assert 0 < r.matmul_fraction < 1.5, (r.name, r.matmul_fraction)
+        # paired by repetition: the update's GFLOP/s over the matmul's in the same rep
+        paired = statistics.median(v * r.flop_per_update / 1e9 / m for v, m in zip(r.values, matmul.values))
+        assert r.matmul_fraction == pytest.approx(paired)
+    # separate encoders do more convolutions per update than one shared encoder at the same sizes
+    assert result.row("update/ours_separate").flop_per_update > result.row("update/ours_shared").flop_per_update
+    # monitoring adds no matmuls or convolutions
+    assert result.row("update/default_monitor_off").flop_per_update == result.row("update/default").flop_per_update
+    md = (out / "bench.md").read_text()
+    assert "| GFLOP/update | % of matmul rate |" in md
+    data = json.loads((out / "bench.json").read_text())
+    row = next(r for r in data["rows"] if r["name"] == "update/default")
+    assert row["flop_per_update"] == result.row("update/default").flop_per_update and 0 < row["matmul_fraction"]
+
+
+def test_default_rows_follow_the_config_and_its_overrides(tiny_run) -> None:
+    result, _, _ = tiny_run
+    sizes = result.config["e2e_default"]
+    shipped = trained_config()
+    # overridden: the tiny sizes; not overridden: what training uses (64x64 frames today)
+    assert (sizes["batch_size"], sizes["features_dim"], sizes["hidden_dim"], sizes["stack"], sizes["npcs"]) == \
+        (8, 16, 32, 2, 2)
+    assert (sizes["height"], sizes["width"], sizes["encoder"], sizes["hidden_layers"]) == \
+        (shipped.env.image.height, shipped.env.image.width, shipped.agent.encoder, shipped.agent.hidden_layers)
+    note = (f"2x{shipped.env.image.height}x{shipped.env.image.width} frames, batch 8, "
+            f"agent.encoder={shipped.agent.encoder}")
+    for name in ("update/default", "update/default_monitor_off", "e2e/default"):
+        assert note in result.row(name).note, result.row(name).note
+    assert "monitor on" in result.row("update/default").note
+    assert "monitor.enabled=false" in result.row("update/default_monitor_off").note
+
+
+def test_default_config_is_the_one_training_uses() -> None:
+    assert bench.default_config() == trained_config()
+    assert bench.default_sizes(bench.default_config()) == bench.default_sizes(trained_config())
+    changed = ("agent.encoder=separate", "env.image.height=48", "monitor.enabled=false")
+    d = bench.default_sizes(bench.default_config(changed))
+    assert (d["encoder"], d["height"], d["monitor"]) == ("separate", 48, False)
+    assert bench.default_config(changed) == trained_config(*changed)
+
+
+def test_flop_count_at_the_default_is_counted_and_linear_in_the_batch() -> None:
+    """At the shipped sizes: one critic+actor cycle counted by torch, per update; every matmul and convolution
+    of an update scales with the batch, so half the batch counts half the FLOP."""
+    cpu = torch.device("cpu")
+    conf = bench.default_config()
+    flop = {}
+    for batch in (conf.agent.batch_size, conf.agent.batch_size // 2):
+        cfg = bench.BenchConfig(fill=conf.agent.batch_size + 10, overrides=(f"agent.batch_size={batch}",))
+        flop[batch] = bench.count_flop(bench.default_updater(cfg, cpu), conf.agent.policy_freq)
+    full, half = flop[conf.agent.batch_size], flop[conf.agent.batch_size // 2]
+    assert math.isfinite(full) and full > 1e8
+    assert half / full == pytest.approx(0.5, rel=0.02)
+
+
+def test_phase_breakdown_covers_the_training_step(tiny_run) -> None:
+    result, _, _ = tiny_run
+    b = result.breakdown
+    conf = result.config["e2e_default"]
+    assert b["steps"] == conf["total_steps"] - conf["learning_starts"]  # one env and one update per step
+    assert PHASES <= b["phases"].keys(), PHASES - b["phases"].keys()
+    assert all(p["ms_per_step"] > 0 for p in b["phases"].values())
+    assert sum(p["share"] for p in b["phases"].values()) == pytest.approx(1.0)
+    assert sum(p["ms_per_step"] for p in b["phases"].values()) == pytest.approx(b["ms_per_step"])
+    assert set(b["not_per_step_s"]) == set(bench.NOT_PER_STEP)
+    # the phases add up to the step time the trainer itself measured over the same steps: perf/steps_per_s of
+    # equally long log intervals, so the mean time per step is 1 / their harmonic mean
+    trainer_ms = 1e3 / statistics.harmonic_mean(result.row("e2e/default").values)
+    assert b["ms_per_step"] == pytest.approx(trainer_ms, rel=0.2)
+
+
+def test_phase_timer_laps_and_start_step() -> None:
+    timer = PhaseTimer(torch.device("cpu"), start_step=2)
+    for step in range(4):
+        timer.begin_step(step)
+        sum(range(20_000))
+        timer.lap("a")
+        timer.lap("b")
+    assert timer.steps == 2 and list(timer.seconds) == ["a", "b"]
+    assert timer.seconds["a"] > timer.seconds["b"] >= 0
 
 
 def test_replay_bytes_are_the_allocated_arrays(tiny_run) -> None:
@@ -157,6 +268,9 @@ def test_quick_preset_is_smaller_than_the_full_one() -> None:
     assert quick.npcs == full.npcs == 20
     assert quick.update_reps * quick.updates_per_rep < full.update_reps * full.updates_per_rep
     assert quick.e2e_total_steps < full.e2e_total_steps
+    # the headline rows come first in both, at the shipped defaults
+    assert quick.update_rows[0] == full.update_rows[0] == "default" and quick.overrides == full.overrides == ()
+    assert "e2e" in quick.sections and "e2e" in full.sections
 
 
 def test_cli_bench_writes_under_outputs_bench_by_default(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -166,6 +280,16 @@ def test_cli_bench_writes_under_outputs_bench_by_default(tmp_path: Path, monkeyp
     assert files_under(tmp_path) == {run / "bench.json", run / "bench.md"}
     printed = capsys.readouterr().out
     assert "| replay/ours |" in printed and "replay_vs_reference" in printed
+
+
+def test_cli_bench_passes_overrides_to_the_default_rows(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "o"
+    assert cli(["bench", "--quick", "--only", "replay", "--out", str(out), "agent.batch_size=64"]) == 0
+    assert json.loads((out / "bench.json").read_text())["config"]["overrides"] == ["agent.batch_size=64"]
+    assert cli(["bench", "--only", "replay", "--out", str(out), "agent.batch_size=-1"]) == 2
+    assert "agent.batch_size" in capsys.readouterr().err
+    assert cli(["bench", "--only", "replay", "--out", str(out), "agent.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
 
 
 def test_cli_bench_usage_errors(tmp_path: Path, capsys) -> None:
