@@ -75,40 +75,59 @@ class Percentile(ClipLimit):
         self.seen = int(d["seen"])
 
 
-class ZScore(ClipLimit):
-    """ZClip: limit = mean + z * std of an EMA of the norms, started from the first ``warmup`` norms' mean and
-    variance (Welford); after the warm-up the EMA is fed min(norm, limit)."""
+class RunningThreshold:
+    """mean + z * std of a stream of scalars, on the device: the plain mean and variance of the first ``warmup``
+    values (Welford), then EMAs (weight ``ema`` on the old value) fed each value capped at the threshold it was
+    judged against, so that an outlier does not raise the threshold for the next one (ZClip's rule)."""
 
-    def __init__(self, warmup_limit: float, z: float, ema: float, warmup: int, device: torch.device) -> None:
-        self.warmup_limit, self.z, self.ema, self.warmup = float(warmup_limit), z, ema, warmup
+    def __init__(self, z: float, ema: float, warmup: int, device: torch.device) -> None:
+        self.z, self.ema, self.warmup = z, ema, warmup
         self.mean = torch.zeros((), device=device)
-        self.m2 = torch.zeros((), device=device)  # Welford's sum of squared deviations, then the EMA variance
-        self.seen = 0
+        self.var = torch.zeros((), device=device)  # Welford's sum of squared deviations until the warm-up ends
+        self.seen = 0  # values so far (a host counter: no sync to know the phase)
 
-    def __call__(self, norm: torch.Tensor) -> float | torch.Tensor:
-        x = norm.detach().float()
+    def update(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Record ``x`` (a 0-d tensor); return the threshold it was judged against, None during the warm-up."""
+        x = x.detach().float()
         self.seen += 1
-        if self.seen <= self.warmup:  # plain running mean and variance of the raw norms
+        if self.seen <= self.warmup:
             delta = x - self.mean
             self.mean += delta / self.seen
-            self.m2 += delta * (x - self.mean)
+            self.var += delta * (x - self.mean)
             if self.seen == self.warmup:
-                self.m2 /= self.seen  # from here on m2 holds the variance itself
-            return self.warmup_limit
-        limit = self.mean + self.z * self.m2.clamp_min(0).sqrt()
-        clipped = torch.minimum(x, limit)
-        delta = clipped - self.mean
+                self.var /= self.seen
+            return None
+        threshold = self.mean + self.z * self.var.clamp_min(0).sqrt()
+        delta = torch.minimum(x, threshold) - self.mean
         self.mean += (1 - self.ema) * delta
-        self.m2.mul_(self.ema).add_((1 - self.ema) * delta * (clipped - self.mean))
-        return limit
+        self.var.mul_(self.ema).add_(self.ema * (1 - self.ema) * delta * delta)
+        return threshold
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean.cpu(), "m2": self.m2.cpu(), "seen": self.seen}
+        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "seen": self.seen}
 
     def load_state_dict(self, d: dict) -> None:
         self.mean.copy_(d["mean"])
-        self.m2.copy_(d["m2"])
+        self.var.copy_(d["var"])
         self.seen = int(d["seen"])
+
+
+class ZScore(ClipLimit):
+    """ZClip: limit = mean + z * std of the norms (:class:`RunningThreshold`); the fixed limit in the warm-up."""
+
+    def __init__(self, warmup_limit: float, z: float, ema: float, warmup: int, device: torch.device) -> None:
+        self.warmup_limit = float(warmup_limit)
+        self.stats = RunningThreshold(z, ema, warmup, device)
+
+    def __call__(self, norm: torch.Tensor) -> float | torch.Tensor:
+        limit = self.stats.update(norm)
+        return self.warmup_limit if limit is None else limit
+
+    def state_dict(self) -> dict:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.stats.load_state_dict(d)
 
 
 def make_limit(clip: ClipConfig, net: str, device: torch.device) -> ClipLimit:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from av_td3.agent.clipping import ClipLimit, clip_to, make_limit
+from av_td3.agent.clipping import ClipLimit, RunningThreshold, clip_to, make_limit
 from av_td3.config import ClipConfig, MonitorConfig
 
 log = logging.getLogger(__name__)
@@ -100,43 +100,24 @@ class FlushResult:
 
 
 class SpikeDetector:
-    """Spikes of one net's before-clip norm against its own history, on the device.
-
-    x = log(norm); after ``warmup`` updates (plain mean and variance of x until then), an update is a spike when
-    x > mean + z * std, with mean and variance EMAs (weight ``ema`` on the old value) fed min(x, threshold).
-    Scale-free: a norm 500x the clip limit but steady is no spike; a 50x jump over a steady norm is one."""
+    """Spikes of one net's before-clip norm against its own history, on the device: an update is a spike when
+    log(norm) exceeds mean + z * std of the net's earlier log norms (:class:`RunningThreshold`, after ``warmup``
+    updates). Scale-free: a norm 500x the clip limit but steady is no spike; a 50x jump over a steady norm is."""
 
     def __init__(self, z: float, ema: float, warmup: int, device: torch.device) -> None:
-        self.z, self.ema, self.warmup = z, ema, warmup
-        self.mean = torch.zeros((), device=device)
-        self.var = torch.zeros((), device=device)  # Welford's M2 during the warm-up, the variance after it
-        self.seen = 0
+        self.stats = RunningThreshold(z, ema, warmup, device)
 
     def __call__(self, norm: torch.Tensor) -> torch.Tensor:
         """1.0 when this update's norm is a spike, else 0.0 (a 0-d tensor)."""
         x = torch.log(norm.detach().float().clamp_min(1e-30))
-        self.seen += 1
-        if self.seen <= self.warmup:
-            delta = x - self.mean
-            self.mean += delta / self.seen
-            self.var += delta * (x - self.mean)
-            if self.seen == self.warmup:
-                self.var /= self.seen
-            return torch.zeros((), device=x.device)
-        threshold = self.mean + self.z * self.var.clamp_min(0).sqrt()
-        capped = torch.minimum(x, threshold)
-        delta = capped - self.mean
-        self.mean += (1 - self.ema) * delta
-        self.var.mul_(self.ema).add_((1 - self.ema) * delta * (capped - self.mean))
-        return (x > threshold).float()
+        threshold = self.stats.update(x)
+        return torch.zeros_like(x) if threshold is None else (x > threshold).float()
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "seen": self.seen}
+        return self.stats.state_dict()
 
     def load_state_dict(self, d: dict) -> None:
-        self.mean.copy_(d["mean"])
-        self.var.copy_(d["var"])
-        self.seen = int(d["seen"])
+        self.stats.load_state_dict(d)
 
 
 class GradMonitor:
