@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from av_td3 import commands
 from av_td3.config import Config
-from av_td3.rundir import RUN_ONLY_KEYS, SUMMARY_FILE, flatten, read_json
+from av_td3.rundir import RUN_ONLY_KEYS, SUMMARY_FILE, UnsafePathError, check_inside, flatten, read_json
 
 log = logging.getLogger("av_td3")
 
@@ -92,6 +92,10 @@ class JobResult:
 def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     """One job's outcome from its summary.json, with a reason for every job that did not complete."""
     name = str(job_dir.relative_to(sweep_dir))
+    try:
+        check_inside(sweep_dir, job_dir / SUMMARY_FILE)
+    except UnsafePathError as e:
+        return JobResult(name, "refused", None, None, None, str(e))
     summary = read_json(job_dir / SUMMARY_FILE)
     if summary is None:
         return JobResult(name, "no summary", None, None, None,
@@ -115,6 +119,10 @@ def report(sweep_dir: Path, jobs: list[JobResult]) -> str:
     """The text printed at the end of a sweep: a count, and a table of the jobs that did not complete."""
     failed = [j for j in jobs if j.status != "completed"]
     compare = commands.cli("compare", str(sweep_dir))  # as this process was started, so it works as printed
+    if not jobs:
+        return (f"Sweep {sweep_dir}: no job folder found there. Jobs write their folders at hydra.sweep.dir as "
+                "resolved where they run: on a Ray or SLURM cluster, give an absolute hydra.sweep.dir on a "
+                "filesystem every node shares (docs/scale-out.md).")
     if not failed:
         return f"Sweep {sweep_dir}: all {len(jobs)} jobs completed. Compare them:\n    {compare}"
     lines = [f"Sweep {sweep_dir}: {len(jobs) - len(failed)} of {len(jobs)} jobs completed; "
@@ -138,6 +146,9 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         jobs = collect(sweep_dir)
         failed = [j.job for j in jobs if j.status != "completed"]
+        if not jobs:
+            print(report(sweep_dir, jobs), flush=True)
+            raise SweepIncomplete()
         record = {"sweep_dir": str(sweep_dir), "jobs": len(jobs), "completed": len(jobs) - len(failed),
                   "not_completed": failed, "results": [dataclasses.asdict(j) for j in jobs]}
         (sweep_dir / SWEEP_SUMMARY).write_text(json.dumps(record, indent=2))
@@ -153,5 +164,6 @@ def missing_launcher_plugin(overrides: list[str]) -> str | None:
     None. Hydra's own error ("Could not find 'hydra/launcher/ray'") does not say what to install."""
     for preset, (module, package) in OPTIONAL_LAUNCHERS.items():
         if f"launcher={preset}" in overrides and importlib.util.find_spec(module) is None:
-            return f"launcher={preset} needs the Hydra plugin {package}: {commands.pip_install(package)}"
+            return (f"launcher={preset} needs the Hydra plugin {package}, in the cluster extra: "
+                    f"{commands.pip_install('.[cluster]')} (from the repository root), or {commands.pip_install(package)}")
     return None

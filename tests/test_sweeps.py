@@ -191,6 +191,24 @@ def test_sweep_summary_exits_normally_when_all_jobs_completed(tmp_path: Path, ca
     assert "all 1 jobs completed" in capsys.readouterr().out
 
 
+def test_a_sweep_with_no_job_folder_fails_and_says_where_jobs_write(tmp_path: Path, capsys) -> None:
+    """On a cluster with a relative hydra.sweep.dir the jobs write elsewhere: "all 0 jobs completed" would lie."""
+    with pytest.raises(SystemExit) as exit_info:
+        SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert exit_info.value.code == EXIT_SWEEP_INCOMPLETE
+    assert "no job folder found there" in capsys.readouterr().out
+
+
+def test_a_job_summary_linked_from_outside_the_sweep_is_not_read(tmp_path: Path) -> None:
+    (tmp_path / "outside.json").write_text(json.dumps({"status": "completed", "objective": 1.0}))
+    sweep = tmp_path / "sweep"
+    (sweep / "a" / ".hydra").mkdir(parents=True)
+    (sweep / "a" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (sweep / "a" / "summary.json").symlink_to(tmp_path / "outside.json")
+    (job,) = collect(sweep)
+    assert job.status == "refused" and "outside" in job.reason
+
+
 def test_nan_guard_stop_returns_a_finite_objective(tmp_path: Path) -> None:
     from av_td3.app import EXIT_NAN_GUARD, run_job
 
