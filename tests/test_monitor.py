@@ -158,12 +158,15 @@ def test_a_steady_norm_far_above_the_limit_is_no_spike_and_no_alert() -> None:
     assert mon.alert_counts == {}
 
 
-def test_a_50x_jump_is_a_spike_against_the_nets_own_history() -> None:
+def test_a_50x_jump_is_a_spike_against_the_nets_own_history(caplog) -> None:
     cnn, mlp = toy_net()
     mon = make_monitor(cnn, mlp, limit=None)
     noise = torch.exp(0.1 * torch.randn(300, generator=torch.Generator().manual_seed(1))).tolist()
     s = drive(mon, cnn, mlp, noise[:200] + [50.0] + noise[200:])
     assert s["grad/critic/spikes"] == 1.0 and s["alert/critic/grad_spike"] == 1.0
+    # an unclipped net's alert says what happened, not "(limit None)"
+    (line,) = [r.getMessage() for r in caplog.records if "ALERT critic/grad_spike" in r.getMessage()]
+    assert "1 of 301 updates' before-clip norms more than 4 std above" in line and "None" not in line
     assert s["grad/critic/total/before_clip_max"] == pytest.approx(50 * s["grad/critic/total/before_clip_p50"],
                                                                     rel=0.3)
     # during the warm-up the detector has no history to judge by: no spike
