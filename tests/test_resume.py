@@ -32,8 +32,8 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def start_and_signal_after_first_checkpoint(run_dir: Path, sig: int) -> subprocess.Popen:
-    proc = subprocess.Popen(command(run_dir), cwd=run_dir.parent, env=env(), stdout=subprocess.PIPE,
+def start_and_signal_after_first_checkpoint(run_dir: Path, sig: int, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(command(run_dir, *extra), cwd=run_dir.parent, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (run_dir / "checkpoints" / "latest").exists():
@@ -53,17 +53,21 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_resumes_to_the_same_parameters(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [(), ("agent.clip.mode=zscore", "agent.clip.warmup=5")], ids=["norm", "zscore"])
+def test_sigkill_then_rerun_resumes_to_the_same_parameters(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    """Also with an adaptive clip mode, whose statistics must come back from the checkpoint."""
     reference = tmp_path / "uninterrupted"
-    done = subprocess.run(command(reference), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command(reference, *extra), cwd=tmp_path, env=env(), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    killed = start_and_signal_after_first_checkpoint(run_dir, signal.SIGKILL)
+    killed = start_and_signal_after_first_checkpoint(run_dir, signal.SIGKILL, *extra)
     assert killed.returncode == -signal.SIGKILL
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
 
-    rerun = subprocess.run(command(run_dir), cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command(run_dir, *extra), cwd=tmp_path, env=env(), capture_output=True, text=True,
+                           timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from" in rerun.stderr + rerun.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
