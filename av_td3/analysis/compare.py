@@ -370,7 +370,7 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 
 # ------------------------------------------------------------------------------------------------------- main
 @dataclass
-class Summary:
+class Report:
     groups: list[Group]
     baseline: Group | None
     chosen: bool                        # the baseline was named with --baseline
@@ -381,7 +381,7 @@ class Summary:
     common: list[str]                   # overrides every run shares, left out of the group labels
 
 
-def summarize(runs: list[Run], baseline: str | None = None) -> Summary:
+def summarize(runs: list[Run], baseline: str | None = None) -> Report:
     """Group ``runs`` and compute every group's numbers and its comparison with the baseline group.
 
     ``baseline`` is a group label; None picks :func:`default_baseline`. Raises ValueError for an unknown label.
@@ -406,7 +406,7 @@ def summarize(runs: list[Run], baseline: str | None = None) -> Summary:
         else:
             s.update(improvement(metrics[g.label].query("finished"), metrics[base.label].query("finished")))
         rows.append(s)
-    return Summary(groups, base, baseline is not None, metrics, pd.DataFrame(rows), warnings,
+    return Report(groups, base, baseline is not None, metrics, pd.DataFrame(rows), warnings,
                    [r for r in runs if r.config is None], common)
 
 
@@ -417,7 +417,7 @@ def _left_out_line(m: dict[str, Any]) -> str:
     return line + (f" ({m['reason']})" if pd.notna(m["reason"]) else "")
 
 
-def notes(summary: Summary) -> list[str]:
+def notes(summary: Report) -> list[str]:
     """What a reader must know before reading the table: warnings, limits that never or always bind, groups
     that are identical."""
     rows = summary.table.to_dict("records")
@@ -427,12 +427,12 @@ def notes(summary: Summary) -> list[str]:
     return out
 
 
-def verdicts(summary: Summary) -> list[str]:
+def verdicts(summary: Report) -> list[str]:
     base = None if summary.baseline is None else summary.baseline.label
     return [verdict_line(s, base) for s in summary.table.to_dict("records")]
 
 
-def markdown_report(summary: Summary, plots: list[Path]) -> str:
+def markdown_report(summary: Report, plots: list[Path]) -> str:
     """comparison.md: the table, what its columns mean, verdicts, divergence and collapse (each run with its
     rule and step), alerts, left-out runs, notes and warnings, plots."""
     rows = summary.table.to_dict("records")
@@ -481,7 +481,7 @@ def markdown_report(summary: Summary, plots: list[Path]) -> str:
 
 @dataclass
 class Comparison:
-    summary: Summary
+    summary: Report
     table: str          # the markdown table (printed by the CLI)
     markdown: str       # all of comparison.md
     plots: list[Path]
