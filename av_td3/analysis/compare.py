@@ -44,7 +44,10 @@ class Group:
 
 
 def _value_text(value: Any) -> str:
-    return "null" if value is None else str(value)
+    """A value as an override writes it (null, true/false), so a group label can be typed back."""
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _override_items(overrides: list[str], flat: dict[str, Any]) -> list[str]:
@@ -197,6 +200,13 @@ def improvement(rows: pd.DataFrame, base: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
+def _median(values: pd.Series) -> float:
+    """The median of the finite values; NaN, without numpy's empty-slice warning, when there are none (older
+    runs did not log the quantity)."""
+    finite = values.dropna()
+    return float(finite.median()) if len(finite) else NAN
+
+
 def summarize_group(group: Group, rows: pd.DataFrame) -> dict[str, Any]:
     """One group's row of comparison.csv (without the comparison to the baseline); ``rows``: its runs' metrics."""
     fin = rows[rows["finished"]]
@@ -222,11 +232,11 @@ def summarize_group(group: Group, rows: pd.DataFrame) -> dict[str, Any]:
     for net in NETS:
         limit = cfg.agent.clip[net]  # type: ignore[union-attr]
         s[f"{net}_clip_limit"] = NAN if limit is None else float(limit)
-        s[f"{net}_clip_limit_used"] = float(fin[f"{net}_clip_limit_used"].median()) if len(fin) else NAN
+        s[f"{net}_clip_limit_used"] = _median(fin[f"{net}_clip_limit_used"])
         s[f"{net}_clip_fraction"] = float(fin[f"{net}_clip_fraction"].mean()) if len(fin) else NAN
         s[f"{net}_after_clip_max"] = float(fin[f"{net}_after_clip_max"].max()) if len(fin) else NAN
         for q in NORM_PERCENTILES:
-            s[f"{net}_norm_p{q}"] = float(fin[f"{net}_norm_p{q}"].median()) if len(fin) else NAN
+            s[f"{net}_norm_p{q}"] = _median(fin[f"{net}_norm_p{q}"])
         updates = fin[f"{net}_spike_updates"].sum(min_count=1)
         s[f"{net}_spikes_per_1k"] = (1000.0 * fin[f"{net}_spikes"].sum() / updates
                                      if pd.notna(updates) and updates > 0 else NAN)
