@@ -268,6 +268,9 @@ class MonitorConfig:
     spike_z: float = rng(4.0, 0, lo_open=True)
     spike_ema: float = rng(0.99, 0, 1, lo_open=True, hi_open=True)
     spike_warmup: int = rng(100, 2)
+    # grad_spike alerts when more than this share of an interval's updates are spikes. Every spike is counted
+    # (grad/<net>/spikes); healthy default runs show 0-1% on the critic (measured at 50k steps), so 2% flags bursts.
+    spike_alert_rate: float = rng(0.02, 0, 1)
     # q_divergence: |Q| or |actor loss| above q_margin * max|r| / (1 - gamma).
     q_margin: float = rng(2.0, 0, lo_open=True)
     # dead_gradient: a part's norm exactly 0 for this many consecutive updates of its net.

@@ -292,7 +292,7 @@ class GradMonitor:
             scalars[f"grad/{net}/after_over_limit_max"] = ratio_max
             if ratio_max > 1 + self.cfg.tolerance:
                 fired.append(f"{net}/clip_violation")
-        if spikes > 0:
+        if spikes > self.cfg.spike_alert_rate * updates:
             fired.append(f"{net}/grad_spike")
         if max(raw[(f"grad/{net}/zero_run", "max")]) >= self.cfg.dead_steps:
             fired.append(f"{net}/dead_gradient")
