@@ -135,7 +135,7 @@ def scalars_file(run_dir: Path, config: DictConfig | None) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------------- configs
 def _schema_defaults() -> dict[str, Any]:
-    from av_td3.config import Config  # the schema; imported here so reading a summary needs no Hydra
+    from av_td3.config import Config  # the schema (imported when first needed: most readers of a run need no config)
 
     return OmegaConf.to_container(OmegaConf.structured(Config))  # type: ignore[return-value]
 
@@ -185,12 +185,9 @@ def is_experiment_key(key: str) -> bool:
 
 
 def code_version(summary: dict[str, Any] | None, archive: dict[str, Any] | None = None) -> str | None:
-    """The git commit a run was trained with, from its summary (or its archive record); None if unknown."""
-    for record in (summary or {}).get("provenance") or {}, (archive or {}):
-        version = record.get("git_commit") or record.get("code_version")
-        if version:
-            return str(version)
-    return None
+    """The git commit a run was trained with, from its summary's provenance or its archive record; None if unknown."""
+    version = ((summary or {}).get("provenance") or {}).get("git_commit") or (archive or {}).get("code_version")
+    return str(version) if version else None
 
 
 # ----------------------------------------------------------------------------------------------------- safety
