@@ -215,7 +215,7 @@ class GradMonitor:
     # ------------------------------------------------------------------------------------------------- per flush
     def flush(self, step: int) -> FlushResult:
         """Turn the interval's device accumulators into scalars (one host transfer) and evaluate the alerts."""
-        items = [(key, kind, t) for key, kind, t in self.stats.tensors()]
+        items = self.stats.tensors()  # a new list: the percentile rows are appended to it
         q = torch.tensor([p / 100 for p in NORM_PERCENTILES], device=self.device)
         for net, norms in self._norms.items():
             if norms:
