@@ -15,7 +15,8 @@ from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointError
 from av_td3.config import ConfigError, to_config
 from av_td3.envs.base import EnvUnavailableError, SimulatorLostError
-from av_td3.sweep import FAILED_OBJECTIVE, completed_objective, record_completed
+from av_td3.rundir import FAILED_OBJECTIVE
+from av_td3.sweep import completed_objective, record_completed
 
 log = logging.getLogger("av_td3")
 

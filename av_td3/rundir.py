@@ -43,6 +43,8 @@ CHECKPOINT_DIR = "checkpoints"
 # completed: reached trainer.total_steps; stopped: on purpose (NaN guard, signal, simulator lost); failed: crashed.
 STATUSES = ("running", "completed", "stopped", "failed")
 FINISHED = ("completed", "stopped")  # results that count
+# summary.json's objective of a run that produced no evaluation at all (finite: a NaN objective crashes Optuna).
+FAILED_OBJECTIVE = -1e9
 
 # Keys that change how a job runs, not what it computes: a sweep rerun that differs only in these still skips,
 # and `compare` never splits a group on them.

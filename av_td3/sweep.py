@@ -28,8 +28,6 @@ SWEEP_SUMMARY = "sweep_summary.json"
 # The config of the attempt that completed: Hydra rewrites .hydra/config.yaml before every attempt, so that
 # file cannot tell whether a rerun asks for the same run.
 COMPLETED_CONFIG = "completed_config.json"
-# Objective of a job that produced no evaluation at all (finite: a NaN objective crashes Optuna).
-FAILED_OBJECTIVE = -1e9
 # Exit status of a sweep in which some job did not complete.
 EXIT_SWEEP_INCOMPLETE = 1
 # Launcher presets whose Hydra plugin is an optional install: preset name -> (plugin module, pip package).

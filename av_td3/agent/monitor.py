@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from av_td3.agent.base import Flush
 from av_td3.agent.clipping import ClipLimit, RunningThreshold, clip_to, make_limit
 from av_td3.config import ClipConfig, MonitorConfig
 
@@ -91,12 +91,6 @@ class DeviceStats:
         self._sum.clear()
         self._max.clear()
         self._count.clear()
-
-
-@dataclass
-class FlushResult:
-    scalars: dict[str, float]
-    fired: list[str] = field(default_factory=list)  # "<net>/<alert>" that fired in this interval
 
 
 class SpikeDetector:
@@ -213,7 +207,7 @@ class GradMonitor:
         return False
 
     # ------------------------------------------------------------------------------------------------- per flush
-    def flush(self, step: int) -> FlushResult:
+    def flush(self, step: int) -> Flush:
         """Turn the interval's device accumulators into scalars (one host transfer) and evaluate the alerts."""
         items = self.stats.tensors()  # a new list: the percentile rows are appended to it
         q = torch.tensor([p / 100 for p in NORM_PERCENTILES], device=self.device)
@@ -265,7 +259,7 @@ class GradMonitor:
         for tag in fired:
             self.alert_counts[tag] = self.alert_counts.get(tag, 0) + 1
             log.warning("ALERT %s at step %d: %s", tag, step, self._explain(tag, scalars))
-        return FlushResult(scalars, fired)
+        return Flush(scalars, fired)
 
     def _grad_scalars(self, net: str, raw: dict, counts: dict, scalars: dict[str, float]) -> list[str]:
         names = [*self.parts[net], "total"]

@@ -6,16 +6,21 @@ points in the ego frame), so it runs through the same launch, evaluation, loggin
 
 from __future__ import annotations
 
-
 import numpy as np
 
+from av_td3.agent.base import Flush, Health
 from av_td3.agent.monitor import NonFiniteError
 from av_td3.config import PidConfig
 from av_td3.envs.base import SPEED, lane_point_slice
+from av_td3.timing import NO_PHASES
 
 
 class PIDAgent:
-    """Longitudinal PID on ``target_speed`` and lateral pure pursuit with a ``lookahead`` distance."""
+    """Longitudinal PID on ``target_speed`` and lateral pure pursuit with a ``lookahead`` distance; implements
+    :class:`av_td3.agent.base.Agent` without learning (no replay, no updates, nothing to measure)."""
+
+    learning = False
+    phases = NO_PHASES
 
     def __init__(self, cfg: PidConfig, lane_points: int, dt: float, num_envs: int) -> None:
         self.cfg = cfg
@@ -55,6 +60,15 @@ class PIDAgent:
         alpha = np.arctan2(target[:, 1], target[:, 0])
         delta = np.arctan2(2.0 * c.wheelbase * np.sin(alpha), ld)  # pure pursuit: steer angle for the arc
         return np.clip(delta / c.max_steer_rad, -1.0, 1.0)
+
+    def update(self, batch: object, step: int) -> None:
+        raise TypeError("agent=pid learns nothing: the trainer never calls update() on an agent with learning=False")
+
+    def flush(self, step: int) -> Flush:
+        return Flush({})
+
+    def health(self) -> Health:
+        return Health()
 
     def for_evaluation(self) -> "PIDAgent":
         """A fresh controller for one evaluation episode, leaving the training envs' integrators alone."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from av_td3.agent import augment
+from av_td3.agent.base import Flush, Health
 from av_td3.agent.monitor import GradMonitor, NonFiniteError
 from av_td3.agent.networks import Actor, Critic, Encoder
 from av_td3.config import AgentConfig, MonitorConfig
@@ -44,6 +45,10 @@ def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optim
 
 
 class TD3:
+    """Implements :class:`av_td3.agent.base.Agent`; its metrics come from :class:`GradMonitor` (``self.monitor``)."""
+
+    learning = True  # learns from replay: a buffer, random warm-up actions, update() calls
+
     def __init__(self, cfg: AgentConfig, monitor_cfg: MonitorConfig, spec: Spec, device: torch.device,
                  q_bound: float, seed: int = 0) -> None:
         self.cfg = cfg
@@ -181,6 +186,13 @@ class TD3:
         with torch.no_grad():  # Polyak averaging of every target parameter in one multi-tensor op
             torch._foreach_lerp_(self._target, self._online, cfg.tau)
         self.phases.lap("target")
+
+    def flush(self, step: int) -> Flush:
+        """The monitor's metrics since the last flush (one host transfer); nothing before the first update."""
+        return self.monitor.flush(step) if self.critic_updates > 0 else Flush({})
+
+    def health(self) -> Health:
+        return Health(dict(self.monitor.alert_counts), self.monitor.skipped_updates)
 
     def reset(self, env_ids: np.ndarray) -> None:
         """New episodes start in these envs; the policy keeps no per-episode state."""
