@@ -22,7 +22,7 @@ _GRID = np.mgrid[0:64, 0:64]
 def road_frame(t: int) -> np.ndarray:
     """A smooth synthetic 64x64 camera frame uint8 [64, 64]: a sky-to-road gradient, lane marks that scroll with
     the step ``t`` and a car that drifts across, like the embedded simulator's rendered frames (which compress
-    ~17x with zlib level 1; measured in the README)."""
+    ~17x with zlib level 1; measured in docs/troubleshooting.md)."""
     y, x = _GRID
     img = 60 + 2 * y + (x // 8)
     img = np.where((np.abs(x - 32 - (y - 32) // 4) < 2) & (((y + 3 * t) // 6) % 2 == 0), 230, img)
