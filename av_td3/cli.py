@@ -36,7 +36,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from av_td3.analysis.compare import compare
+    from av_td3.analysis.report import notes, verdicts, write_comparison
     from av_td3.analysis.runs import RunDiscoveryError, find_runs
 
     runs = []
@@ -54,11 +54,9 @@ def _compare(args: argparse.Namespace) -> int:
     if out.is_file():
         return _usage_error("compare", f"--out {out}: is a file, give a folder")
     try:
-        result = compare(runs, out, baseline=args.baseline)
+        result = write_comparison(runs, out, baseline=args.baseline)
     except ValueError as e:  # an unknown --baseline label
         return _usage_error("compare", str(e))
-    from av_td3.analysis.compare import notes, verdicts
-
     if result.summary.common:
         print(f"Every run: {' '.join(result.summary.common)}\n")
     print(result.table)

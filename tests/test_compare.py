@@ -12,7 +12,8 @@ from matplotlib.image import imread
 from scipy.stats import bootstrap, trim_mean
 
 from av_td3.analysis import stats
-from av_td3.analysis.compare import default_baseline, group_runs, improvement, markdown_report, summarize
+from av_td3.analysis.compare import default_baseline, group_runs, improvement, summarize
+from av_td3.analysis.report import markdown_report
 from av_td3.analysis.runs import find_runs
 from av_td3.cli import main
 from tests.analysis_fixtures import healthy_scalars, make_config, write_run, write_sweep
@@ -252,6 +253,25 @@ def test_compare_pairs_seeds_and_honours_baseline(tmp_path: Path, capsys: pytest
     assert "nope" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_each_group_is_stated_as_a_share_of_the_baseline(tmp_path: Path) -> None:
+    """Targets such as "80% of PID" are read off the IQM / baseline column: the group's IQM and its interval over
+    the baseline's IQM; the baseline's own cell is empty."""
+    from av_td3.analysis.report import _cells
+
+    write_run(tmp_path / "pid", ["agent=pid"], seed=0, summary={"final_eval": {"return": 200.0}})
+    for seed, ret in enumerate([100.0, 180.0, 260.0]):
+        write_run(tmp_path / f"td3_{seed}", [], seed, summary={"final_eval": {"return": ret}})
+    summary = summarize(find_runs(tmp_path), baseline="agent=pid")
+    row = summary.table.set_index("group").loc["default"]
+    assert row["return_vs_baseline"] == pytest.approx(row["return_iqm"] / 200.0)
+    assert row["return_vs_baseline_low"] == pytest.approx(row["return_ci_low"] / 200.0)
+    assert row["return_vs_baseline_high"] == pytest.approx(row["return_ci_high"] / 200.0)
+    cells = {s["group"]: _cells(s) for s in summary.table.to_dict("records")}
+    low, high = row["return_ci_low"] / 2.0, row["return_ci_high"] / 2.0
+    assert cells["default"]["IQM / baseline"] == f"{row['return_iqm'] / 2.0:.0f}% [{low:.0f}%, {high:.0f}%]"
+    assert cells["agent=pid"]["IQM / baseline"] == "-"
+
+
 def test_compare_bad_usage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
@@ -260,7 +280,7 @@ def test_compare_bad_usage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_a_controller_without_gradients_is_labelled_so(tmp_path: Path) -> None:
-    from av_td3.analysis.compare import _cells
+    from av_td3.analysis.report import _cells
 
     write_run(tmp_path / "td3", [], seed=0)
     scalars = {tag: v for tag, v in healthy_scalars(make_config(["agent=pid"], 0)).items()
