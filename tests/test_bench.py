@@ -233,6 +233,20 @@ def test_without_sb3_its_rows_are_skipped_with_the_install_hint(tmp_path: Path, 
     assert next(t for t in data["targets"] if t["name"] == "shared_vs_sb3")["met"] is None
 
 
+def test_fixed_rows_are_a_training_config_of_their_sizes() -> None:
+    """The older rows' agents come from a validated config of the fixed sizes; the trainer's agent_spec derives
+    their shapes from it."""
+    from av_td3.bench.config import fixed_config
+    from av_td3.train import agent_spec
+
+    cfg = tiny()
+    conf = fixed_config(cfg, "shared", monitor=False)
+    a, spec = conf.agent, agent_spec(conf.env)
+    assert (a.batch_size, a.features_dim, a.hidden_dim, a.hidden_layers, a.encoder) == (8, 16, 32, 2, "shared")
+    assert (spec.stack, spec.height, spec.width, spec.state_dim) == (2, 64, 64, state_dim(cfg.lane_points))
+    assert conf.env.npcs == 2 and not conf.monitor.enabled
+
+
 def test_interleave_alternates_the_order() -> None:
     order: list[str] = []
 

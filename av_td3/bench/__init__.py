@@ -1,0 +1,43 @@
+"""``av-td3 bench``: throughput and memory side by side, in one process, on identical sizes.
+
+The headline rows measure the shipped default configuration: ``conf/`` composed by Hydra as ``launch.py`` composes
+it (plus ``BenchConfig.overrides``), so they follow the defaults when those change:
+
+* ``update/default`` (``_monitor_off``): sample + update of the agent the trainer builds from that configuration;
+* ``matmul/sgemm_<n>``: the machine's float32 matmul rate in this process (GFLOP/s), interleaved with the updates.
+  Every update row carries its FLOP per update (counted by ``torch.utils.flop_counter.FlopCounterMode`` over one
+  critic+actor cycle of ``policy_freq`` updates, averaged) and the fraction of the matmul rate it reaches;
+* ``e2e/default``: a real training run at that configuration; ``e2e/default_sb3``: Stable-Baselines3's
+  ``TD3.learn()`` on the same registered env (``av_td3/Highway-v0``) and sizes, right after it in the same process;
+* the phase breakdown of ``e2e/default``'s training steps (act, env step, store, sample, critic, actor, target,
+  monitor, log, ...), timed by an :class:`av_td3.timing.PhaseTimer` the trainer and the agent lap.
+
+Secondary rows keep the fixed sizes of the earlier issue (``BenchConfig.height`` ... ``batch_size``), written as a
+training config of those sizes; every agent is built from a config by the trainer's own builders. Each row is
+measured ``reps`` times; update rows are interleaved A B C, C B A, ... so slow drifts of the machine (other
+processes, thermal state) hit every contender alike; medians are reported with the min and max.
+
+Modules, one concern each (imports point down the list):
+
+* :mod:`~av_td3.bench.run`: :func:`run_bench`, the entry: runs the sections, writes the files;
+* :mod:`~av_td3.bench.updates`: ``update/*`` and ``matmul/*``; :mod:`~av_td3.bench.replay`: ``replay/*``;
+  :mod:`~av_td3.bench.env`: ``env/*``; :mod:`~av_td3.bench.e2e`: ``e2e/*`` and the phase breakdown;
+* :mod:`~av_td3.bench.report`: ratios and the markdown table;
+* :mod:`~av_td3.bench.sb3`: the Stable-Baselines3 side (benchmark-only extra ``pip install '.[bench]'``);
+* :mod:`~av_td3.bench.config`: :class:`BenchConfig`, presets, the training configs rows are built from;
+  :mod:`~av_td3.bench.result`: rows, results, targets; :mod:`~av_td3.bench.machine`: the machine and process.
+
+Everything goes into ``out`` (``bench.json``, ``bench.md``, the e2e runs' folders); nothing is written elsewhere.
+See benchmarks/README.md for what each row measures and the recorded runs.
+"""
+
+from av_td3.bench.config import BenchConfig, default_config, default_sizes, preset
+from av_td3.bench.e2e import NOT_PER_STEP
+from av_td3.bench.report import compute_ratios, markdown
+from av_td3.bench.result import TARGETS, BenchResult, Row
+from av_td3.bench.run import default_out, run_bench
+from av_td3.bench.updates import count_flop, default_updater, interleave
+
+__all__ = ["BenchConfig", "BenchResult", "NOT_PER_STEP", "Row", "TARGETS", "compute_ratios", "count_flop",
+           "default_config", "default_out", "default_sizes", "default_updater", "interleave", "markdown", "preset",
+           "run_bench"]
