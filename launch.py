@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import av_td3.config  # noqa: E402  (registers the config schema)
 from av_td3 import commands  # noqa: E402
-from av_td3.config import CONF_DIR, NULL_MEANS, ConfigError, schema_keys  # noqa: E402
+from av_td3.config import CONF_DIR, NULL_MEANS, ConfigError, renamed_key, schema_keys  # noqa: E402
 from av_td3.rundir import OVERRIDES_FILE, RUN_ONLY_KEYS, SUMMARY_FILE, read_json  # noqa: E402
 from av_td3.sweep import SweepIncomplete  # noqa: E402
 
@@ -124,7 +124,8 @@ def _values(override) -> list:
 
 
 def check_override_keys(args: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """An unknown key names the nearest valid one (Hydra's own advice, ``+key=value``, adds the typo instead), and
+    """A moved key names its new name (``env.host`` -> ``env.carla.host``), an unknown key the nearest valid one
+    (Hydra's own advice, ``+key=value``, adds the typo instead), and
     ``None`` for a key that takes null says to write ``null`` (Hydra reads ``None`` as text)."""
     groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
     keys = schema_keys()
@@ -136,6 +137,8 @@ def check_override_keys(args: list[str], conf_dir: Path = CONF_DIR) -> None:
         if key in groups or "/" in key:  # a config group (agent=ddpg, hydra/launcher=joblib): Hydra checks it
             continue
         value = arg.split("=", 1)[1]
+        if key not in keys and (new := renamed_key(key)) is not None:
+            raise ConfigError(f"{key} is now {new}: write `{new}={value}`.")
         if key not in keys:
             raise ConfigError(f"{key} is not a config key: {_nearest(key, value, keys)}")
         if keys[key] and any(isinstance(v, str) and v in ("None", "none") for v in _values(o)):

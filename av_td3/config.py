@@ -164,6 +164,12 @@ class RewardConfig:
     lane_invasion_penalty: float = rng(0.5, 0)
     # progress: metres travelled along the route this step.
     progress: float = 0.1
+    # Episode rules (env=carla, av_td3/envs/carla/rules.py): each is its own reward term, -penalty on the step the
+    # rule ends the episode, like collision_penalty and offroad_penalty in the safety term.
+    route_deviation_penalty: float = rng(10.0, 0)
+    wrong_way_penalty: float = rng(10.0, 0)
+    blocked_penalty: float = rng(10.0, 0)
+    red_light_penalty: float = rng(10.0, 0)
 
 
 @dataclass
@@ -199,31 +205,8 @@ class RouteConfig:
 
 
 @dataclass
-class EnvConfig:
-    name: str = one_of("highway", "highway", "carla")
-    town: str = "racetrack"
-    npcs: int = rng(5, 0, 200)
-    image: ImageConfig = field(default_factory=ImageConfig)
-    max_episode_steps: int = rng(500, 1)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    # What the image shows (embedded simulator only, see av_td3/envs/views.py): world = highway-env's top view,
-    # world-aligned, 50 m wide, ego centred; bev = ego-centred, heading-up bird's-eye view (env.bev.*) with its own
-    # gray level for road, markings, the ego and other vehicles.
-    view: str = one_of("world", "world", "bev")
-    bev: BevConfig = field(default_factory=BevConfig)
-    # Lane-centre points in the state vector (ego frame), spaced `lane_point_spacing` metres apart.
-    lane_points: int = rng(5, 1, 32)
-    lane_point_spacing: float = rng(4.0, 0.5)
-    # Gap and closing speed to the nearest car ahead in the ego's lane in the state vector. false: they always
-    # read "nobody ahead" (50 m, 0 m/s), so the state keeps its size and only the information is taken away.
-    lead_vehicle: bool = True
-    num_envs: int = rng(1, 1, 64)
-    # Embedded simulator: physics steps per second and agent decisions per second.
-    simulation_frequency: int = rng(15, 1, 120)
-    policy_frequency: int = rng(5, 1, 60)
-    # Which seeds the evaluation episodes use (eval episode i uses eval_seed + i).
-    eval_seed: int = rng(10_000, 0)
-    # ---- CARLA only (ignored with a warning by the embedded simulator when changed) ----
+class CarlaConfig:
+    """The CARLA backend's own keys (``env.carla.*``, read by av_td3/envs/carla/ only)."""
     host: str = "localhost"
     port: int = rng(2000, 1, 65535)
     tm_port: int = rng(8000, 1, 65535)
@@ -253,6 +236,39 @@ class EnvConfig:
     wrong_way_deg: Optional[float] = rng(135.0, 90, 180)
     blocked_s: Optional[float] = rng(60.0, 0, lo_open=True)
     red_light: bool = True
+    # The traffic light ahead on the route in the state vector: metres to its stop line and its colour (red 1,
+    # yellow 0.5, green 0), see av_td3/envs/carla/lights.py. false: they always read "no light" (50 m, 0), so the
+    # state keeps its size and only the information is taken away, as env.lead_vehicle=false does for the lead car.
+    traffic_light: bool = True
+
+
+@dataclass
+class EnvConfig:
+    name: str = one_of("highway", "highway", "carla")
+    town: str = "racetrack"
+    npcs: int = rng(5, 0, 200)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    max_episode_steps: int = rng(500, 1)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    # What the image shows (embedded simulator only, see av_td3/envs/views.py): world = highway-env's top view,
+    # world-aligned, 50 m wide, ego centred; bev = ego-centred, heading-up bird's-eye view (env.bev.*) with its own
+    # gray level for road, markings, the ego and other vehicles.
+    view: str = one_of("world", "world", "bev")
+    bev: BevConfig = field(default_factory=BevConfig)
+    # Lane-centre points in the state vector (ego frame), spaced `lane_point_spacing` metres apart.
+    lane_points: int = rng(5, 1, 32)
+    lane_point_spacing: float = rng(4.0, 0.5)
+    # Gap and closing speed to the nearest car ahead in the ego's lane in the state vector. false: they always
+    # read "nobody ahead" (50 m, 0 m/s), so the state keeps its size and only the information is taken away.
+    lead_vehicle: bool = True
+    num_envs: int = rng(1, 1, 64)
+    # Embedded simulator: physics steps per second and agent decisions per second.
+    simulation_frequency: int = rng(15, 1, 120)
+    policy_frequency: int = rng(5, 1, 60)
+    # Which seeds the evaluation episodes use (eval episode i uses eval_seed + i).
+    eval_seed: int = rng(10_000, 0)
+    # The CARLA backend's own keys (env.carla.*); the embedded simulator warns when one is changed.
+    carla: CarlaConfig = field(default_factory=CarlaConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------- monitor
@@ -334,6 +350,20 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Label of the experiment file in use (set by conf/experiment/*.yaml); names sweep dirs.
     experiment_name: Optional[str] = None
+
+
+# Keys that moved (old dotted name -> new one): a section's rename covers the keys below it. The command line names
+# the new key for an old one (launch.py) and archived runs' configs are read under the new names (av_td3.rundir).
+RENAMED_KEYS: dict[str, str] = {f"env.{f.name}": f"env.carla.{f.name}" for f in dataclasses.fields(CarlaConfig)
+                                if f.name != "traffic_light"}  # traffic_light came with env.carla
+
+
+def renamed_key(key: str) -> str | None:
+    """Today's name of ``key`` when it (or a section above it) is in :data:`RENAMED_KEYS`, else None."""
+    for old, new in RENAMED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
 
 
 def register_configs() -> None:

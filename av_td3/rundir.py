@@ -61,6 +61,8 @@ LEGACY_VALUES: dict[str, Any] = {"agent.clip.mode": "norm", "agent.augment": "no
 # thresholds of the monitor before the spike detector): dropped on reading, so such runs pool with newer ones.
 RETIRED_KEYS = ("monitor.warn_factor", "monitor.critical_factor", "monitor.reference_limit_actor",
                 "monitor.reference_limit_critic", "monitor.growth_factor", "monitor.growth_ema")
+# Keys that moved are read under today's names (av_td3.config.RENAMED_KEYS: the CARLA backend's env.host, ... are
+# env.carla.host, ...), so an old run and a new run of one configuration are one group.
 
 # Alerts (tags alert/<net>/<name>) that mean numerical failure: with the NaN guard and a non-finite logged
 # value, the only grounds on which a run is called diverged.
@@ -143,13 +145,15 @@ def _schema_defaults() -> dict[str, Any]:
 
 
 def read_config(run_dir: Path) -> DictConfig:
-    """A run's ``.hydra/config.yaml`` as today's code reads it: keys the run predates take their
-    :data:`LEGACY_VALUES` value, or else the schema's default (analysis keys such as ``monitor.collapse_fraction``),
-    so runs from different code versions compare key by key. :data:`RETIRED_KEYS` are dropped; other keys the
-    schema no longer has are kept (they tell runs apart)."""
+    """A run's ``.hydra/config.yaml`` as today's code reads it: moved keys take their new names
+    (:data:`av_td3.config.RENAMED_KEYS`), keys the run predates take their :data:`LEGACY_VALUES` value, or else the
+    schema's default (analysis keys such as ``monitor.collapse_fraction``), so runs from different code versions
+    compare key by key. :data:`RETIRED_KEYS` are dropped; other keys the schema no longer has are kept (they tell
+    runs apart)."""
     loaded = OmegaConf.load(run_dir / CONFIG_FILE)
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"{run_dir / CONFIG_FILE}: not a mapping")
+    _rename_keys(loaded)
     for key in RETIRED_KEYS:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(loaded, parent)
@@ -165,6 +169,32 @@ def read_config(run_dir: Path) -> DictConfig:
 
 
 _MISSING = object()
+
+
+def renamed_override(override: str) -> str:
+    """A recorded command-line override under today's key names (``env.port=2004`` -> ``env.carla.port=2004``),
+    so an old run's label matches a new run's; anything else is returned as it is."""
+    from av_td3.config import renamed_key
+
+    key, sep, value = override.partition("=")
+    bare = key.lstrip("+~")
+    new = renamed_key(bare) if sep else None
+    return f"{key[:len(key) - len(bare)]}{new}={value}" if new else override
+
+
+def _rename_keys(loaded: DictConfig) -> None:
+    """Move each key of :data:`av_td3.config.RENAMED_KEYS` the config has to its new name, in place (a value the
+    config also holds under the new name wins)."""
+    from av_td3.config import RENAMED_KEYS
+
+    for old, new in RENAMED_KEYS.items():
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(loaded, parent) if parent else loaded
+        if not isinstance(node, DictConfig) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if OmegaConf.select(loaded, new, default=_MISSING) is _MISSING:
+            OmegaConf.update(loaded, new, value, force_add=True)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -23,7 +23,8 @@ as the real client where the real client is strict, so the env's tests catch wha
   centred at y = 0, 3.5 and 7 (CARLA's y points right). At x=200 a junction: every lane goes straight on (road B,
   to x=400), and the right lane (y=7) may also turn right along a quarter circle of radius 20 m onto road C, which
   runs along +y. Spawn points every 20 m on each lane of road A. One traffic light guards the junction: its trigger
-  area is road A's last 10 m, its state ``server.light_state`` (green unless a test sets it).
+  area is road A's last 10 m, its stop waypoints at x=200 on road A's lanes, its state ``server.light_state``
+  (green unless a test sets it).
 
 Every call that matters is appended to ``server.calls`` so tests can check what reached the "server", and in
 which order. Faults are switched on through ``server``: ``down`` (every call times out, as the real client does),
@@ -352,7 +353,8 @@ class Sensor(Actor):
 
 class TrafficLight:
     """The junction's one traffic light (part of the map: it survives load_world and restarts); its state is
-    ``server.light_state``, read like any snapshot."""
+    ``server.light_state``, read like any snapshot. Its stop waypoints are where road A's lanes meet the junction
+    (the end of its trigger area), one per lane, as CARLA gives one per lane the light controls."""
 
     type_id = "traffic.traffic_light"
 
@@ -361,6 +363,12 @@ class TrafficLight:
 
     def get_state(self) -> int:
         return self._server.light_state
+
+    def get_stop_waypoints(self) -> list["Waypoint"]:
+        """A call to the server on the real client (the env makes it once per scene)."""
+        self._server.check()
+        self._server.calls.append(("get_stop_waypoints", self.id))
+        return [Waypoint(lane, lane.length) for lane in self._server.lanes if lane.road_id == 1]
 
 
 class ActorList(list):
@@ -709,8 +717,8 @@ class World:
         """The actors the client knows of (registry and snapshot); asks the server only about missing ones."""
         self._server.check()
         actors = self._server.actors
-        if actor_ids is None:
-            return ActorList(actors.values())
+        if actor_ids is None:  # the map's traffic light is an actor too
+            return ActorList([*actors.values(), self._server.traffic_light])
         for i in actor_ids:
             if not _accepts(int, i):
                 raise ArgumentError(f"World.get_actors: actor id {i!r} is {type(i).__name__}, not int")

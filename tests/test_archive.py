@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from av_td3 import rundir
 from av_td3.analysis.compare import group_runs
@@ -128,3 +129,51 @@ def test_scalars_file_follows_logger_csv_filename(tmp_path: Path) -> None:
     found = find_runs(run)[0]
     assert found.scalars_file == run / "metrics.csv"
     assert len(found.scalars) == sum(len(v) for v in healthy_scalars(make_config()).values())
+
+
+def _as_before_env_carla(run: Path) -> None:
+    """Rewrite a run's config as runs wrote it before the CARLA keys moved under env.carla (flat env.host, ...)
+    and before the keys that came with the move (the rule penalties, env.carla.traffic_light) existed."""
+    cfg = OmegaConf.load(run / rundir.CONFIG_FILE)
+    carla = cfg.env.pop("carla")
+    carla.pop("traffic_light")
+    for key, value in carla.items():
+        cfg.env[key] = value
+    for rule in ("route_deviation", "wrong_way", "blocked", "red_light"):
+        cfg.env.reward.pop(f"{rule}_penalty")
+    (run / rundir.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg))
+
+
+def test_a_run_from_before_env_carla_groups_with_a_new_run_of_the_same_configuration(tmp_path: Path) -> None:
+    """Old flat keys (env.host, env.port, env.camera.x, ...) are read as env.carla.*: an old and a new run of one
+    configuration are one group, and an old run that changed a moved key is apart, under the new name."""
+    for name, overrides, seed in (("old", [], 0), ("old_port", ["env.port=2004"], 0)):
+        run = write_run(tmp_path / name, [], seed)
+        _as_before_env_carla(run)
+        if overrides:
+            (run / rundir.CONFIG_FILE).write_text((run / rundir.CONFIG_FILE).read_text().replace(
+                "  port: 2000\n", "  port: 2004\n"))
+            (run / rundir.OVERRIDES_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create([*overrides, "seed=0"])))
+    write_run(tmp_path / "new", [], 1)
+    write_run(tmp_path / "new_port", ["env.carla.port=2004"], 1)
+    old = (tmp_path / "old" / rundir.CONFIG_FILE).read_text()
+    assert "carla:" not in old and "  host: localhost\n" in old and "  camera:\n" in old
+    cfg = find_runs(tmp_path / "old")[0].config
+    assert cfg.env.carla.host == "localhost" and cfg.env.carla.camera.x == 1.5 and "host" not in cfg.env
+    groups, warnings, _ = group_runs(find_runs(tmp_path))
+    assert sorted(len(g.runs) for g in groups) == [2, 2] and warnings == []
+    ports = {g.label: sorted(r.config.env.carla.port for r in g.runs) for g in groups}
+    # the old run's recorded override is read under the new name too, so the group's label is one
+    assert ports == {"default": [2000, 2000], "env.carla.port=2004": [2004, 2004]}, ports
+
+
+def test_archived_runs_in_results_read_their_carla_keys_under_env_carla() -> None:
+    """The committed archive (written with the flat keys) reads under today's names."""
+    root = Path(__file__).resolve().parent.parent / "results"
+    configs = sorted(root.rglob(rundir.CONFIG_FILE))
+    if not configs:
+        pytest.skip("no archived runs in this checkout")
+    run = configs[0].parent.parent
+    assert "\n  host:" in configs[0].read_text()  # written before the move
+    cfg = rundir.read_config(run)
+    assert cfg.env.carla.host == "localhost" and "host" not in cfg.env and "fixed_delta_s" not in cfg.env

@@ -73,7 +73,7 @@ def test_unknown_key_fails_naming_the_key() -> None:
     ("trainer.device=tpu", "trainer.device"),
     ("agent.encoder=both", "agent.encoder"),
     ("env.image.height=4", "env.image.height"),
-    ("env.fixed_delta_s=0.5", "env.fixed_delta_s"),
+    ("env.carla.fixed_delta_s=0.5", "env.carla.fixed_delta_s"),
     ("agent.batch_size=200000", "agent.batch_size"),
     ("monitor.nan_policy=ignore", "monitor.nan_policy"),
     ("agent.lr.actor=nan", "agent.lr.actor"),

@@ -1,7 +1,8 @@
 """Each public config key changes behaviour, not just the printed config.
 
 Trainer keys are shown on tiny in-process runs; agent keys on the composed config's TD3 updates; env keys in
-tests/test_env_highway.py (and tests/test_env_carla.py for the CARLA-only keys); monitor keys in
+tests/test_env_highway.py (and tests/test_env_carla.py for the CARLA backend's env.carla.* keys and the reward's
+rule penalties); monitor keys in
 tests/test_monitor.py; logger keys in tests/test_loggers.py.
 """
 

@@ -5,6 +5,7 @@ session in a worker process and restarts it when the server is lost."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -17,10 +18,11 @@ import time
 import numpy as np
 import pytest
 
-from av_td3.config import ConfigError, EnvConfig
-from av_td3.envs import base
+from av_td3.config import CarlaConfig, ConfigError, EnvConfig
+from av_td3.envs import backends, base
 from av_td3.envs.base import INFO_KEYS, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError
 from av_td3.envs.carla import CarlaDrivingEnv, CarlaSession
+from av_td3.envs.carla import lights
 from av_td3.envs.carla import worker as carla_worker
 from av_td3.envs.carla.ports import claim_dir, claim_path
 from tests import carla_double
@@ -34,11 +36,18 @@ def private_tempdir(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
+CARLA_KEYS = {f.name for f in dataclasses.fields(CarlaConfig)}
+
+
 def carla_cfg(**overrides) -> EnvConfig:
-    """The env=carla config (conf/env/carla.yaml) with dotted-key overrides, e.g. ``**{"camera.x": 2.0}``."""
-    cfg = EnvConfig(name="carla", town="Town01", npcs=4, timeout_s=2.0, max_reconnects=3, max_episode_steps=1000,
-                    event_wait_s=0.0)
+    """The env=carla config (conf/env/carla.yaml) with dotted-key overrides of ``env.*``, e.g.
+    ``**{"image.height": 32}``; the backend's own ``env.carla.*`` keys are given without ``carla.``, e.g.
+    ``timeout_s=2.0`` or ``**{"camera.x": 2.0}``."""
+    cfg = EnvConfig(name="carla", town="Town01", npcs=4, max_episode_steps=1000,
+                    carla=CarlaConfig(timeout_s=2.0, max_reconnects=3, event_wait_s=0.0))
     for key, value in overrides.items():
+        if key.split(".")[0] in CARLA_KEYS:
+            key = f"carla.{key}"
         *parents, leaf = key.split(".")
         node = cfg
         for p in parents:
@@ -71,14 +80,18 @@ def ego(fake: FakeCarlaModule):
 # ------------------------------------------------------------------------------------------------ contract
 def test_observation_contract_matches_base():
     env, _, _ = make_env(**{"image.height": 48, "image.width": 64, "image.stack": 3, "lane_points": 4})
-    assert env.observation_space == base.observation_space(3, 48, 64, 4)
+    declared = backends.CARLA
+    # The base layout plus the backend's state tail (the traffic light), as its declaration says.
+    assert env.observation_space == base.observation_space(3, 48, 64, 4, tail=2)
+    assert env.observation_space["state"].shape == (declared.state_dim(env.cfg),) == (5 + 2 * 4 + 2,)
     assert env.action_space == base.action_space()
     obs, info = env.reset(seed=1)
     assert env.observation_space.contains(obs)
     assert set(INFO_KEYS) <= set(info) and info["reconnects"] == 0
     obs, reward, terminated, truncated, info = env.step(np.array([0.0, 0.5], dtype=np.float32))
     assert env.observation_space.contains(obs)
-    assert set(INFO_KEYS) <= set(info) and set(info["reward_components"]) == set(REWARD_COMPONENTS)
+    assert set(INFO_KEYS) <= set(info) and tuple(info["reward_components"]) == declared.reward_components
+    assert set(REWARD_COMPONENTS) < set(declared.reward_components)
     assert isinstance(reward, float) and not terminated and not truncated
     env.close()
 
@@ -282,7 +295,7 @@ def test_npc_types_choose_the_blueprints():
     env.reset(seed=0)
     assert {n[0] for n in traffic(fake)[1]} == {"vehicle.carlamotors.carlacola", "vehicle.mitsubishi.fusorosa"}
     env.close()
-    with pytest.raises(ConfigError, match=r"env.npc_types=\['lorry'\].*car, van, truck"):
+    with pytest.raises(ConfigError, match=r"env.carla.npc_types=\['lorry'\].*car, van, truck"):
         make_env(npc_types=["lorry"])
 
 
@@ -518,7 +531,7 @@ def test_simulation_keys_reach_the_world():
     assert names.index("tm.set_random_device_seed") < len(names) - 1 - names[::-1].index("apply_batch_sync")
     assert len(calls(fake, "tick")) - ticks == math.ceil(0.5 / 0.02)  # settling takes SETTLE_S at this delta
     env.close()
-    with pytest.raises(ConfigError, match="env.weather='Sunny'.*ClearNoon"):
+    with pytest.raises(ConfigError, match="env.carla.weather='Sunny'.*ClearNoon"):
         make_env(weather="Sunny")
 
 
@@ -554,7 +567,7 @@ def test_route_keys():
     assert truncated and not terminated
     assert 50.0 <= env._prev_s < 52.0
     env.close()
-    with pytest.raises(ConfigError, match="env.route.start_index=99 but Town01 has 30 spawn points"):
+    with pytest.raises(ConfigError, match="env.carla.route.start_index=99 but Town01 has 30 spawn points"):
         make_env(**{"route.start_index": 99})
 
 
@@ -577,13 +590,6 @@ def test_reward_weights_take_effect():
         assert env.reward_fn.cfg is env.cfg.reward  # every reward.* key: the shared RewardFunction reads them
         env.close()
     assert rewards[1.0] == pytest.approx(10 * rewards[0.1]) and rewards[1.0] > 0
-
-
-def test_ignored_embedded_keys_warn(caplog):
-    with caplog.at_level(logging.WARNING):
-        env, _, _ = make_env(policy_frequency=10)
-    assert "env.policy_frequency is ignored by env=carla" in caplog.text
-    env.close()
 
 
 # ------------------------------------------------------------------------------------------- shared servers
@@ -867,7 +873,7 @@ def test_server_restart_restarts_the_worker_and_truncates_the_episode():
     fake.server.restart()  # the server process dies and comes back: the worker's Traffic Manager is stale
     obs, reward, terminated, truncated, info = env.step(np.array([0.0, 1.0]))
     assert truncated and not terminated and reward == 0.0 and info["reconnects"] == 1
-    assert set(base.INFO_KEYS) <= set(info) and set(info["reward_components"]) == set(REWARD_COMPONENTS)
+    assert set(base.INFO_KEYS) <= set(info) and tuple(info["reward_components"]) == backends.CARLA.reward_components
     assert info["termination"] == ""
     np.testing.assert_array_equal(obs["state"], good["state"])  # the last good observation
     assert len(start.started) == 2 and not first.alive and start.started[1].module is not first.module
@@ -909,7 +915,7 @@ def test_server_lost_minutes_is_the_window_before_giving_up(minutes, back_after_
         env.reset(seed=1)
     else:
         with pytest.raises(SimulatorLostError, match=rf"no CARLA server at localhost:2000 for {minutes:g} minute.*"
-                                                     r"env.server_lost_minutes.*rerun the same command"):
+                                                     r"env.carla.server_lost_minutes.*rerun the same command"):
             env.step(np.zeros(2))
         assert clock.now == pytest.approx(minutes * 60.0)
         assert clock.sleeps[:3] == [1.0, 2.0, 4.0]  # back-off between restarts
@@ -930,7 +936,7 @@ class SlowEnv:
     """A picklable stand-in for a session, for the process plumbing (the double cannot cross processes)."""
 
     def __init__(self, cfg: EnvConfig, seed: int | None) -> None:
-        if cfg.port == 1:
+        if cfg.carla.port == 1:
             raise EnvUnavailableError("cannot reach the CARLA server at localhost:1")
 
     def pid(self) -> int:
@@ -1040,3 +1046,127 @@ def test_a_rule_broken_at_the_last_step_terminates_rather_than_truncates():
     _, _, terminated, truncated, info = env.step(np.zeros(2))
     assert terminated and not truncated and info["termination"] == "route_deviation"
     env.close()
+
+
+# ----------------------------------------------------------------------- each rule's own reward term
+RULES = ("route_deviation", "wrong_way", "blocked", "red_light")
+
+
+def break_rule(rule: str, **overrides):
+    """Scripted: drive the double into breaking ``rule``; returns the env, the breaking step's reward and info."""
+    start = 9 if rule == "red_light" else 0  # x=180, y=0: 20 m before the red light's junction
+    env, fake, _ = make_env(blocked_s=1.0, **{"route.start_index": start}, **overrides)
+    env.reset(seed=0)
+    car = ego(fake)
+    if rule == "route_deviation":
+        car.transform.location.y = LANES_Y[2]  # two lanes off the route, still on the road
+    elif rule == "wrong_way":
+        car.transform.rotation.yaw, car.speed = 180.0, 3.0
+    elif rule == "red_light":
+        fake.server.light_state = carla_double.TrafficLightState.Red
+        car.transform.location.x = 195.0
+    fake.server.publish()
+    action = [0.0, -1.0] if rule == "blocked" else [0.0, 0.0]
+    for _ in range(40):
+        if rule == "red_light":
+            car.speed = 10.0
+        _, reward, terminated, _, info = env.step(np.asarray(action, dtype=np.float32))
+        if terminated:
+            return env, reward, info
+    raise AssertionError(f"{rule} was never broken")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_each_rule_has_its_own_reward_term_and_penalty_key(rule):
+    """The breaking step costs env.reward.<rule>_penalty in its own term of info["reward_components"] (the other
+    rules' terms read 0), and the key sets the price."""
+    terms = {}
+    for penalty in (10.0, 3.0):
+        env, reward, info = break_rule(rule, **{f"reward.{rule}_penalty": penalty})
+        assert info["termination"] == rule and not info["collision"] and not info["off_road"]
+        components = info["reward_components"]
+        assert components[rule] == -penalty
+        assert all(components[other] == 0.0 for other in RULES if other != rule)
+        assert reward == pytest.approx(sum(components.values()))
+        terms[penalty] = reward
+        env.close()
+    assert terms[10.0] - terms[3.0] == pytest.approx(-7.0, abs=1e-6)  # only the rule's price differs
+
+
+def test_collision_and_leaving_the_road_keep_their_own_penalties_and_reasons():
+    """Collision and off-road are reasons of their own, priced by env.reward.collision_penalty / offroad_penalty
+    in the safety term; no rule term fires with them."""
+    env, fake, _ = make_env(**{"route.start_index": 0, "reward.collision_penalty": 7.0})
+    env.reset(seed=0)
+    fake.server.collide_at = {fake.server.frame + 1}
+    _, _, terminated, _, info = env.step(np.zeros(2))
+    assert terminated and info["termination"] == "collision"
+    assert info["reward_components"]["safety"] == -7.0 and all(info["reward_components"][r] == 0.0 for r in RULES)
+    env.close()
+
+
+def test_a_rule_broken_while_the_server_is_lost_neither_terminates_nor_costs():
+    """An interrupted step is truncated on the last good observation with every term 0 (the base class decides)."""
+    env, fake, _ = make_env(**{"route.start_index": 0})
+    obs, _ = env.reset(seed=0)
+    ego(fake).transform.location.y = LANES_Y[2]
+    fake.server.timeouts_on_tick = 1
+    after, reward, terminated, truncated, info = env.step(np.zeros(2))
+    assert (reward, terminated, truncated, info["termination"]) == (0.0, False, True, "")
+    assert set(info["reward_components"].values()) == {0.0}
+    np.testing.assert_array_equal(after["image"], obs["image"])
+    env.close()
+
+
+# ------------------------------------------------------------------------------- the traffic light ahead
+LIGHT = slice(-2, None)  # the CARLA state tail: light distance (m), light colour
+
+
+@pytest.mark.parametrize("state, colour", [("Red", 1.0), ("Yellow", 0.5), ("Green", 0.0), ("Off", 0.0)])
+def test_state_ends_with_the_traffic_light_ahead(state, colour):
+    """20 m before the junction's stop line the tail reads (20 m, the colour); env.carla.traffic_light=false
+    reads "no light" in the same scene, and the state keeps its size."""
+    readings = {}
+    for on in (True, False):
+        env, fake, _ = make_env(traffic_light=on, **{"route.start_index": 9})  # x=180, y=0
+        env.reset(seed=0)
+        fake.server.light_state = getattr(carla_double.TrafficLightState, state)
+        _, observed, _ = env._observe(image_now(fake))
+        assert observed.shape == (backends.CARLA.state_dim(env.cfg),)
+        readings[on] = tuple(observed[LIGHT])
+        env.close()
+    assert readings[True] == pytest.approx((20.0, colour), abs=0.05)
+    assert readings[False] == lights.NO_LIGHT
+
+
+def test_no_light_beyond_range_or_once_past_the_stop_line():
+    env, fake, _ = make_env(**{"route.start_index": 7})  # x=140: the stop line is 60 m ahead, beyond range
+    env.reset(seed=0)
+    fake.server.light_state = carla_double.TrafficLightState.Red
+    _, observed, _ = env._observe(image_now(fake))
+    assert tuple(observed[LIGHT]) == lights.NO_LIGHT
+    car = ego(fake)
+    for x, reading in ((155.0, (45.0, 1.0)), (199.0, (1.0, 1.0)), (201.0, lights.NO_LIGHT)):  # in range, past it
+        car.transform.location.x = x
+        fake.server.publish()
+        _, observed, _ = env._observe(image_now(fake))
+        assert tuple(observed[LIGHT]) == pytest.approx(reading, abs=0.05), x
+    env.close()
+
+
+def test_a_stop_line_of_another_lane_is_not_ahead():
+    """The stop lines of the lanes beside the route's (3.5 m away) do not count; the map is read once per scene."""
+    env, fake, _ = make_env(**{"route.start_index": 9})
+    env.reset(seed=0)
+    assert len(calls(fake, "get_stop_waypoints")) == 1
+    assert len(env._lights._lines) == 1  # three stop lines on the map, one on the route's lane
+    env.reset(seed=0)
+    assert len(calls(fake, "get_stop_waypoints")) == 1  # lights are part of the map: not read again per episode
+    env.close()
+
+
+def test_the_wheel_has_what_the_light_lookup_calls():
+    carla = pytest.importorskip("carla")
+    assert callable(carla.TrafficLight.get_stop_waypoints) and callable(carla.TrafficLight.get_state)
+    assert {"Red", "Yellow", "Green"} <= set(carla.TrafficLightState.names)
+    assert "traffic.traffic_light" == FakeCarlaModule().server.traffic_light.type_id  # the filter's pattern matches

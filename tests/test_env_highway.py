@@ -24,7 +24,7 @@ IDLE = np.zeros(2, dtype=np.float32)
 
 
 def check_info(info: dict) -> None:
-    assert set(info) == {*INFO_KEYS, "reward_components"}
+    assert set(info) == {*INFO_KEYS, "reward_components", "termination"}
     assert tuple(info["reward_components"]) == REWARD_COMPONENTS
     assert all(type(v) is float for v in info["reward_components"].values())
 
@@ -224,9 +224,10 @@ def test_frequencies_set_the_simulated_time_per_step(smoke_env_cfg: EnvConfig, s
         make(replace(smoke_env_cfg, simulation_frequency=5, policy_frequency=10))
 
 
-def test_carla_only_keys_warn(smoke_env_cfg: EnvConfig) -> None:
-    with pytest.warns(UserWarning, match=r"env\.port.*ignored"):
-        make(replace(smoke_env_cfg, port=2001))
+def test_carla_only_keys_warn(smoke_env_cfg: EnvConfig, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        make(replace(smoke_env_cfg, carla=replace(smoke_env_cfg.carla, port=2001)))
+    assert "env.carla.port: settings of another backend, ignored by env.name=highway" in caplog.text
 
 
 def test_unknown_backend_is_a_config_error(smoke_env_cfg: EnvConfig) -> None:

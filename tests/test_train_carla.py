@@ -18,7 +18,8 @@ from tests.carla_double import FakeCarlaModule
 from tests.test_config import load
 
 ARGS = ("env=carla", "debug=smoke", "trainer.total_steps=80", "trainer.learning_starts=40", "trainer.eval_every=40",
-        "trainer.log_every=20", "env.max_episode_steps=30", "env.npcs=3", "trainer.resume=none", "env.event_wait_s=0.0")
+        "trainer.log_every=20", "env.max_episode_steps=30", "env.npcs=3", "trainer.resume=none",
+        "env.carla.event_wait_s=0.0")
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ def test_a_server_restart_mid_training_restarts_the_worker_and_training_goes_on(
 
 
 def test_a_server_that_never_comes_back_checkpoints_and_stops(fake_carla, tmp_path: Path) -> None:
-    trainer = Trainer(load(*ARGS, "env.server_lost_minutes=0"), tmp_path / "run")
+    trainer = Trainer(load(*ARGS, "env.carla.server_lost_minutes=0"), tmp_path / "run")
     on_tick_number(fake_carla, 40, lambda: setattr(fake_carla.server, "down", True))
     with pytest.raises(SimulatorLostError, match="no CARLA server at localhost:2000 for 0 minute"):
         trainer.train()
@@ -93,7 +94,7 @@ def test_a_lost_server_exits_non_zero_with_how_to_resume(fake_carla, tmp_path: P
     from tests.test_config import CONF
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[*ARGS, "env.server_lost_minutes=0"])
+        cfg = compose("config", overrides=[*ARGS, "env.carla.server_lost_minutes=0"])
     on_tick_number(fake_carla, 40, lambda: setattr(fake_carla.server, "down", True))
     objective, code = run_job(cfg, tmp_path / "run", resume_command="python launch.py env=carla")
     assert code == EXIT_FAILED != 0

@@ -69,6 +69,16 @@ def test_a_typo_names_the_nearest_key_and_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("old, new", [("env.host=carla", "env.carla.host=carla"),
+                                      ("env.camera.x=2.0", "env.carla.camera.x=2.0")])
+def test_a_key_that_moved_names_its_new_name_and_exits_2(tmp_path: Path, old: str, new: str) -> None:
+    """The CARLA backend's keys moved under env.carla (env.host is env.carla.host); the old name gets the new one."""
+    proc = launch(old, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"is now {new.split('=')[0]}: write `{new}`" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_none_or_zero_for_a_clip_limit_says_null_turns_clipping_off(tmp_path: Path) -> None:
     proc = launch("agent.clip.actor=None", cwd=tmp_path)
     assert proc.returncode == 2 and "`agent.clip.actor=null` (turns clipping off" in proc.stderr, proc.stderr
@@ -110,7 +120,7 @@ def test_carla_without_a_server_fails_before_allocating_and_leaves_no_folder(tmp
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = launch(*SMOKE, "env=carla", f"env.port={port}", "env.timeout_s=1", f"hydra.run.dir={tmp_path}/run",
+    proc = launch(*SMOKE, "env=carla", f"env.carla.port={port}", "env.carla.timeout_s=1", f"hydra.run.dir={tmp_path}/run",
                   cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-2000:]

@@ -1,7 +1,9 @@
 """Environment backends behind one contract (:mod:`av_td3.envs.base`), chosen by ``env.name``.
 
 Importing this package registers ``av_td3/Highway-v0`` with gymnasium; CARLA is imported only when asked for,
-so nothing here needs the ``carla`` package.
+so nothing here needs the ``carla`` package. ``backend(cfg)`` is what a backend declares about itself (whether
+evaluation shares the training world, its decision interval, state layout, reward terms, config section): see
+:mod:`av_td3.envs.backends`.
 
 Vector envs (:func:`make_vector`) never reset on their own (``AutoresetMode.DISABLED``): the observation a
 ``step`` returns for a sub-env whose episode ended is that episode's final observation, and the caller resets
@@ -14,8 +16,11 @@ from __future__ import annotations
 
 import gymnasium as gym
 
-from av_td3.config import ConfigError, EnvConfig
+from av_td3.config import EnvConfig
+from av_td3.envs.backends import BACKENDS, Backend, backend, warn_ignored
 from av_td3.envs.base import DrivingEnv
+
+__all__ = ["BACKENDS", "Backend", "DrivingEnv", "backend", "make", "make_vector", "warn_ignored"]
 
 HIGHWAY_ID = "av_td3/Highway-v0"
 
@@ -24,19 +29,11 @@ if HIGHWAY_ID not in gym.registry:  # gymnasium warns when an id is registered a
 
 
 def make(cfg: EnvConfig, seed: int | None = None) -> DrivingEnv:
-    """Build the ``env.name`` backend. A seed seeds the simulator's random stream (so unseeded ``reset()`` calls
-    replay the same episodes) and the action space."""
-    if cfg.name == "highway":
-        from av_td3.envs.highway import HighwayDrivingEnv  # pygame and highway-env: only imported when chosen
-
-        env: DrivingEnv = HighwayDrivingEnv(cfg, seed=seed)
-    elif cfg.name == "carla":
-        from av_td3.envs.carla import CarlaDrivingEnv  # needs the carla package: only imported when chosen
-
-        env = CarlaDrivingEnv(cfg, seed=seed)
-    else:
-        raise ConfigError(f"env.name={cfg.name!r} is not valid: choose one of highway, carla "
-                          "(e.g. `env.name=highway`).")
+    """Build the ``env.name`` backend (its :class:`Backend` declaration says which class). A seed seeds the
+    simulator's random stream (so unseeded ``reset()`` calls replay the same episodes) and the action space."""
+    declared = backend(cfg)
+    warn_ignored(cfg)
+    env = declared.build(cfg, seed)  # the simulator's packages are imported here, only for the chosen backend
     if seed is not None:
         env.action_space.seed(seed)
     return env

@@ -3,8 +3,12 @@
 Observation: ``{"image": uint8[stack, H, W] grayscale frames (oldest first), "state": float32[STATE_DIM(K)]}``.
 Action: ``[steer, throttle_brake]`` in [-1, 1]^2 (steer > 0 turns left; throttle_brake > 0 accelerates, < 0
 brakes).
-``info`` holds the keys in :data:`INFO_KEYS` on every step, plus ``reward_components`` (dict of floats).
-Terminate on collision or leaving the road; truncate at ``env.max_episode_steps`` (bootstrap on truncation only).
+``info`` holds the keys in :data:`INFO_KEYS` on every step, plus ``reward_components`` (dict of floats, the
+backend's :attr:`~av_td3.envs.backends.Backend.reward_components`) and ``termination`` (why the episode
+terminated: ``collision``, ``off_road`` or the backend's episode rule; "" otherwise). Terminate on collision,
+leaving the road or a broken episode rule; truncate at ``env.max_episode_steps``, at the route's end, or when the
+simulator was lost mid-step (bootstrap on truncation only). :class:`DrivingEnv` decides both from the
+:class:`DrivingSignals` the backend reports.
 
 State vector layout, all in SI units in the ego frame (x forward, y left):
 ``[speed m/s, lateral_offset m (left of lane centre > 0), heading_error rad (car heading - lane heading, wrapped
@@ -12,6 +16,8 @@ to [-pi, pi]), lead_gap m, lead_closing_speed m/s, x_1, y_1, ..., x_K, y_K]`` wh
 lane-centre points and the lead entries describe the nearest other vehicle ahead in the ego's lane (see
 :func:`lead_vehicle`): the distance along the lane, centre to centre, and how fast it shrinks (> 0: closing in).
 With no vehicle within :data:`LEAD_RANGE_M` the gap reads ``LEAD_RANGE_M`` and the closing speed 0.
+A backend may append entries of its own after the lane points (its declared ``state_tail``, see
+:mod:`av_td3.envs.backends`): the layout above, and so :func:`lane_point_slice`, holds for every backend.
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ class SimulatorLostError(RuntimeError):
     """The simulator went away mid-run and reconnecting failed; the trainer checkpoints and exits non-zero."""
 
 
-def state_dim(lane_points: int) -> int:
-    return STATE_HEAD + 2 * lane_points
+def state_dim(lane_points: int, tail: int = 0) -> int:
+    """Entries of the state vector: the head, ``lane_points`` (x, y) pairs and ``tail`` backend entries."""
+    return STATE_HEAD + 2 * lane_points + tail
 
 
 def lane_point_slice(lane_points: int) -> slice:
@@ -58,10 +65,10 @@ def state_scale(lane_points: int, lane_point_spacing: float) -> np.ndarray:
     return np.array([10.0, 2.0, 1.0, LEAD_RANGE_M, 5.0] + [reach] * (2 * lane_points), dtype=np.float32)
 
 
-def observation_space(stack: int, height: int, width: int, lane_points: int) -> gym.spaces.Dict:
+def observation_space(stack: int, height: int, width: int, lane_points: int, tail: int = 0) -> gym.spaces.Dict:
     return gym.spaces.Dict({
         "image": gym.spaces.Box(0, 255, shape=(stack, height, width), dtype=np.uint8),
-        "state": gym.spaces.Box(-np.inf, np.inf, shape=(state_dim(lane_points),), dtype=np.float32),
+        "state": gym.spaces.Box(-np.inf, np.inf, shape=(state_dim(lane_points, tail),), dtype=np.float32),
     })
 
 
@@ -127,21 +134,36 @@ class DrivingSignals:
     off_road: bool
     lane_invasion: bool         # crossed a lane marking this step
     progress: float             # m travelled along the route this step (negative when going backwards)
+    rule: str = ""              # the backend's episode rule this step broke (terminates the episode), "" none
+    route_done: bool = False    # the route's end is reached (truncates: a good end, not a terminal state)
+    interrupted: bool = False   # the simulator was lost mid-step and is back: the episode ends as truncated
+
+
+def termination(s: DrivingSignals) -> str:
+    """Why a step with these signals ends the episode as terminated ("" when it does not): a collision first,
+    then leaving the road, then the backend's episode rule."""
+    if s.interrupted:
+        return ""
+    return "collision" if s.collision else "off_road" if s.off_road else s.rule
 
 
 class RewardFunction:
-    """The seed system's reward components, each weighted by ``env.reward.*``.
+    """The seed system's reward components, each weighted by ``env.reward.*``, plus one term per episode rule in
+    ``rules`` (the backend's; none on the embedded simulator).
 
     efficiency   = w * clip(speed_along_lane / target_speed, -1, 1)
     lane_keeping = -w * (min(|offset| / half_width, 2) + |heading_error| / (pi/2))
     comfort      = -w * min(|jerk| / 10, 10)          (jerk from the speed history, m/s^3)
     safety       = -collision_penalty * collision - offroad_penalty * off_road - lane_invasion_penalty * invasion
     progress     = w * metres travelled along the route this step
+    <rule>       = -<rule>_penalty on the step that rule ends the episode (e.g. red_light: -red_light_penalty)
     """
 
-    def __init__(self, cfg: RewardConfig, dt: float) -> None:
+    def __init__(self, cfg: RewardConfig, dt: float, rules: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.dt = dt
+        self.rules = rules
+        self.components = REWARD_COMPONENTS + rules
         self.reset()
 
     def reset(self) -> None:
@@ -163,30 +185,48 @@ class RewardFunction:
                         + c.lane_invasion_penalty * float(s.lane_invasion)),
             "progress": c.progress * s.progress,
         }
+        for rule in self.rules:
+            components[rule] = -rule_penalty(c, rule) * float(s.rule == rule)
         return float(sum(components.values())), components
 
 
-def make_info(s: DrivingSignals, components: dict[str, float]) -> dict:
+def rule_penalty(reward: RewardConfig, rule: str) -> float:
+    """``env.reward.<rule>_penalty``: what breaking episode rule ``rule`` costs."""
+    return float(getattr(reward, f"{rule}_penalty"))
+
+
+def make_info(s: DrivingSignals, components: dict[str, float], termination: str = "") -> dict:
     return {"collision": bool(s.collision), "lane_invasion": bool(s.lane_invasion), "off_road": bool(s.off_road),
-            "speed": float(s.speed), "progress": float(s.progress), "reward_components": dict(components)}
+            "speed": float(s.speed), "progress": float(s.progress), "reward_components": dict(components),
+            "termination": termination}
+
+
+def interrupted_info(components: tuple[str, ...]) -> dict:
+    """``info`` of a step the simulator was lost in: nothing happened, nothing was earned."""
+    still = DrivingSignals(speed=0.0, speed_along_lane=0.0, lateral_offset=0.0, lane_half_width=0.0,
+                           heading_error=0.0, collision=False, off_road=False, lane_invasion=False, progress=0.0)
+    return make_info(still, dict.fromkeys(components, 0.0))
 
 
 class DrivingEnv(gym.Env):
     """Shared half of every backend: frame stacking, reward, info, termination and truncation, action guard.
 
     A backend implements :meth:`_sim_reset` and :meth:`_sim_step`, each returning the newest grayscale frame
-    (uint8[H, W]), the state vector (float32, layout above) and the :class:`DrivingSignals` of that step.
+    (uint8[H, W]), the state vector (float32, the layout above plus ``state_tail`` more entries) and the
+    :class:`DrivingSignals` of that step; after a lost simulator, :meth:`_sim_step` returns the last good frame and
+    state with ``interrupted`` set. ``rules`` are the backend's episode rules (each its own reward term);
+    :meth:`_info_extra` adds backend-specific ``info`` keys.
     """
 
     metadata = {"render_modes": []}
 
     def __init__(self, height: int, width: int, stack: int, lane_points: int, max_episode_steps: int,
-                 reward: RewardConfig, dt: float) -> None:
-        self.observation_space = observation_space(stack, height, width, lane_points)
+                 reward: RewardConfig, dt: float, rules: tuple[str, ...] = (), state_tail: int = 0) -> None:
+        self.observation_space = observation_space(stack, height, width, lane_points, state_tail)
         self.action_space = action_space()
         self.stack = stack
         self.max_episode_steps = max_episode_steps
-        self.reward_fn = RewardFunction(reward, dt)
+        self.reward_fn = RewardFunction(reward, dt, rules)
         self._frames = np.zeros((stack, height, width), dtype=np.uint8)
         self._t = 0
 
@@ -205,40 +245,56 @@ class DrivingEnv(gym.Env):
         self._t = 0
         self.reward_fn.reset()
         self.reward_fn(signals)  # primes the speed history so the first step's jerk is well defined
-        return self._obs(state), make_info(signals, dict.fromkeys(REWARD_COMPONENTS, 0.0))
+        return self._obs(state), self._info(signals, dict.fromkeys(self.reward_fn.components, 0.0))
 
     def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
         action = np.asarray(action, dtype=np.float32).reshape(self.action_space.shape)
         if not np.all(np.isfinite(action)):
             raise ValueError(f"non-finite action {action.tolist()} refused before it reached the simulator")
         frame, state, signals = self._sim_step(np.clip(action, -1.0, 1.0))
+        self._t += 1
+        if signals.interrupted:
+            # An interruption, not a failure: the episode ends as truncated (the learner bootstraps) on the last
+            # good observation (the frame stack is left as it was), with nothing earned.
+            return self._obs(state), 0.0, False, True, self._info(
+                signals, dict.fromkeys(self.reward_fn.components, 0.0))
         self._frames[:-1] = self._frames[1:]
         self._frames[-1] = frame
-        self._t += 1
         reward, components = self.reward_fn(signals)
-        terminated = bool(signals.collision or signals.off_road)
-        truncated = (not terminated) and self._t >= self.max_episode_steps
-        return self._obs(state), reward, terminated, truncated, make_info(signals, components)
+        why = termination(signals)
+        truncated = not why and (signals.route_done or self._t >= self.max_episode_steps)
+        return self._obs(state), reward, bool(why), truncated, self._info(signals, components, why)
 
     def _obs(self, state: np.ndarray) -> dict:
         return {"image": self._frames.copy(), "state": np.asarray(state, dtype=np.float32)}
+
+    def _info(self, signals: DrivingSignals, components: dict[str, float], why: str = "") -> dict:
+        return {**make_info(signals, components, why), **self._info_extra()}
+
+    def _info_extra(self) -> dict:
+        """Backend-specific ``info`` keys added to every step's and reset's (e.g. CARLA's reconnect count)."""
+        return {}
 
 
 MAX_SPEED_M_S = 40.0  # no backend's car goes faster; bounds the progress term per step
 
 
-def max_abs_reward(reward: RewardConfig, policy_frequency: float) -> float:
+def max_abs_reward(reward: RewardConfig, policy_frequency: float, rules: tuple[str, ...] = ()) -> float:
     """Largest per-step |reward| :class:`RewardFunction` can produce; with gamma it bounds |Q| (alerts, validator).
 
     Each component is bounded separately and the bounds summed: efficiency <= w (speed ratio clipped to [-1, 1]);
     lane keeping <= w * (2 + 2) (offset term capped at 2, |heading error| <= pi gives 2); comfort <= w * 10 (jerk
     term capped); safety <= the three penalties together; progress <= w * metres covered in one decision at
-    MAX_SPEED_M_S."""
+    MAX_SPEED_M_S; the episode rules ``rules`` <= the largest of their penalties (a step breaks one rule at most)."""
     return (abs(reward.efficiency) + abs(reward.lane_keeping) * 4.0 + abs(reward.comfort) * 10.0
             + reward.collision_penalty + reward.offroad_penalty + reward.lane_invasion_penalty
-            + abs(reward.progress) * MAX_SPEED_M_S / policy_frequency)
+            + abs(reward.progress) * MAX_SPEED_M_S / policy_frequency
+            + max((rule_penalty(reward, r) for r in rules), default=0.0))
 
 
 def decision_dt(cfg: EnvConfig) -> float:
-    """Seconds between two agent decisions for a backend configuration."""
-    return cfg.fixed_delta_s if cfg.name == "carla" else 1.0 / cfg.policy_frequency
+    """Seconds between two agent decisions for a backend configuration (its declaration's, see
+    :mod:`av_td3.envs.backends`)."""
+    from av_td3.envs.backends import backend  # backends imports this module
+
+    return backend(cfg).decision_dt(cfg)

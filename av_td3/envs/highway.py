@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any
 
 # Our frames are drawn on plain pygame surfaces and need no video driver, but highway-env's own viewer (its
@@ -53,8 +52,6 @@ SPEED_RANGE = (0.0, MAX_SPEED_M_S)  # braking stops the car instead of reversing
 RACETRACK_MAX_NPCS = 30  # the 2 x 360 m track holds this many with the spacing below, on every seed
 NPC_GAP_M = 8.0  # spawn spacing between other vehicles
 EGO_CLEARANCE_M = 20.0  # no vehicle spawns closer to the ego (highway-env's own racetrack rule)
-CARLA_ONLY = ("host", "port", "tm_port", "timeout_s", "fixed_delta_s", "weather", "max_reconnects", "camera",
-              "route")
 
 
 class _Racetrack(RacetrackEnv):
@@ -103,11 +100,6 @@ class HighwayDrivingEnv(DrivingEnv):
         if cfg.town == "racetrack" and cfg.npcs > RACETRACK_MAX_NPCS:
             raise ConfigError(f"env.npcs={cfg.npcs} is more vehicles than the racetrack holds: use env.npcs <= "
                               f"{RACETRACK_MAX_NPCS}, or env.town=highway.")
-        defaults = EnvConfig()
-        changed = [k for k in CARLA_ONLY if getattr(cfg, k) != getattr(defaults, k)]
-        if changed:
-            warnings.warn(f"env.{', env.'.join(changed)}: CARLA-only settings, ignored by the embedded simulator",
-                          stacklevel=2)
         substeps = cfg.simulation_frequency // cfg.policy_frequency
         if substeps < 1:
             raise ConfigError(f"env.policy_frequency={cfg.policy_frequency} exceeds env.simulation_frequency="

@@ -1,12 +1,14 @@
-"""The driving env on one CARLA 0.9.16 server (``env.host:env.port``), in synchronous mode.
+"""The driving env on one CARLA 0.9.16 server (``env.carla.host:env.carla.port``), in synchronous mode.
 
-Each ``step`` applies the control and ticks the world once, so a step is ``env.fixed_delta_s`` simulated seconds
-whatever the server's speed. At start the env takes the server over: it loads ``env.town`` afresh (or, with
-``env.load_world=false``, destroys every vehicle and sensor on the loaded town), forces synchronous mode, the
-fixed delta and rendering, and spawns the ego with its sensors. At every reset the NPCs are destroyed and spawned
-again from the episode's seed (:mod:`.traffic`), so a seed gives the same start, route, NPC spawn points and
-blueprints every time. The camera frame and the events of a step are those stamped with that tick's frame
-(:mod:`.sensors`).
+Each ``step`` applies the control and ticks the world once, so a step is ``env.carla.fixed_delta_s`` simulated
+seconds whatever the server's speed. At start the env takes the server over (:mod:`.takeover`): it loads
+``env.town`` afresh (or, with ``env.carla.load_world=false``, destroys every vehicle and sensor on the loaded town),
+forces synchronous mode, the fixed delta and rendering, and spawns the ego with its sensors. At every reset the
+NPCs are destroyed and spawned again from the episode's seed (:mod:`.traffic`), so a seed gives the same start,
+route, NPC spawn points and blueprints every time. The camera frame and the events of a step are those stamped
+with that tick's frame (:mod:`.sensors`). The state vector ends with the traffic light ahead (:mod:`.lights`); the
+episode rules (:mod:`.rules`) are reported to the base class in the step's signals, which decides termination and
+truncation.
 """
 
 from __future__ import annotations
@@ -19,31 +21,27 @@ from typing import Any, Callable
 
 import numpy as np
 
-from av_td3.config import ConfigError, EnvConfig
-from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, REWARD_COMPONENTS, DrivingEnv,
-                              DrivingSignals, EnvUnavailableError, SimulatorLostError, lead_vehicle, to_ego_frame,
-                              wrap_angle)
+from av_td3.config import EnvConfig
+from av_td3.envs.backends import CARLA
+from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, DrivingEnv, DrivingSignals,
+                              EnvUnavailableError, SimulatorLostError, lead_vehicle, to_ego_frame, wrap_angle)
+from av_td3.envs.carla.lights import NO_LIGHT, LightsAhead
 from av_td3.envs.carla.ports import claim_port, release_port
 from av_td3.envs.carla.route import build_route, heading, xy
 from av_td3.envs.carla.rules import EpisodeRules
-from av_td3.envs.carla.sensors import SensorInbox
-from av_td3.envs.carla.traffic import check_types, npc_blueprints, spawn_npcs
+from av_td3.envs.carla.sensors import SensorInbox, to_gray
+from av_td3.envs.carla.takeover import FREE_RADIUS_M, WorldTakeOver
+from av_td3.envs.carla.traffic import check_types, spawn_npcs
 
 log = logging.getLogger(__name__)
 
 START_SERVER = "docker compose -f docker/compose.yaml up -d carla"
-EGO_BLUEPRINT = "vehicle.tesla.model3"
 # Spawn points sit a little above the road: the car is held still this long after a reset so it has landed (and
 # the bump of landing is not counted as a collision) before the agent acts.
 SETTLE_S = 0.5
-# Loading a town takes far longer than any other call; env.timeout_s is meant for those.
-LOAD_WORLD_TIMEOUT_S = 60.0
 # Reconnect back-off: 1 s, 2 s, 4 s, ... capped so a long outage keeps probing.
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
-# Episode starts are picked away from other vehicles, and NPCs away from the ego's start: a car spawned onto
-# another would end the episode at once.
-FREE_RADIUS_M = 10.0
 
 
 def _is_unreachable(err: Exception) -> bool:
@@ -52,7 +50,7 @@ def _is_unreachable(err: Exception) -> bool:
     return "time-out" in text or "resolve" in text
 
 
-class CarlaSession(DrivingEnv):
+class CarlaSession(WorldTakeOver, DrivingEnv):
     """The driving env on a CARLA 0.9.16 server, in this process (the trainer runs it in a worker process, see
     :mod:`.worker`). ``carla_module`` and ``sleep`` exist for tests (a test double of the client and a fake clock
     for the reconnect back-off); leave them out to use the real ``carla`` package."""
@@ -64,19 +62,16 @@ class CarlaSession(DrivingEnv):
                 import carla as carla_module
             except ImportError:
                 raise EnvUnavailableError("env=carla needs the CARLA client: pip install '.[carla]'") from None
-        super().__init__(cfg.image.height, cfg.image.width, cfg.image.stack, cfg.lane_points,
-                         cfg.max_episode_steps, cfg.reward, dt=cfg.fixed_delta_s)
+        super().__init__(cfg.image.height, cfg.image.width, cfg.image.stack, cfg.lane_points, cfg.max_episode_steps,
+                         cfg.reward, dt=CARLA.decision_dt(cfg), rules=CARLA.rules, state_tail=len(CARLA.state_tail))
         self.carla = carla_module
         self.cfg = cfg
         self.reconnects = 0  # successful reconnects over the env's life (info["reconnects"])
         self._sleep = sleep
         self._rng = np.random.default_rng(seed)
-        check_types(list(cfg.npc_types))  # before connecting: a typo fails at once
-        self._weather = self._weather_preset(cfg.weather)
-        self._warn_ignored(cfg)
+        check_types(list(cfg.carla.npc_types))  # before connecting: a typo fails at once
+        self._weather = self._weather_preset(cfg.carla.weather)
         self._failures = 0  # time-outs since the last good tick
-        self._lost_step = False
-        self._route_done = False
         self._client: Any = None
         self._world: Any = None
         self._map: Any = None
@@ -87,14 +82,16 @@ class CarlaSession(DrivingEnv):
         self._on_tick_id: int | None = None
         self._npc_ids: list[int] = []
         self._inbox = SensorInbox()
-        self._rules = EpisodeRules(cfg, cfg.fixed_delta_s)
-        self._broken_rule = ""  # the episode rule the last step broke
+        self._rules = EpisodeRules(cfg.carla, cfg.carla.fixed_delta_s)
+        self._stop_lines: list[tuple[np.ndarray, Any]] = []  # the map's traffic-light stop lines (lights.py)
+        self._lights = LightsAhead([])  # those on the episode's route
         self._in_junction = False  # the ego's lane position at the last observation
         self._light: Any = None  # the traffic light that governs the ego (see _check_rules)
         self._frame = -1  # frame of the last tick
         self._first_frame = True  # the next tick is the first of a new scene: it gets first_frame_timeout_s
-        self._claims = [claim_port(f"{cfg.host}_{cfg.port}", f"CARLA server {cfg.host}:{cfg.port}"),
-                        claim_port(f"tm_{cfg.tm_port}", f"Traffic Manager port {cfg.tm_port}")]
+        k = cfg.carla
+        self._claims = [claim_port(f"{k.host}_{k.port}", f"CARLA server {k.host}:{k.port}"),
+                        claim_port(f"tm_{k.tm_port}", f"Traffic Manager port {k.tm_port}")]
         try:
             self._connect()
             self._build()
@@ -102,173 +99,22 @@ class CarlaSession(DrivingEnv):
             self.close()
             if isinstance(err, RuntimeError) and _is_unreachable(err):
                 raise EnvUnavailableError(
-                    f"cannot reach the CARLA server at {cfg.host}:{cfg.port} ({err}). Start one with "
-                    f"`{START_SERVER}` (or ./CarlaUE4.sh -RenderOffScreen -carla-rpc-port={cfg.port}), wait until "
-                    "it listens, or point env.host/env.port at a running server.") from None
+                    f"cannot reach the CARLA server at {k.host}:{k.port} ({err}). Start one with `{START_SERVER}` "
+                    f"(or ./CarlaUE4.sh -RenderOffScreen -carla-rpc-port={k.port}), wait until it listens, or point "
+                    "env.carla.host/env.carla.port at a running server.") from None
             raise
-
-    # --- config ----------------------------------------------------------------------------------------------
-    def _weather_preset(self, name: str) -> Any:
-        params = self.carla.WeatherParameters
-        preset = getattr(params, name, None)
-        if not isinstance(preset, params):
-            names = sorted(n for n in dir(params) if isinstance(getattr(params, n), params))
-            raise ConfigError(f"env.weather={name!r} is not a CARLA weather preset: choose one of {', '.join(names)}.")
-        return preset
-
-    @staticmethod
-    def _warn_ignored(cfg: EnvConfig) -> None:
-        defaults = EnvConfig()
-        for key in ("simulation_frequency", "policy_frequency"):
-            if getattr(cfg, key) != getattr(defaults, key):
-                log.warning("env.%s is ignored by env=carla: one step is one tick of env.fixed_delta_s=%g s.",
-                            key, cfg.fixed_delta_s)
-
-    # --- connection and world set-up --------------------------------------------------------------------------
-    def _connect(self) -> None:
-        c = self.cfg
-        client = self.carla.Client(c.host, c.port)
-        client.set_timeout(c.timeout_s)
-        server = client.get_server_version()  # the first call that needs the server: fails after timeout_s
-        if server != client.get_client_version():
-            log.warning("CARLA server %s at %s:%d differs from the client %s: use the carlasim/carla:0.9.16 image.",
-                        server, c.host, c.port, client.get_client_version())
-        self._client = client
-
-    def _build(self) -> None:
-        """Take the server over (at start and after a reconnect): a clean town, our world settings and weather,
-        the Traffic Manager, the ego and its sensors. NPCs come at reset."""
-        c = self.cfg
-        world = self._client.get_world()
-        if self._original_settings is None:  # not after a reconnect: the server holds our settings by then
-            self._original_settings = world.get_settings()
-            if self._original_settings.synchronous_mode:
-                log.warning("the CARLA server at %s:%d is already in synchronous mode: another client may be "
-                            "driving it, or a run was killed before it could restore the settings. It is left "
-                            "asynchronous at the end.", c.host, c.port)
-                # Never hand back a synchronous server: it would wait for a tick nobody sends.
-                self._original_settings.synchronous_mode = False
-        settings = world.get_settings()
-        if settings.synchronous_mode:  # a killed run's, or ours before a reconnect
-            # Asynchronous while the town is loaded or cleared, so that nothing in it waits for our ticks.
-            settings.synchronous_mode = False
-            world.apply_settings(settings)
-        world = self._clean_world(world)
-        self._world, self._map = world, world.get_map()  # from here on close() restores the settings
-        settings = world.get_settings()
-        settings.synchronous_mode = True
-        settings.fixed_delta_seconds = c.fixed_delta_s
-        settings.no_rendering_mode = False  # the camera renders nothing otherwise
-        world.apply_settings(settings)
-        world.set_weather(self._weather)
-        tm = self._client.get_trafficmanager(c.tm_port)
-        tm.set_synchronous_mode(True)  # else the TM drives the NPCs on its own clock, not our ticks
-        self._tm = tm
-        self._spawn_points = self._map.get_spawn_points()
-        self._library = world.get_blueprint_library()
-        self._npc_blueprints = npc_blueprints(self._library, list(c.npc_types))
-        self._spawn_ego()
-        self._first_frame = True
-        self._tick()  # the new actors exist from the next frame on
-
-    def _clean_world(self, world: Any) -> Any:
-        """Load env.town afresh, or (env.load_world=false, town already loaded) destroy every vehicle and sensor
-        on it: a killed run's parked cars and cameras must not stay in the lanes or on the GPU."""
-        c = self.cfg
-        if c.load_world or world.get_map().name.rsplit("/", 1)[-1] != c.town:
-            return self._load_town(c.town)
-        strays = [a.id for a in world.get_actors() if a.type_id.startswith(("vehicle.", "sensor."))]
-        if strays:
-            log.warning("destroying %d vehicles and sensors left on the CARLA server at %s:%d (env.load_world="
-                        "false).", len(strays), c.host, c.port)
-            self._client.apply_batch_sync([self.carla.command.DestroyActor(int(i)) for i in strays], False)
-        return world
-
-    def _load_town(self, town: str) -> Any:
-        available = sorted(m.rsplit("/", 1)[-1] for m in self._client.get_available_maps())
-        if town not in available:
-            raise ConfigError(f"env.town={town!r} is not a map of the CARLA server at {self.cfg.host}:"
-                              f"{self.cfg.port}: choose one of {', '.join(available)}.")
-        self._client.set_timeout(max(self.cfg.timeout_s, LOAD_WORLD_TIMEOUT_S))
-        try:
-            return self._client.load_world(town)
-        finally:
-            self._client.set_timeout(self.cfg.timeout_s)
-
-    def _spawn_ego(self) -> None:
-        """The ego at a free spawn point (``try_spawn_actor`` down the start candidates), then its camera,
-        collision and lane-invasion sensors and our on-tick callback, all feeding a fresh inbox."""
-        carla, c, world, library = self.carla, self.cfg, self._world, self._library
-        ego_bp = library.find(EGO_BLUEPRINT)
-        ego_bp.set_attribute("role_name", "hero")
-        for point in self._start_candidates():
-            self._ego = world.try_spawn_actor(ego_bp, point)
-            if self._ego is not None:
-                break
-        else:
-            where = (f"spawn point env.route.start_index={c.route.start_index}" if c.route.start_index >= 0
-                     else f"any of the {len(self._spawn_points)} spawn points")
-            raise RuntimeError(f"the ego cannot be spawned at {where} of {c.town}: another client's vehicles "
-                               "occupy it. Stop the other client, or pick another start (env.route.start_index).")
-        camera_bp = library.find("sensor.camera.rgb")
-        camera_bp.set_attribute("image_size_x", str(c.camera.width))
-        camera_bp.set_attribute("image_size_y", str(c.camera.height))
-        camera_bp.set_attribute("fov", str(c.camera.fov))
-        # camera.y is given in our frame (y left); CARLA's y points right.
-        mount = carla.Transform(carla.Location(x=float(c.camera.x), y=-float(c.camera.y), z=float(c.camera.z)),
-                                carla.Rotation(pitch=float(c.camera.pitch)))
-        self._inbox = inbox = SensorInbox()  # callbacks of an earlier connection's sensors go to the old one
-        for blueprint, transform, callback in ((camera_bp, mount, inbox.image),
-                                               (library.find("sensor.other.collision"), carla.Transform(),
-                                                inbox.collision),
-                                               (library.find("sensor.other.lane_invasion"), carla.Transform(),
-                                                inbox.lane_invasion)):
-            sensor = world.spawn_actor(blueprint, transform, attach_to=self._ego)
-            self._sensors.append(sensor)
-            sensor.listen(callback)
-        # Registered after the sensors: if the client runs on-tick callbacks in the order they were registered
-        # (not verified on a real server), it runs after the client-side lane-invasion sensor's.
-        self._on_tick_id = world.on_tick(inbox.on_tick)
-
-    def _start_candidates(self) -> list[Any]:
-        """env.route.start_index's spawn point, or all of them in a seeded order, those away from vehicles that
-        are not ours (another client's) first."""
-        points, index = self._spawn_points, self.cfg.route.start_index
-        if index >= 0:
-            if index >= len(points):
-                raise ConfigError(f"env.route.start_index={index} but {self.cfg.town} has {len(points)} spawn "
-                                  f"points: use 0..{len(points) - 1}, or -1 for a seeded random one.")
-            return [points[index]]
-        ours = set(self._npc_ids) | ({self._ego.id} if self._ego is not None else set())
-        others = [a.get_location() for a in self._world.get_actors().filter("vehicle.*") if a.id not in ours]
-        free, taken = [], []
-        for i in self._rng.permutation(len(points)):
-            point = points[int(i)]
-            (free if all(point.location.distance(car) > FREE_RADIUS_M for car in others) else taken).append(point)
-        return free + taken
 
     # --- simulation ---------------------------------------------------------------------------------------------
     def _tick(self) -> Any:
         """Advance the world one frame; return the camera image of exactly that frame, once the frame's
-        callbacks have arrived (the first frame of a new scene gets env.first_frame_timeout_s)."""
+        callbacks have arrived (the first frame of a new scene gets env.carla.first_frame_timeout_s)."""
         c = self.cfg
-        timeout = max(c.timeout_s, c.first_frame_timeout_s) if self._first_frame else c.timeout_s
+        timeout = max(c.carla.timeout_s, c.carla.first_frame_timeout_s) if self._first_frame else c.carla.timeout_s
         frame = int(self._world.tick(timeout))
-        image = self._inbox.wait(frame, timeout, c.event_wait_s)
+        image = self._inbox.wait(frame, timeout, c.carla.event_wait_s)
         self._first_frame = False
         self._frame = frame
         return image
-
-    def _gray(self, image: Any) -> np.ndarray:
-        """BGRA camera image → uint8 grayscale of env.image size (same luma weights as the embedded env)."""
-        bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
-        gray = np.rint(0.299 * bgra[..., 2] + 0.587 * bgra[..., 1] + 0.114 * bgra[..., 0])
-        gray = np.clip(gray, 0, 255).astype(np.uint8)
-        size = (self.cfg.image.height, self.cfg.image.width)
-        if gray.shape != size:
-            from PIL import Image  # installed with matplotlib; only needed when camera and image sizes differ
-            gray = np.asarray(Image.fromarray(gray).resize(size[::-1], Image.Resampling.BILINEAR))
-        return gray
 
     def _observe(self, image: Any) -> tuple[np.ndarray, np.ndarray, DrivingSignals]:
         """Signals and state of the last tick: the ego's transform and velocity are the client's snapshot of it,
@@ -279,7 +125,6 @@ class CarlaSession(DrivingEnv):
         s, lateral, lane_heading, half_width = self._route.project(p)
         progress = 0.0 if self._prev_s is None else s - self._prev_s
         self._prev_s = s
-        self._route_done = s >= self._goal_s
         on_lane = self._map.get_waypoint(transform.location, project_to_road=False,
                                          lane_type=self.carla.LaneType.Driving)
         self._in_junction = on_lane is not None and bool(on_lane.is_junction)
@@ -289,12 +134,15 @@ class CarlaSession(DrivingEnv):
             lateral_offset=lateral, lane_half_width=half_width,
             heading_error=wrap_angle(yaw - lane_heading),
             collision=self._inbox.take("collision", self._frame) > 0, off_road=on_lane is None,
-            lane_invasion=self._inbox.take("lane_invasion", self._frame) > 0, progress=progress)
+            lane_invasion=self._inbox.take("lane_invasion", self._frame) > 0, progress=progress,
+            route_done=s >= self._goal_s)
         points = to_ego_frame(self._route.points_ahead(s, c.lane_points, c.lane_point_spacing), p, yaw)
         gap, closing = self._lead(s, signals)
+        # The traffic-light entries come after the lane points (the backend's state tail, av_td3.envs.backends).
+        light = self._lights.ahead(s, self.carla) if c.carla.traffic_light else NO_LIGHT  # false: the ablation
         state = np.concatenate([[signals.speed, signals.lateral_offset, signals.heading_error, gap, closing],
-                                points.ravel()])
-        return self._gray(image), state.astype(np.float32), signals
+                                points.ravel(), light])
+        return to_gray(image, c.image.height, c.image.width), state.astype(np.float32), signals
 
     def _lead(self, s: float, signals: DrivingSignals) -> tuple[float, float]:
         """Gap and closing speed to our NPC ahead on the route's lane. Transforms and velocities are the client's
@@ -335,9 +183,10 @@ class CarlaSession(DrivingEnv):
         start = self._start_candidates()[0]  # before the NPCs go: they are ours, so they never block a start
         self._destroy(self._npc_ids)
         self._npc_ids = []
-        self._route = build_route(self._map, start, c.route.length_m + c.lane_points * c.lane_point_spacing,
-                                  c.route.spacing_m, self._rng)
-        self._goal_s = min(c.route.length_m, float(self._route.s[-1]))
+        self._route = build_route(self._map, start, c.carla.route.length_m + c.lane_points * c.lane_point_spacing,
+                                  c.carla.route.spacing_m, self._rng)
+        self._goal_s = min(c.carla.route.length_m, float(self._route.s[-1]))
+        self._lights = LightsAhead.on_route(self._route, self._stop_lines)
         self._ego.set_transform(start)
         self._ego.set_target_velocity(carla.Vector3D(0.0, 0.0, 0.0))
         self._ego.set_target_angular_velocity(carla.Vector3D(0.0, 0.0, 0.0))
@@ -345,15 +194,14 @@ class CarlaSession(DrivingEnv):
         # Before the NPCs are registered with it: the TM seeds each vehicle's generator at registration.
         self._tm.set_random_device_seed(tm_seed)
         free = [p for p in self._spawn_points if p.location.distance(start.location) > FREE_RADIUS_M]
-        self._npc_ids = spawn_npcs(self._client, carla.command, self._npc_blueprints, free, c.npcs, c.tm_port,
+        self._npc_ids = spawn_npcs(self._client, carla.command, self._npc_blueprints, free, c.npcs, c.carla.tm_port,
                                    self._rng)
-        for _ in range(max(1, math.ceil(SETTLE_S / c.fixed_delta_s))):
+        for _ in range(max(1, math.ceil(SETTLE_S / c.carla.fixed_delta_s))):
             image = self._tick()
         # The teleport, the spawns and the landing are not the agent's doing.
         self._inbox.take("collision", self._frame)
         self._inbox.take("lane_invasion", self._frame)
         self._prev_s = None
-        self._lost_step = False
         self._rules.reset()
         self._light = None
         return self._observe(image)
@@ -364,16 +212,16 @@ class CarlaSession(DrivingEnv):
             # our steer > 0 turns left; CARLA's (left-handed world, y to the right) turns right: negate it
             self._ego.apply_control(self.carla.VehicleControl(
                 throttle=max(throttle_brake, 0.0), steer=-steer, brake=max(-throttle_brake, 0.0)))
-            out = self._observe(self._tick())
-            self._broken_rule = self._check_rules(out[2])
+            frame, state, signals = self._observe(self._tick())
+            out = frame, state, replace(signals, rule=self._check_rules(signals))
         except RuntimeError as err:
             if not _is_unreachable(err):
                 raise
             self._recover(err)
-            # Nothing happened this step: step() ends the episode as truncated with the last good observation.
-            self._lost_step = True
+            # Nothing happened this step: the base class ends the episode as truncated on the last good observation.
             frame, state, signals = self._last
-            return frame, state, replace(signals, collision=False, off_road=False, lane_invasion=False, progress=0.0)
+            return frame, state, replace(signals, collision=False, off_road=False, lane_invasion=False, progress=0.0,
+                                         rule="", route_done=False, interrupted=True)
         self._failures = 0
         self._last = out
         return out
@@ -392,10 +240,10 @@ class CarlaSession(DrivingEnv):
 
     def _recover(self, err: Exception) -> None:
         """Reconnect with exponential back-off and take the server over again; SimulatorLostError after
-        env.max_reconnects failed attempts in a row. This rides out a stalled server; a restarted one has left
+        env.carla.max_reconnects failed attempts in a row. This rides out a stalled server; a restarted one has left
         this process's Traffic Manager bound to the dead one, and the CARLA client aborts the process: the worker
         (:mod:`.worker`) then starts a fresh one."""
-        c = self.cfg
+        c = self.cfg.carla
         while True:
             self._failures += 1
             if self._failures > c.max_reconnects:
@@ -426,30 +274,8 @@ class CarlaSession(DrivingEnv):
             self._client.apply_batch_sync([self.carla.command.DestroyActor(int(i)) for i in ids], False)
 
     # --- gymnasium API ------------------------------------------------------------------------------------------
-    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
-        obs, info = super().reset(seed=seed, options=options)
-        self._last_obs = obs
-        info["reconnects"] = self.reconnects
-        return obs, info
-
-    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict]:
-        self._broken_rule = ""
-        obs, reward, terminated, truncated, info = super().step(action)
-        if self._broken_rule and not self._lost_step:
-            terminated, truncated = True, False
-        info["termination"] = ("collision" if info["collision"] else "off_road" if info["off_road"]
-                               else self._broken_rule) if terminated else ""
-        if self._lost_step:
-            # The server was lost mid-step and is back: the episode ends as truncated (an interruption, not a
-            # failure, so the learner bootstraps) on the last good observation, with nothing earned.
-            self._lost_step = False
-            obs, reward, terminated, truncated = self._last_obs, 0.0, False, True
-            info["reward_components"] = dict.fromkeys(REWARD_COMPONENTS, 0.0)
-        elif self._route_done and not terminated:
-            truncated = True  # reached route.length_m: a good end, not a terminal state
-        self._last_obs = obs
-        info["reconnects"] = self.reconnects
-        return obs, reward, terminated, truncated, info
+    def _info_extra(self) -> dict:
+        return {"reconnects": self.reconnects}
 
     def close(self) -> None:
         """Stop our sensors and on-tick callback (so no callback outlives them), destroy sensors, ego and NPCs in
@@ -470,7 +296,7 @@ class CarlaSession(DrivingEnv):
                     self._tm.set_synchronous_mode(False)
             except RuntimeError as err:
                 log.warning("could not clean up the CARLA server at %s:%d (%s): restart it if it misbehaves.",
-                            self.cfg.host, self.cfg.port, err)
+                            self.cfg.carla.host, self.cfg.carla.port, err)
             self._client = self._world = self._tm = None
         for path in self._claims:
             release_port(path)

@@ -48,6 +48,16 @@ class Route:
         lateral = (d[k, 0] * (p[1] - a[k, 1]) - d[k, 1] * (p[0] - a[k, 0])) / length[k]
         return float(self.s[i] + t[k] * length[k]), float(lateral), float(self.heading[i]), float(self.half_width[i])
 
+    def locate(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(arc length [N], distance from the centre line [N], metres) of the nearest route point to each of
+        ``points`` [N, 2], over the whole route (stateless, unlike :meth:`project`)."""
+        p = np.asarray(points, dtype=np.float64).reshape(-1, 1, 2)
+        t = np.clip(((p - self.xy[:-1]) * self.seg).sum(-1) / self.seg_len ** 2, 0.0, 1.0)  # [N, S]
+        distance = np.hypot(*np.moveaxis(self.xy[:-1] + t[..., None] * self.seg - p, -1, 0))
+        k = np.argmin(distance, axis=1)
+        rows = np.arange(len(p))
+        return self.s[k] + t[rows, k] * self.seg_len[k], distance[rows, k]
+
     def points_ahead(self, s: float, n: int, spacing: float) -> np.ndarray:
         """The ``n`` lane-centre points ``spacing``, 2 * ``spacing``, ... metres further along the route."""
         return self.points_at(s + spacing * np.arange(1, n + 1))

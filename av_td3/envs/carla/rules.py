@@ -1,22 +1,24 @@
 """Episode rules beyond collisions and leaving the road, after CARLA-Roach's terminal conditions.
 
-Each rule ends the episode as terminated (no bootstrap: the future it cuts off is the penalty) and names itself in
-``info["termination"]``; each has its ``env.*`` key, and ``null`` (``False`` for the red light) turns it off:
+Each rule ends the episode as terminated (no bootstrap: the future it cuts off is the penalty), names itself in
+``info["termination"]`` and costs its own reward term (``env.reward.<rule>_penalty``, in
+``info["reward_components"]["<rule>"]``); each has its ``env.carla.*`` key, and ``null`` (``False`` for the red
+light) turns it off:
 
-- ``route_deviation``: the car is more than ``env.route_deviation_m`` metres sideways from the route's lane centre
-  (it took another branch at a junction, or drives a lane beyond the next one);
-- ``wrong_way``: it moves (faster than ``MOVING_M_S``) with its heading more than ``env.wrong_way_deg`` degrees off
-  the route's direction;
-- ``blocked``: its speed has stayed below ``STILL_M_S`` for ``env.blocked_s`` seconds;
+- ``route_deviation``: the car is more than ``env.carla.route_deviation_m`` metres sideways from the route's lane
+  centre (it took another branch at a junction, or drives a lane beyond the next one);
+- ``wrong_way``: it moves (faster than ``MOVING_M_S``) with its heading more than ``env.carla.wrong_way_deg``
+  degrees off the route's direction;
+- ``blocked``: its speed has stayed below ``STILL_M_S`` for ``env.carla.blocked_s`` seconds;
 - ``red_light``: it enters a junction while the light that governs it (the one whose trigger area in front of the
-  stop line it is in, or last left) is red, and was red at the step before (``env.red_light``).
+  stop line it is in, or last left) is red, and was red at the step before (``env.carla.red_light``).
 """
 
 from __future__ import annotations
 
 import math
 
-from av_td3.config import EnvConfig
+from av_td3.config import CarlaConfig
 from av_td3.envs.base import DrivingSignals
 
 MOVING_M_S = 1.0  # slower than this, a heading against the route is manoeuvring, not wrong-way driving
@@ -26,7 +28,7 @@ STILL_M_S = 0.1  # slower than this counts as standing still for `blocked`
 class EpisodeRules:
     """The rules above for one episode; :meth:`check` is called once per step with that step's measurements."""
 
-    def __init__(self, cfg: EnvConfig, dt: float) -> None:
+    def __init__(self, cfg: CarlaConfig, dt: float) -> None:
         self.cfg, self.dt = cfg, dt
         self.reset()
 

@@ -1,4 +1,5 @@
-"""The sensor inbox: where CARLA's callbacks leave a tick's camera image and its frame-stamped events.
+"""The sensor inbox: where CARLA's callbacks leave a tick's camera image and its frame-stamped events; and the
+camera image's conversion to the observation's grayscale frame.
 
 CARLA calls sensor callbacks and ``world.on_tick`` callbacks on its own threads, after ``world.tick()`` has
 returned: camera images and collision events on their own streams from the server, lane invasions from a
@@ -6,7 +7,7 @@ client-side sensor that runs in an on-tick callback (LibCarla's LaneInvasionSens
 the server, and then it arrives on a stream like the collisions). So a step waits, after its tick of frame N, for
 the camera image of frame N and for this inbox's own on-tick callback of frame N (registered after the sensors',
 so it runs after the lane-invasion sensor's if the client keeps registration order, which is not verified on a
-real server), then a short grace (``env.event_wait_s``) for events of frame N still in flight, and counts the
+real server), then a short grace (``env.carla.event_wait_s``) for events of frame N still in flight, and counts the
 events stamped with frames up to N. An event that arrives later still is counted at the next step: late, but
 never lost.
 """
@@ -17,6 +18,8 @@ import logging
 import threading
 import time
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +83,15 @@ class SensorInbox:
             n = sum(f <= up_to_frame for f in events)
             self._events[kind] = [f for f in events if f > up_to_frame]
         return n
+
+
+def to_gray(image: Any, height: int, width: int) -> np.ndarray:
+    """BGRA camera image → uint8[height, width] grayscale (the embedded env's luma weights), resized bilinearly
+    when the camera's size differs."""
+    bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
+    gray = np.rint(0.299 * bgra[..., 2] + 0.587 * bgra[..., 1] + 0.114 * bgra[..., 0])
+    gray = np.clip(gray, 0, 255).astype(np.uint8)
+    if gray.shape != (height, width):
+        from PIL import Image  # installed with matplotlib; only needed when camera and image sizes differ
+        gray = np.asarray(Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR))
+    return gray

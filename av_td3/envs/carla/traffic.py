@@ -24,8 +24,8 @@ BASE_TYPES = ("car", "van", "truck", "bus", "motorcycle", "bicycle")
 def check_types(types: list[str]) -> None:
     unknown = [t for t in types if t not in BASE_TYPES]
     if unknown or not types:
-        raise ConfigError(f"env.npc_types={list(types)} is not valid: give one or more of {', '.join(BASE_TYPES)} "
-                          "(e.g. `env.npc_types=[car,van]`).")
+        raise ConfigError(f"env.carla.npc_types={list(types)} is not valid: give one or more of "
+                          f"{', '.join(BASE_TYPES)} (e.g. `env.carla.npc_types=[car,van]`).")
 
 
 def npc_blueprints(library: Any, types: list[str]) -> list[Any]:
@@ -33,7 +33,7 @@ def npc_blueprints(library: Any, types: list[str]) -> list[Any]:
     chosen = [bp for bp in library.filter("vehicle.*")
               if bp.has_attribute("base_type") and bp.get_attribute("base_type") in types]
     if not chosen:
-        raise ConfigError(f"env.npc_types={list(types)}: the server has no vehicle blueprint of these types.")
+        raise ConfigError(f"env.carla.npc_types={list(types)}: the server has no vehicle blueprint of these types.")
     return sorted(chosen, key=lambda bp: bp.id)
 
 

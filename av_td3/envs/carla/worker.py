@@ -5,9 +5,9 @@ restarts, the next ``get_trafficmanager`` hands back the old one, bound to the d
 thread aborts the whole process (carla#7597). So the trainer never talks to CARLA itself: :class:`CarlaDrivingEnv`
 runs a :class:`~av_td3.envs.carla.env.CarlaSession` in a child process (the gymnasium vector-env worker model,
 one env per worker) and forwards ``reset``/``step``/``close`` to it. When the worker dies, stops answering, or gives
-up reconnecting (``SimulatorLostError`` after ``env.max_reconnects``), the env kills it and starts a fresh one — a
-fresh client and Traffic Manager — with back-off, ends the current episode as truncated on the last good
-observation, and training goes on. When no worker can be started for ``env.server_lost_minutes``, it raises
+up reconnecting (``SimulatorLostError`` after ``env.carla.max_reconnects``), the env kills it and starts a fresh
+one — a fresh client and Traffic Manager — with back-off, ends the current episode as truncated on the last good
+observation, and training goes on. When no worker can be started for ``env.carla.server_lost_minutes``, it raises
 ``SimulatorLostError``: the trainer checkpoints and exits non-zero with that message.
 """
 
@@ -23,12 +23,13 @@ import gymnasium as gym
 import numpy as np
 
 from av_td3.config import EnvConfig
-from av_td3.envs.base import (REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError, action_space,
+from av_td3.envs.backends import CARLA
+from av_td3.envs.base import (EnvUnavailableError, SimulatorLostError, action_space, interrupted_info,
                               observation_space)
 
 log = logging.getLogger(__name__)
 
-# Restart back-off: 1 s, 2 s, 4 s, ... capped, within env.server_lost_minutes.
+# Restart back-off: 1 s, 2 s, 4 s, ... capped, within env.carla.server_lost_minutes.
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 
@@ -141,10 +142,11 @@ class ProcessWorker:
 def watchdog_s(cfg: EnvConfig) -> float:
     """Longest a healthy worker may take to answer one call: a start (load the town, first frame) and a reset's
     in-process reconnects, each attempt one time-out plus its back-off, with room to spare."""
-    from av_td3.envs.carla.env import LOAD_WORLD_TIMEOUT_S, MAX_BACKOFF_S as SESSION_BACKOFF_S
+    from av_td3.envs.carla.env import MAX_BACKOFF_S as SESSION_BACKOFF_S
+    from av_td3.envs.carla.takeover import LOAD_WORLD_TIMEOUT_S
 
-    scene = LOAD_WORLD_TIMEOUT_S + max(cfg.first_frame_timeout_s, cfg.timeout_s)
-    return 2.0 * (scene + (cfg.max_reconnects + 1) * (scene + SESSION_BACKOFF_S)) + 60.0
+    scene = LOAD_WORLD_TIMEOUT_S + max(cfg.carla.first_frame_timeout_s, cfg.carla.timeout_s)
+    return 2.0 * (scene + (cfg.carla.max_reconnects + 1) * (scene + SESSION_BACKOFF_S)) + 60.0
 
 
 def start_process_worker(cfg: EnvConfig, seed: int | None) -> Worker:
@@ -167,8 +169,9 @@ class CarlaDrivingEnv(gym.Env):
     def __init__(self, cfg: EnvConfig, seed: int | None = None, *, start: StartWorker | None = None,
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg, self._seed = cfg, seed
+        self._reward_components = CARLA.reward_components
         self.observation_space = observation_space(cfg.image.stack, cfg.image.height, cfg.image.width,
-                                                   cfg.lane_points)
+                                                   cfg.lane_points, len(CARLA.state_tail))
         self.action_space = action_space()
         self._start = start or start_worker
         self._sleep, self._clock = sleep, clock
@@ -202,8 +205,7 @@ class CarlaDrivingEnv(gym.Env):
             self._restart(err)
             # Nothing happened this step: the episode ends as truncated (an interruption, not a failure, so the
             # learner bootstraps) on the last good observation, with nothing earned.
-            info = {"collision": False, "lane_invasion": False, "off_road": False, "speed": 0.0, "progress": 0.0,
-                    "termination": "", "reward_components": dict.fromkeys(REWARD_COMPONENTS, 0.0)}
+            info = interrupted_info(self._reward_components)
             return self._last_obs, 0.0, False, True, self._info(info, self._last_obs)
         return obs, reward, terminated, truncated, self._info(info, obs)
 
@@ -232,8 +234,8 @@ class CarlaDrivingEnv(gym.Env):
 
     def _restart(self, err: Exception) -> None:
         """Kill the worker and start fresh ones with back-off until one stands; SimulatorLostError after
-        env.server_lost_minutes without a server."""
-        c = self.cfg
+        env.carla.server_lost_minutes without a server."""
+        c = self.cfg.carla
         log.warning("CARLA at %s:%d lost (%s): restarting the worker process.", c.host, c.port, err)
         if self._worker is not None:
             self._worker.kill()
@@ -245,7 +247,7 @@ class CarlaDrivingEnv(gym.Env):
         delay = BACKOFF_S
         while True:
             try:
-                self._worker = self._start(c, self._seed)
+                self._worker = self._start(self.cfg, self._seed)
                 log.warning("CARLA at %s:%d: a fresh worker is connected; the episode ends as truncated.",
                             c.host, c.port)
                 return
@@ -255,7 +257,7 @@ class CarlaDrivingEnv(gym.Env):
             if left <= 0:
                 raise SimulatorLostError(
                     f"no CARLA server at {c.host}:{c.port} for {c.server_lost_minutes:g} minute(s) "
-                    f"(env.server_lost_minutes; last error: {err}). Bring the server back (`docker compose -f "
+                    f"(env.carla.server_lost_minutes; last error: {err}). Bring the server back (`docker compose -f "
                     "docker/compose.yaml up -d carla`) and rerun the same command: training resumes from the last "
                     "checkpoint.") from None
             self._sleep(min(delay, left))

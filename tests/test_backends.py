@@ -1,0 +1,126 @@
+"""What each env backend declares about itself (av_td3/envs/backends.py), read without building a simulator, and the
+base class deciding termination and truncation from the signals a backend reports."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from av_td3 import envs
+from av_td3.config import CarlaConfig, ConfigError, EnvConfig, RENAMED_KEYS, RewardConfig, renamed_key
+from av_td3.envs import backends, base
+from av_td3.envs.base import DrivingEnv, DrivingSignals
+from av_td3.rundir import renamed_override
+
+
+def test_declarations_are_read_without_importing_a_simulator() -> None:
+    code = ("import sys; from av_td3.config import EnvConfig; from av_td3.envs import backend; "
+            "b = backend(EnvConfig(name='carla')); b.state_dim(EnvConfig()); "
+            "assert not {'carla', 'highway_env', 'pygame'} & set(sys.modules), sorted(sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_each_backend_declares_what_it_is() -> None:
+    highway, carla = EnvConfig(), EnvConfig(name="carla", carla=CarlaConfig(fixed_delta_s=0.02))
+    assert envs.backend(highway) is backends.HIGHWAY and envs.backend(carla) is backends.CARLA
+    assert not backends.HIGHWAY.eval_shares_env and backends.CARLA.eval_shares_env
+    assert backends.HIGHWAY.decision_dt(EnvConfig(policy_frequency=10)) == pytest.approx(0.1)
+    assert backends.CARLA.decision_dt(carla) == 0.02 == base.decision_dt(carla)
+
+
+def test_the_highway_state_is_the_base_layout_and_carla_appends_the_traffic_light() -> None:
+    cfg = EnvConfig(lane_points=3, lane_point_spacing=2.0)
+    assert backends.HIGHWAY.state_dim(cfg) == base.state_dim(3) == 11
+    np.testing.assert_array_equal(backends.HIGHWAY.state_scale(cfg), base.state_scale(3, 2.0))
+    assert backends.CARLA.state_dim(cfg) == 13
+    np.testing.assert_array_equal(backends.CARLA.state_scale(cfg)[:11], base.state_scale(3, 2.0))
+    np.testing.assert_array_equal(backends.CARLA.state_scale(cfg)[11:], [50.0, 1.0])
+    assert backends.HIGHWAY.reward_components == base.REWARD_COMPONENTS
+    assert backends.CARLA.reward_components == base.REWARD_COMPONENTS + ("route_deviation", "wrong_way", "blocked",
+                                                                          "red_light")
+
+
+def test_an_unknown_backend_names_the_choices() -> None:
+    cfg = EnvConfig()
+    object.__setattr__(cfg, "name", "gta")  # past the schema's own check
+    with pytest.raises(ConfigError, match="env.name='gta' is not valid: choose one of highway, carla"):
+        envs.backend(cfg)
+
+
+def test_another_backends_changed_keys_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert backends.warn_ignored(EnvConfig()) == []
+        assert backends.warn_ignored(EnvConfig(carla=CarlaConfig(port=2004))) == ["env.carla.port"]
+        assert backends.warn_ignored(EnvConfig(name="carla", policy_frequency=10, view="world")) == [
+            "env.policy_frequency"]
+    assert "env.carla.port: settings of another backend, ignored by env.name=highway" in caplog.text
+    cfg = EnvConfig()
+    cfg.carla.camera.x = 2.0  # a nested key of the section
+    assert backends.warn_ignored(cfg) == ["env.carla.camera.x"]
+
+
+def test_max_abs_reward_counts_the_largest_rule_penalty_of_the_backend() -> None:
+    reward = RewardConfig(red_light_penalty=30.0)
+    plain = base.max_abs_reward(reward, 5.0)
+    assert base.max_abs_reward(reward, 5.0, backends.CARLA.rules) == pytest.approx(plain + 30.0)
+    assert base.max_abs_reward(reward, 5.0, backends.HIGHWAY.rules) == plain  # the highway bound is unchanged
+
+
+def test_moved_keys_have_their_new_names() -> None:
+    assert RENAMED_KEYS["env.host"] == "env.carla.host" and "env.traffic_light" not in RENAMED_KEYS
+    assert renamed_key("env.route.start_index") == "env.carla.route.start_index"
+    assert renamed_key("env.lead_vehicle") is None and renamed_key("env.hostname") is None
+    assert renamed_override("env.port=2004") == "env.carla.port=2004"
+    assert renamed_override("+env.camera.x=1") == "+env.carla.camera.x=1"
+    assert renamed_override("agent=ddpg") == "agent=ddpg"
+
+
+class Scripted(DrivingEnv):
+    """A backend that reports the signals a test hands it, one per step."""
+
+    def __init__(self, signals: list[DrivingSignals], **kwargs) -> None:
+        super().__init__(8, 8, 2, 1, max_episode_steps=10, reward=RewardConfig(), dt=0.1, **kwargs)
+        self.signals = signals
+
+    def _sim_reset(self, seed):
+        return np.zeros((8, 8), np.uint8), np.zeros(base.state_dim(1), np.float32), _signals()
+
+    def _sim_step(self, action):
+        return np.full((8, 8), len(self.signals), np.uint8), np.ones(base.state_dim(1), np.float32), \
+            self.signals.pop(0)
+
+
+def _signals(**kw) -> DrivingSignals:
+    return DrivingSignals(**{"speed": 5.0, "speed_along_lane": 5.0, "lateral_offset": 0.0, "lane_half_width": 1.75,
+                             "heading_error": 0.0, "collision": False, "off_road": False, "lane_invasion": False,
+                             "progress": 0.5, **kw})
+
+
+@pytest.mark.parametrize("kw, terminated, truncated, why", [
+    ({}, False, False, ""),
+    ({"rule": "blocked"}, True, False, "blocked"),
+    ({"rule": "blocked", "collision": True}, True, False, "collision"),
+    ({"off_road": True, "rule": "wrong_way"}, True, False, "off_road"),
+    ({"route_done": True}, False, True, ""),
+    ({"route_done": True, "rule": "red_light"}, True, False, "red_light"),  # a terminal state beats the good end
+])
+def test_the_base_class_decides_termination_and_truncation_from_the_signals(kw, terminated, truncated, why) -> None:
+    env = Scripted([_signals(**kw)], rules=backends.CARLA.rules)
+    env.reset(seed=0)
+    _, _, term, trunc, info = env.step(np.zeros(2))
+    assert (term, trunc, info["termination"]) == (terminated, truncated, why)
+
+
+def test_an_interrupted_step_is_truncated_on_the_last_observation_with_nothing_earned() -> None:
+    env = Scripted([_signals(), _signals(interrupted=True, rule="blocked")], rules=backends.CARLA.rules)
+    env.reset(seed=0)
+    before, *_ = env.step(np.zeros(2))
+    after, reward, term, trunc, info = env.step(np.zeros(2))
+    assert (reward, term, trunc, info["termination"]) == (0.0, False, True, "")
+    np.testing.assert_array_equal(after["image"], before["image"])  # the frame stack is left as it was
+    assert tuple(info["reward_components"]) == backends.CARLA.reward_components
+    assert set(info["reward_components"].values()) == {0.0}
