@@ -153,6 +153,12 @@ def read_config(run_dir: Path) -> DictConfig:
     loaded = OmegaConf.load(run_dir / CONFIG_FILE)
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"{run_dir / CONFIG_FILE}: not a mapping")
+    return upgrade_config(loaded)
+
+
+def upgrade_config(loaded: DictConfig) -> DictConfig:
+    """A config recorded by any code version, as today's code reads it (see :func:`read_config`); ``loaded`` is
+    changed in place (renamed and retired keys) and the merged config returned."""
     _rename_keys(loaded)
     for key in RETIRED_KEYS:
         parent, _, leaf = key.rpartition(".")

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from av_td3 import commands
 from av_td3.config import Config
-from av_td3.rundir import RUN_ONLY_KEYS, SUMMARY_FILE, UnsafePathError, check_inside, flatten, read_json
+from av_td3.rundir import (RUN_ONLY_KEYS, SUMMARY_FILE, UnsafePathError, check_inside, flatten, read_json,
+                           upgrade_config)
 
 log = logging.getLogger("av_td3")
 
@@ -68,7 +69,9 @@ def completed_objective(config: Config, run_dir: Path) -> float | None:
         log.info("%s: summary.json says completed but %s or the objective is missing; training again",
                  run_dir, COMPLETED_CONFIG)
         return None
-    old, new = flatten(done), flatten(_config_record(config))
+    # the recorded config as today's code reads it: a key added since the run completed takes the value the run
+    # ran with (rundir.LEGACY_VALUES, else the default), a moved key its new name, so neither counts as a change
+    old, new = flatten(upgrade_config(OmegaConf.create(done))), flatten(_config_record(config))
     changed = sorted(k for k in old.keys() | new.keys() if k not in RUN_ONLY_KEYS and old.get(k) != new.get(k))
     if changed:
         log.info("%s completed with a different config (%s); training again", run_dir, ", ".join(changed))

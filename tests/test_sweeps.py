@@ -160,6 +160,22 @@ def test_completed_objective_needs_the_same_config(tmp_path: Path) -> None:
     assert completed_objective(config, tmp_path) is None
 
 
+def test_a_job_completed_before_keys_were_added_or_moved_is_still_skipped(tmp_path: Path) -> None:
+    """A rerun of an old finished sweep: the recorded config lacks keys added since (agent.augment, env.view,
+    whose values it ran with are rundir.LEGACY_VALUES) and spells moved keys by their old names. Neither is a
+    change, so the job is skipped; a real change still trains."""
+    config = to_config(hydra_compose("agent.augment=none", "env.view=world", hydra=False))
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "objective": 4.5}))
+    record_completed(config, tmp_path)
+    record = json.loads((tmp_path / COMPLETED_CONFIG).read_text())
+    del record["agent"]["augment"], record["env"]["view"], record["env"]["bev"]
+    record["env"]["port"] = record["env"]["carla"].pop("port")  # the key's name before env.carla.*
+    (tmp_path / COMPLETED_CONFIG).write_text(json.dumps(record))
+    assert completed_objective(config, tmp_path) == 4.5
+    shifted = dataclasses.replace(config, agent=dataclasses.replace(config.agent, augment="shift"))
+    assert completed_objective(shifted, tmp_path) is None, "the old run trained without augmentation"
+
+
 def test_sweep_summary_reports_every_job_that_did_not_complete(tmp_path: Path, capsys) -> None:
     outcomes = {"a": {"status": "completed", "steps": 10, "total_steps": 10, "objective": 1.0},
                 "b": {"status": "stopped", "reason": "non-finite critic loss at env step 5", "steps": 5,
