@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from av_td3 import bench
+from av_td3.bench import updates
 from av_td3.cli import main as cli
 from av_td3.config import Config, to_config
 from av_td3.envs.base import state_dim
@@ -43,6 +44,11 @@ RATIOS = ["separate_vs_sb3", "shared_vs_sb3", "monitor_overhead_pct", "replay_vs
           "monitor_overhead_pct_cpu", "env_vectorised_road_speedup", "e2e_num_envs_2_vs_1",
           "default_update_matmul_fraction", "default_monitor_overhead_pct", "default_e2e_steps_per_s",
           "default_e2e_vs_sb3", "sb3_update_matmul_fraction"]
+# bfloat16 autocast runs on this machine (else its row is skipped, see test_bf16_row_is_skipped_where_unsupported)
+BF16 = updates.bf16_unsupported(torch.device("cpu")) is None
+if BF16:
+    ROWS.append("update/default_bf16")
+    RATIOS += ["default_bf16_speedup", "default_bf16_speedup_cpu", "default_bf16_update_matmul_fraction"]
 
 
 def tiny(**kw) -> bench.BenchConfig:
@@ -93,7 +99,7 @@ def test_json_has_every_row_and_ratio_finite_and_positive(tiny_run) -> None:
             assert data["ratios"][key] > 0, key
     assert {t["name"] for t in data["targets"]} == set(bench.TARGETS)
     assert all(t["met"] in (True, False) for t in data["targets"])
-    assert not data["skipped"]
+    assert not data["skipped"] if BF16 else set(data["skipped"]) == {"update/default_bf16"}
     m = data["machine"]
     for key in ("cpu_model", "logical_cores", "torch", "torch_threads", "device"):
         assert m[key] not in (None, ""), key
@@ -114,8 +120,10 @@ def test_update_rows_carry_counted_flop_and_the_matmul_fraction(tiny_run) -> Non
         assert r.matmul_fraction == pytest.approx(paired)
     # separate encoders do more convolutions per update than one shared encoder at the same sizes
     assert result.row("update/ours_separate").flop_per_update > result.row("update/ours_shared").flop_per_update
-    # monitoring adds no matmuls or convolutions
+    # monitoring adds no matmuls or convolutions, bfloat16 autocast changes their dtype, not their count
     assert result.row("update/default_monitor_off").flop_per_update == result.row("update/default").flop_per_update
+    if BF16:
+        assert result.row("update/default_bf16").flop_per_update == result.row("update/default").flop_per_update
     md = (out / "bench.md").read_text()
     assert "| GFLOP/update | % of matmul rate |" in md
     data = json.loads((out / "bench.json").read_text())
@@ -134,8 +142,10 @@ def test_default_rows_follow_the_config_and_its_overrides(tiny_run) -> None:
         (shipped.env.image.height, shipped.env.image.width, shipped.agent.encoder, shipped.agent.hidden_layers)
     note = (f"2x{shipped.env.image.height}x{shipped.env.image.width} frames, batch 8, "
             f"agent.encoder={shipped.agent.encoder}")
-    for name in ("update/default", "update/default_monitor_off", "e2e/default"):
+    for name in ["update/default", "update/default_monitor_off", "e2e/default"] + ["update/default_bf16"] * BF16:
         assert note in result.row(name).note, result.row(name).note
+    if BF16:
+        assert "torch.autocast(cpu, bfloat16)" in result.row("update/default_bf16").note
     assert "monitor on" in result.row("update/default").note
     assert "monitor.enabled=false" in result.row("update/default_monitor_off").note
 
@@ -233,6 +243,29 @@ def test_without_sb3_its_rows_are_skipped_with_the_install_hint(tmp_path: Path, 
     assert next(t for t in data["targets"] if t["name"] == "shared_vs_sb3")["met"] is None
 
 
+def test_bf16_row_is_skipped_where_unsupported(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(updates, "bf16_unsupported", lambda device: "no bfloat16 here")
+    messages: list[str] = []
+    cfg = tiny(sections=("update",), update_rows=("default", "default_bf16"), update_reps=1)
+    result = bench.run_bench(cfg, tmp_path / "out", say=messages.append)
+    assert result.row("update/default_bf16") is None and result.row("update/default") is not None
+    assert result.skipped == {"update/default_bf16": "no bfloat16 here"}
+    assert any("no bfloat16 here" in m for m in messages)
+    assert not any(k.startswith("default_bf16") for k in result.ratios)
+    assert "| update/default_bf16 | skipped |" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_bf16_updater_runs_under_autocast(monkeypatch) -> None:
+    """The row's update runs under bfloat16 autocast, outside it the agent stays float32."""
+    if not BF16:
+        pytest.skip(f"bfloat16 autocast unsupported: {updates.bf16_unsupported(torch.device('cpu'))}")
+    seen: list[bool] = []
+    monkeypatch.setattr(updates, "default_updater",
+                        lambda cfg, device: lambda n: seen.append(torch.is_autocast_enabled("cpu")) or 1.0)
+    run = updates.default_bf16_updater(tiny(), torch.device("cpu"))
+    assert run(3) == 1.0 and seen == [True] and not torch.is_autocast_enabled("cpu")
+
+
 def test_fixed_rows_are_a_training_config_of_their_sizes() -> None:
     """The older rows' agents come from a validated config of the fixed sizes; the trainer's agent_spec derives
     their shapes from it."""
@@ -267,11 +300,14 @@ def test_update_ratios_pair_the_repetitions() -> None:
     result.rows = [bench.Row("update/ours_separate", "updates/s", [10.0, 5.0, 8.0], cpu_values=[4.0, 4.0, 4.0]),
                    bench.Row("update/ours_separate_monitor_off", "updates/s", [10.2, 5.1, 8.16],
                              cpu_values=[4.0, 4.4, 4.0]),
-                   bench.Row("update/sb3", "updates/s", [8.0, 4.0, 8.0])]
+                   bench.Row("update/sb3", "updates/s", [8.0, 4.0, 8.0]),
+                   bench.Row("update/default", "updates/s", [10.0, 5.0, 8.0]),
+                   bench.Row("update/default_bf16", "updates/s", [20.0, 5.0, 12.0])]
     ratios = bench.compute_ratios(result)
     assert ratios["monitor_overhead_pct"] == pytest.approx(2.0)
     assert ratios["monitor_overhead_pct_cpu"] == pytest.approx(0.0)
     assert ratios["separate_vs_sb3"] == pytest.approx(1.25)
+    assert ratios["default_bf16_speedup"] == pytest.approx(1.5)  # pairs 2, 1, 1.5: their median
     assert "separate_vs_sb3_cpu" not in ratios and "shared_vs_sb3" not in ratios
 
 

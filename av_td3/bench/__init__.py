@@ -4,6 +4,8 @@ The headline rows measure the shipped default configuration: ``conf/`` composed 
 it (plus ``BenchConfig.overrides``), so they follow the defaults when those change:
 
 * ``update/default`` (``_monitor_off``): sample + update of the agent the trainer builds from that configuration;
+  ``update/default_bf16``: the same update under ``torch.autocast`` with bfloat16 (bench only), skipped where
+  bfloat16 autocast is unsupported;
 * ``matmul/sgemm_<n>``: the machine's float32 matmul rate in this process (GFLOP/s), interleaved with the updates.
   Every update row carries its FLOP per update (counted by ``torch.utils.flop_counter.FlopCounterMode`` over one
   critic+actor cycle of ``policy_freq`` updates, averaged) and the fraction of the matmul rate it reaches;

@@ -41,8 +41,9 @@ class BenchConfig:
     updates_per_rep: int = 40
     warmup_updates: int = 4
     fill: int = 1000                 # random transitions in each replay buffer the updates sample from
-    update_rows: tuple[str, ...] = ("default", "default_monitor_off", "ours_separate", "ours_separate_monitor_off",
-                                    "ours_shared", "ours_shared_monitor_off", "ours_separate_compile", "sb3")
+    update_rows: tuple[str, ...] = ("default", "default_bf16", "default_monitor_off", "ours_separate",
+                                    "ours_separate_monitor_off", "ours_shared", "ours_shared_monitor_off",
+                                    "ours_separate_compile", "sb3")
     # replay rows
     replay_capacity: int = 2000
     # env rows
@@ -66,7 +67,8 @@ def preset(quick: bool) -> BenchConfig:
         return BenchConfig()
     # ~2 minutes on a 2-core CPU
     return BenchConfig(update_reps=5, updates_per_rep=12, warmup_updates=2, fill=300, env_reps=3,
-                       update_rows=("default", "ours_separate", "ours_separate_monitor_off", "ours_shared", "sb3"),
+                       update_rows=("default", "default_bf16", "ours_separate", "ours_separate_monitor_off",
+                                    "ours_shared", "sb3"),
                        env_steps_per_rep=150, e2e_total_steps=120, e2e_learning_starts=40, e2e_log_every=40,
                        e2e_max_episode_steps=100, e2e_num_envs=(1,))
 

@@ -32,6 +32,7 @@ def compute_ratios(result: BenchResult) -> dict[str, float]:
     pair("ours_separate_monitor_off", "ours_separate", "monitor_overhead_pct", overhead)
     pair("ours_shared_monitor_off", "ours_shared", "monitor_overhead_pct_shared", overhead)
     pair("default_monitor_off", "default", "default_monitor_overhead_pct", overhead)
+    pair("default_bf16", "default", "default_bf16_speedup")
     for name in rows:
         fraction = rows[name].matmul_fraction
         if name.startswith("update/") and fraction is not None:

@@ -26,6 +26,10 @@ TARGETS = {
 }
 
 
+class RowSkipped(Exception):
+    """Raised by a row's builder when the row cannot run here; the message says why (it lands in ``skipped``)."""
+
+
 @dataclass
 class Row:
     """One measured quantity, ``values`` one per repetition."""

@@ -4,13 +4,15 @@ each update row is held to (FLOP per update counted by torch).
 
 Our agents are built as the trainer builds them: a training :class:`av_td3.config.Config` (the shipped default,
 or the fixed sizes of :func:`av_td3.bench.config.fixed_config`) → Spec by :func:`av_td3.train.agent_spec`, Q bound
-by :func:`av_td3.bounds.q_bound`.
+by :func:`av_td3.bounds.q_bound`. ``update/default_bf16`` runs the default update under ``torch.autocast`` with
+bfloat16: a measured lever for the bench only, the agent itself trains in float32.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,7 +21,7 @@ import torch
 
 from av_td3.bench.config import BenchConfig, default_config, describe_default, fixed_config
 from av_td3.bench.machine import quiet, sync
-from av_td3.bench.result import SB3_MISSING, BenchResult, Row, paired_ratio
+from av_td3.bench.result import SB3_MISSING, BenchResult, Row, RowSkipped, paired_ratio
 from av_td3.bench.sb3 import sb3_updater
 
 if TYPE_CHECKING:  # built lazily: `av-td3 bench --only replay` builds no agent
@@ -100,6 +102,44 @@ def default_updater(cfg: BenchConfig, device: torch.device, monitor: bool | None
     return agent_updater(conf, cfg.fill, cfg.seed, device)
 
 
+def bf16_unsupported(device: torch.device) -> str | None:
+    """Why bfloat16 autocast cannot run on ``device`` (None: it can). Tried on a small conv + linear forward and
+    backward, since torch answers an unsupported dtype with a warning and plain float32, not an error."""
+    if not torch.amp.is_autocast_available(device.type):
+        return f"torch.autocast has no {device.type} backend in torch {torch.__version__}"
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(device)} has no bfloat16 support"
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2)).to(device)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = net(torch.rand(2, 2, 8, 8, device=device))
+            out.float().sum().backward()
+    except RuntimeError as err:
+        return f"bfloat16 autocast failed on {device}: {err}"
+    if out.dtype != torch.bfloat16:
+        why = "; ".join(str(w.message) for w in caught) or f"it computed in {out.dtype}"
+        return f"bfloat16 autocast is not supported on {device}: {why}"
+    return None
+
+
+def default_bf16_updater(cfg: BenchConfig, device: torch.device) -> Runner:
+    """:func:`default_updater` with every update under ``torch.autocast(device.type, dtype=torch.bfloat16)``:
+    convolutions and matmuls in bfloat16 (AMX / AVX512-BF16 on recent Xeons, tensor cores on GPUs), parameters,
+    gradients and Adam state in float32. Raises :class:`RowSkipped` where bf16 autocast is unsupported."""
+    why = bf16_unsupported(device)
+    if why is not None:
+        raise RowSkipped(why)
+    run = default_updater(cfg, device)
+
+    def run_bf16(n: int) -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return run(n)
+
+    return run_bf16
+
+
 def matmul_runner(size: int, device: torch.device) -> Runner:
     """``run(n)`` → seconds for n float32 matmuls of two ``size`` x ``size`` matrices (2 size³ FLOP each): the
     machine's dense compute rate, the limit an update (mostly convolutions and matmuls) is held to."""
@@ -137,6 +177,8 @@ def count_flop(run: Runner, updates: int) -> float:
 # name -> (the row's note, a format string over the labels of bench_updates; its builder)
 UPDATE_ROWS: dict[str, tuple[str, Callable[[BenchConfig, torch.device], Runner]]] = {
     "default": ("{default}", lambda c, d: default_updater(c, d)),
+    "default_bf16": ("{default}, under torch.autocast({device}, bfloat16) (bench only: training runs in float32)",
+                     default_bf16_updater),
     "default_monitor_off": ("{sizes}, monitor.enabled=false", lambda c, d: default_updater(c, d, monitor=False)),
     "ours_separate": ("agent.encoder=separate, monitor on", lambda c, d: our_updater(c, d, "separate", True)),
     "ours_separate_monitor_off": ("agent.encoder=separate, monitor.enabled=false",
@@ -184,6 +226,9 @@ def _build(cfg: BenchConfig, device: torch.device, result: BenchResult,
                 raise
             result.skipped[f"update/{name}"] = SB3_MISSING
             say(SB3_MISSING)
+        except RowSkipped as why:
+            result.skipped[f"update/{name}"] = str(why)
+            say(f"update/{name} skipped: {why}")
     return runners
 
 
@@ -206,7 +251,9 @@ def bench_updates(cfg: BenchConfig, device: torch.device, result: BenchResult, s
     gflop = matmul_flop(cfg.matmul_size) / 1e9
     matmul_rate = [r * gflop for r in rates.pop(matmul)]           # GFLOP/s, one per rep
     matmul_cpu = [r * gflop for r in cpu_rates.pop(matmul)]
-    labels = {} if conf is None else {"default": describe_default(conf), "sizes": describe_default(conf, False)}
+    labels = {"device": device.type}
+    if conf is not None:
+        labels.update(default=describe_default(conf), sizes=describe_default(conf, False))
     for name, values in rates.items():
         f = flop[name]
         fraction = None if f is None else paired_ratio([v * f / 1e9 for v in values], matmul_rate)
