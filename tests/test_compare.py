@@ -272,6 +272,14 @@ def test_each_group_is_stated_as_a_share_of_the_baseline(tmp_path: Path) -> None
     assert cells["agent=pid"]["IQM / baseline"] == "-"
 
 
+def test_the_report_names_the_machines_its_wall_times_come_from(tmp_path: Path) -> None:
+    xeon = {"provenance": {"machine": "Intel(R) Xeon(R) Processor, 2 logical cores"}}
+    write_run(tmp_path / "a", [], seed=0, summary=xeon)
+    write_run(tmp_path / "b", [], seed=1)  # a run from before the machine was recorded
+    md = markdown_report(summarize(find_runs(tmp_path)), [])
+    assert "- `default`: Intel(R) Xeon(R) Processor, 2 logical cores; not recorded" in md
+
+
 def test_compare_bad_usage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err

@@ -153,7 +153,8 @@ def run_metrics(run: Run) -> dict[str, Any]:
     m: dict[str, Any] = {"run": run.name, "state": run.state, "finished": run.finished, "seed": run.seed,
                          "steps": summary.get("steps"), "total_steps": summary.get("total_steps"),
                          "reason": summary.get("reason"), "wall_s": summary.get("wall_s"),
-                         "code_version": run.code_version}
+                         "code_version": run.code_version,
+                         "machine": (summary.get("provenance") or {}).get("machine")}
     for name in EVAL_FIELDS:
         value = final_eval.get(name)
         m[name] = float(value) if value is not None else _last(df, f"eval/{name}")
@@ -223,6 +224,8 @@ def summarize_group(group: Group, rows: pd.DataFrame) -> dict[str, Any]:
                                      if pd.notna(sd) and pd.notna(r)),
         "wall_h_mean": float(fin["wall_s"].dropna().mean() / 3600) if fin["wall_s"].notna().any() else NAN,
         "clip_mode": str(cfg.agent.clip.mode),  # type: ignore[union-attr]
+        # the machines its finished runs recorded (summary.json provenance; runs before the record: "not recorded")
+        "machines": "; ".join(sorted({m if isinstance(m, str) else "not recorded" for m in fin["machine"]})),
     }
     if len(returns) >= 2:
         s["return_ci_low"], s["return_ci_high"] = stats.iqm_ci(returns)

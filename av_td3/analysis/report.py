@@ -206,6 +206,8 @@ def markdown_report(summary: Report, plots: list[Path]) -> str:
     md += [f"- {m['run']}: collapsed: {m['collapsed_why']}" for m in flagged if m["collapsed"]]
     if not flagged:
         md.append("- none: no run diverged or collapsed")
+    md += ["", "## Machines (where the wall times come from)", ""]
+    md += [f"- `{s['group']}`: {s['machines'] or '-'}" for s in rows]
     md += ["", "## Alerts fired (flushes where each alert fired, summed over the group's runs)", ""]
     md += [f"- `{s['group']}`: {s['alerts_by_name'] or 'none'}" for s in rows]
     left_out = [m for df in summary.metrics.values() for m in df.to_dict("records") if not m["finished"]]

@@ -13,16 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from av_td3.machine import cpu_model
 
 
 def load_avg() -> float | None:
@@ -36,7 +27,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     import psutil
 
     info: dict[str, Any] = {
-        "cpu_model": _cpu_model(), "logical_cores": os.cpu_count(),
+        "cpu_model": cpu_model(), "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkldnn": torch.backends.mkldnn.is_available(),

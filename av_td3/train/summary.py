@@ -8,6 +8,9 @@ import platform
 import subprocess
 from pathlib import Path
 
+import torch
+
+from av_td3 import machine
 from av_td3.agent.base import Health
 from av_td3.config import Config
 from av_td3.rundir import DIVERGENCE_ALERTS, FAILED_OBJECTIVE, Summary
@@ -16,10 +19,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # where the git commit is read 
 
 
 def provenance() -> dict[str, str]:
-    """Git commit and package versions, recorded with every run."""
+    """Git commit, package versions, the machine (CPU model and cores) and torch's threads, recorded with every
+    run: `av-td3 compare` quotes wall times with them."""
     from importlib.metadata import PackageNotFoundError, version
 
-    info = {"python": platform.python_version(), "host": platform.node()}
+    info = {"python": platform.python_version(), "host": platform.node(), "machine": machine.describe(),
+            "torch_threads": str(torch.get_num_threads())}
     for pkg in ("av-td3", "torch", "numpy", "gymnasium", "highway-env", "hydra-core"):
         try:
             info[pkg] = version(pkg)
