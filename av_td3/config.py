@@ -135,6 +135,11 @@ class AgentConfig:
     augment: str = one_of("none", "none", "shift")
     augment_pad: int = rng(4, 0, 32)
     compile: bool = False
+    # fp32 | bf16: bf16 runs the CNN encoder (the convolutions: most of an update's FLOP) under bfloat16 autocast,
+    # forward and backward; the heads, losses, optimizer state and gradient norms stay float32. Opt-in: faster on
+    # CPUs with AMX or AVX512-BF16 and GPUs with bf16 (av-td3 bench's update/default_bf16 row measures it here),
+    # but the numbers differ from fp32 by bf16 rounding and its learning curves have not been shown equal.
+    precision: str = one_of("fp32", "fp32", "bf16")
     # Gains of the classical baseline (used when agent.name=pid).
     pid: PidConfig = field(default_factory=PidConfig)
 

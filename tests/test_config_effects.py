@@ -102,6 +102,7 @@ def test_device(tmp_path: Path) -> None:
     ("agent.lr.actor", 1e-4, 1e-2), ("agent.lr.critic", 1e-4, 1e-2), ("agent.tau", 0.001, 0.5),
     ("agent.gamma", 0.5, 0.99), ("agent.policy_noise", 0.0, 0.5), ("agent.noise_clip", 0.0, 0.5),
     ("agent.clip.actor", "null", 1e-4), ("agent.clip.critic", "null", 1e-4), ("agent.policy_freq", 1, 2),
+    ("agent.precision", "fp32", "bf16"),
 ])
 def test_agent_keys_change_the_update(key: str, a, b) -> None:
     from av_td3.agent.td3 import TD3

@@ -220,3 +220,41 @@ def test_n_step_discount_of_a_batch_replaces_gamma() -> None:
         results.append(params(agent.critic))
     assert same(results[0], results[1]), "discount = gamma is the one-step update"
     assert not same(results[0], results[2])
+
+
+@pytest.mark.parametrize("encoder", ["shared", "separate"])
+def test_bf16_runs_the_convolutions_in_bfloat16_and_keeps_the_rest_float32(encoder: str) -> None:
+    """agent.precision=bf16: every convolution of the update (online, target, the actor's own CNN) computes in
+    bfloat16; features, Q values, losses, gradients and parameters stay float32, so the monitor and clipping see
+    float32 norms."""
+    agent = make_agent(precision="bf16", encoder=encoder)
+    seen: dict[str, set] = {"conv": set(), "features": set()}
+    for net in (agent.critic, agent.critic_target, agent.actor, agent.actor_target):
+        if net.encoder is None:
+            continue
+        for module in net.encoder.convs:
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(lambda m, i, out: seen["conv"].add(out.dtype))
+    original = agent._encode
+    agent._encode = lambda enc, images: seen["features"].add(original(enc, images).dtype) or original(enc, images)
+    for i in range(2):  # policy_freq 2: the second update steps the actor and the targets too
+        agent.update(make_batch(i), step=i)
+    assert seen == {"conv": {torch.bfloat16}, "features": {torch.float32}}
+    for p in params(agent.actor) + params(agent.critic):
+        assert p.dtype == torch.float32
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in agent.critic.parameters())
+
+
+def test_bf16_update_follows_the_fp32_update_to_bf16_rounding() -> None:
+    """The same equations: from the same seed and batches, bf16's parameters move like fp32's (each update's
+    change agrees to a few percent), and differ only by rounding."""
+    fp32, bf16 = make_agent(), make_agent(precision="bf16")
+    start = params(fp32.critic)
+    for i in range(3):
+        fp32.update(make_batch(i), step=i)
+        bf16.update(make_batch(i), step=i)
+    step32 = torch.cat([(p - s).flatten() for p, s in zip(params(fp32.critic), start)])
+    step16 = torch.cat([(p - s).flatten() for p, s in zip(params(bf16.critic), start)])
+    assert not torch.equal(step32, step16)
+    assert torch.nn.functional.cosine_similarity(step32, step16, dim=0) > 0.95
+    assert (step16 - step32).norm() < 0.25 * step32.norm()

@@ -95,7 +95,12 @@ class TD3:
         return state.to(self.device, non_blocking=True) * self._state_scale
 
     def _encode(self, encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
-        return encoder(images)
+        """Images [B, stack, H, W] → float32 features [B, features_dim]; under ``agent.precision=bf16`` the
+        encoder runs in bfloat16 autocast (its backward follows the forward's dtypes)."""
+        if self.cfg.precision == "fp32":
+            return encoder(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return encoder(images).float()
 
     def parts(self) -> dict[str, dict[str, list[str]]]:
         """Which named parameters each optimizer owns, per part (logged at start-up)."""
