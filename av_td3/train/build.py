@@ -17,7 +17,7 @@ from av_td3.agent.base import Agent
 from av_td3.agent.pid import PIDAgent
 from av_td3.agent.td3 import TD3, Spec
 from av_td3.config import Config, ConfigError, EnvConfig
-from av_td3.envs.base import ACTION_NAMES, DrivingEnv, EnvUnavailableError, decision_dt, state_dim, state_scale
+from av_td3.envs.base import ACTION_NAMES, DrivingEnv, EnvUnavailableError
 from av_td3.replay import ReplayBuffer
 
 log = logging.getLogger("av_td3.train")  # the trainer's log lines carry one name, whichever module writes them
@@ -41,17 +41,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def agent_spec(e: EnvConfig) -> Spec:
-    """The shapes the agent is built for, from the env config (also used by ``av-td3 bench``)."""
-    return Spec(stack=e.image.stack, height=e.image.height, width=e.image.width, state_dim=state_dim(e.lane_points),
-                action_dim=len(ACTION_NAMES), state_scale=state_scale(e.lane_points, e.lane_point_spacing),
-                action_names=ACTION_NAMES)
+    """The shapes the agent is built for, from the env config and its backend's state layout (also used by
+    ``av-td3 bench``)."""
+    declared = envs_lib.backend(e)
+    return Spec(stack=e.image.stack, height=e.image.height, width=e.image.width, state_dim=declared.state_dim(e),
+                action_dim=len(ACTION_NAMES), state_scale=declared.state_scale(e), action_names=ACTION_NAMES)
 
 
 def eval_shares_env(e: EnvConfig) -> bool:
-    """Whether evaluation must run in the training env: a CARLA server runs one synchronous world, so evaluation
-    uses the training env's connection (and restarts the training episode afterwards); the embedded simulator
-    gets a separate eval instance."""
-    return e.name == "carla"
+    """Whether evaluation must run in the training env, as the backend declares: a CARLA server runs one
+    synchronous world, so evaluation uses the training env's connection (and restarts the training episode
+    afterwards); the embedded simulator gets a separate eval instance."""
+    return envs_lib.backend(e).eval_shares_env
 
 
 def make_envs(e: EnvConfig) -> tuple[gym.vector.VectorEnv, DrivingEnv]:
@@ -60,7 +61,7 @@ def make_envs(e: EnvConfig) -> tuple[gym.vector.VectorEnv, DrivingEnv]:
     server fails in seconds, before memory is allocated."""
     shares = eval_shares_env(e)
     if shares and e.num_envs > 1:
-        raise ConfigError(f"env.num_envs={e.num_envs} with env=carla: one CARLA server runs one env. Use "
+        raise ConfigError(f"env.num_envs={e.num_envs} with env={e.name}: one {e.name} server runs one env. Use "
                           "env.num_envs=1 and run several jobs, one server each (see README).")
     train_envs = envs_lib.make_vector(e, e.num_envs)
     try:
@@ -77,7 +78,7 @@ def make_agent(cfg: Config, spec: Spec, device: torch.device, q_bound: float) ->
     if a.name == "pid":
         log.info("agent=pid: PID speed control (target %.1f m/s) + pure pursuit; nothing is learned",
                  a.pid.target_speed)
-        return PIDAgent(a.pid, e.lane_points, decision_dt(e), e.num_envs), None
+        return PIDAgent(a.pid, e.lane_points, envs_lib.backend(e).decision_dt(e), e.num_envs), None
     image = (e.image.height, e.image.width)
     bpr = ReplayBuffer.bytes_per_row(image, spec.state_dim, spec.action_dim)
     buffer = ReplayBuffer(a.buffer_size, image, e.image.stack, spec.state_dim, spec.action_dim, num_envs=e.num_envs,

@@ -21,6 +21,7 @@ from av_td3 import bounds, loggers
 from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointManager
 from av_td3.config import Config, ConfigError
+from av_td3.envs import backend
 from av_td3.envs.base import SimulatorLostError
 from av_td3.progress import Progress
 from av_td3.rundir import Summary, write_summary
@@ -74,7 +75,7 @@ class Trainer:
         self._resume()
         self.logger = loggers.make(cfg.logger, run_dir, purge_step=self.step if self.resumed_from else None)
         self.signals = StopSignals()
-        self.episode_stats = Episodes(self.n)
+        self.episode_stats = Episodes(self.n, backend(e).reward_components)
         self._flushed_step = self.step  # the step of the agent's last flush into the logs
         self._interval = (time.perf_counter(), self.step)  # where the current log interval began: (time, step)
         self.phases: NoPhases = NO_PHASES  # av-td3 bench's per-phase timer (see time_phases); no-ops otherwise
