@@ -145,7 +145,7 @@ def test_default_rows_follow_the_config_and_its_overrides(tiny_run) -> None:
     for name in ["update/default", "update/default_monitor_off", "e2e/default"] + ["update/default_bf16"] * BF16:
         assert note in result.row(name).note, result.row(name).note
     if BF16:
-        assert "torch.autocast(cpu, bfloat16)" in result.row("update/default_bf16").note
+        assert "agent.precision=bf16" in result.row("update/default_bf16").note
     assert "monitor on" in result.row("update/default").note
     assert "monitor.enabled=false" in result.row("update/default_monitor_off").note
 
@@ -255,15 +255,15 @@ def test_bf16_row_is_skipped_where_unsupported(tmp_path: Path, monkeypatch) -> N
     assert "| update/default_bf16 | skipped |" in (tmp_path / "out" / "bench.md").read_text()
 
 
-def test_bf16_updater_runs_under_autocast(monkeypatch) -> None:
-    """The row's update runs under bfloat16 autocast, outside it the agent stays float32."""
+def test_bf16_row_is_the_default_agent_with_agent_precision_bf16(monkeypatch) -> None:
+    """The row measures the training option itself: the default configuration with agent.precision=bf16."""
     if not BF16:
         pytest.skip(f"bfloat16 autocast unsupported: {updates.bf16_unsupported(torch.device('cpu'))}")
-    seen: list[bool] = []
-    monkeypatch.setattr(updates, "default_updater",
-                        lambda cfg, device: lambda n: seen.append(torch.is_autocast_enabled("cpu")) or 1.0)
+    built: list = []
+    monkeypatch.setattr(updates, "agent_updater", lambda conf, *args: built.append(conf) or (lambda n: 1.0))
     run = updates.default_bf16_updater(tiny(), torch.device("cpu"))
-    assert run(3) == 1.0 and seen == [True] and not torch.is_autocast_enabled("cpu")
+    assert run(3) == 1.0 and [c.agent.precision for c in built] == ["bf16"]
+    assert updates.default_config(tiny().overrides).agent.precision == "fp32"  # the default row stays float32
 
 
 def test_fixed_rows_are_a_training_config_of_their_sizes() -> None:

@@ -4,8 +4,8 @@ each update row is held to (FLOP per update counted by torch).
 
 Our agents are built as the trainer builds them: a training :class:`av_td3.config.Config` (the shipped default,
 or the fixed sizes of :func:`av_td3.bench.config.fixed_config`) → Spec by :func:`av_td3.train.agent_spec`, Q bound
-by :func:`av_td3.bounds.q_bound`. ``update/default_bf16`` runs the default update under ``torch.autocast`` with
-bfloat16: a measured lever for the bench only, the agent itself trains in float32.
+by :func:`av_td3.bounds.q_bound`. ``update/default_bf16`` is the default update with ``agent.precision=bf16``
+(the CNN encoder under bfloat16 autocast), an opt-in lever measured next to the float32 default.
 """
 
 from __future__ import annotations
@@ -125,19 +125,15 @@ def bf16_unsupported(device: torch.device) -> str | None:
 
 
 def default_bf16_updater(cfg: BenchConfig, device: torch.device) -> Runner:
-    """:func:`default_updater` with every update under ``torch.autocast(device.type, dtype=torch.bfloat16)``:
-    convolutions and matmuls in bfloat16 (AMX / AVX512-BF16 on recent Xeons, tensor cores on GPUs), parameters,
-    gradients and Adam state in float32. Raises :class:`RowSkipped` where bf16 autocast is unsupported."""
+    """:func:`default_updater` with ``agent.precision=bf16``: the CNN encoder (the convolutions, most of the FLOP)
+    under bfloat16 autocast (AMX / AVX512-BF16 on recent Xeons, tensor cores on GPUs); heads, gradients and Adam
+    state in float32. Raises :class:`RowSkipped` where bf16 autocast is unsupported."""
     why = bf16_unsupported(device)
     if why is not None:
         raise RowSkipped(why)
-    run = default_updater(cfg, device)
-
-    def run_bf16(n: int) -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return run(n)
-
-    return run_bf16
+    conf = default_config(cfg.overrides)
+    conf.agent.precision = "bf16"
+    return agent_updater(conf, cfg.fill, cfg.seed, device)
 
 
 def matmul_runner(size: int, device: torch.device) -> Runner:
@@ -177,7 +173,7 @@ def count_flop(run: Runner, updates: int) -> float:
 # name -> (the row's note, a format string over the labels of bench_updates; its builder)
 UPDATE_ROWS: dict[str, tuple[str, Callable[[BenchConfig, torch.device], Runner]]] = {
     "default": ("{default}", lambda c, d: default_updater(c, d)),
-    "default_bf16": ("{default}, under torch.autocast({device}, bfloat16) (bench only: training runs in float32)",
+    "default_bf16": ("{default}, agent.precision=bf16 (the CNN under bfloat16 autocast; opt-in)",
                      default_bf16_updater),
     "default_monitor_off": ("{sizes}, monitor.enabled=false", lambda c, d: default_updater(c, d, monitor=False)),
     "ours_separate": ("agent.encoder=separate, monitor on", lambda c, d: our_updater(c, d, "separate", True)),
