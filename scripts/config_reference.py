@@ -1,4 +1,4 @@
-"""Write the generated key reference in docs/configuration.md from the schema (av_td3/config.py) and conf/.
+"""Write the generated key reference in docs/configuration.md from the schema (av_td3/config/schema.py) and conf/.
 
     .venv/bin/python scripts/config_reference.py          # rewrite the generated block in docs/configuration.md
     .venv/bin/python scripts/config_reference.py --check  # exit 1 when the page is out of date (tests/test_docs.py)
@@ -99,7 +99,7 @@ def block() -> str:
     from av_td3.config import Config
 
     lines = [BEGIN, "",
-             "Every key of the schema (`av_td3/config.py`), with its default and the values `validate` accepts.",
+             "Every key of the schema (`av_td3/config/schema.py`), with its default and the values `validate` accepts.",
              "Regenerate with `.venv/bin/python scripts/config_reference.py` after changing the schema;",
              "`tests/test_docs.py` fails while this table and the schema differ.", "",
              "| key | type | default | valid values |", "|---|---|---|---|"]
