@@ -20,6 +20,7 @@ An archived run (``av-td3 archive``, committed under ``results/``) keeps only wh
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -57,6 +58,10 @@ NOT_EXPERIMENT_PREFIXES = ("logger.",)
 # Keys added after runs were archived, with the value that reproduces what a run made before the key existed
 # (not necessarily today's default): an older run's config is read as if it had set them so.
 LEGACY_VALUES: dict[str, Any] = {"agent.clip.mode": "norm", "agent.augment": "none", "env.view": "world"}
+# Keys whose shipped default changed after runs were archived, with the day it changed. A run that holds another
+# value without asking for it (no override of the key, no config-group choice such as arm=) ran with an older
+# default: `compare` adds the key to its group's label (env.view=world), so it is never read as today's default.
+DEFAULTS_CHANGED: dict[str, str] = {}
 # Keys older runs have that the schema no longer knows and that never changed what a run computed (alert
 # thresholds of the monitor before the spike detector): dropped on reading, so such runs pool with newer ones.
 RETIRED_KEYS = ("monitor.warn_factor", "monitor.critical_factor", "monitor.reference_limit_actor",
@@ -154,6 +159,16 @@ def read_config(run_dir: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"{run_dir / CONFIG_FILE}: not a mapping")
     return upgrade_config(loaded)
+
+
+def schema_default(key: str) -> Any:
+    """Today's default of a dotted key (the schema is the single source of defaults)."""
+    return _flat_defaults().get(key)
+
+
+@functools.lru_cache(maxsize=1)
+def _flat_defaults() -> dict[str, Any]:
+    return flatten(_schema_defaults())
 
 
 def upgrade_config(loaded: DictConfig) -> DictConfig:

@@ -316,3 +316,20 @@ def test_a_baseline_evaluated_once_is_drawn_as_a_level(tmp_path: Path) -> None:
     td3 = lines["default (n=1)"]
     assert td3.get_linestyle() in ("-", "-.", ":") and len(td3.get_xdata()) == 6
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {pid.get_label(), td3.get_label()}
+
+
+def test_a_run_made_under_an_older_default_is_labelled_with_it(tmp_path: Path, monkeypatch) -> None:
+    """After a shipped default changes (rundir.DEFAULTS_CHANGED), a run that held the old value without asking for
+    it is named by it, so its group is never read as today's default; an override or an arm= choice already says
+    what the run was."""
+    from av_td3 import rundir
+
+    write_run(tmp_path / "old", ["env.lead_vehicle=false", "agent.clip.critic=5"], seed=0)
+    write_run(tmp_path / "arm", ["arm=td3_noclip", "agent.clip.critic=5"], seed=0)
+    for path in (tmp_path / "old", tmp_path / "arm"):  # ran at critic 5 when that was the default: no override
+        overrides = path / ".hydra" / "overrides.yaml"
+        overrides.write_text(overrides.read_text().replace("- agent.clip.critic=5\n", ""))
+    assert {g.label for g in group_runs(find_runs(tmp_path))[0]} == {"env.lead_vehicle=false", "arm=td3_noclip"}
+    monkeypatch.setitem(rundir.DEFAULTS_CHANGED, "agent.clip.critic", "2026-12-02")
+    labels = {g.label for g in group_runs(find_runs(tmp_path))[0]}
+    assert labels == {"agent.clip.critic=5.0,env.lead_vehicle=false", "arm=td3_noclip"}

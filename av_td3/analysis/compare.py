@@ -20,7 +20,7 @@ from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import NETS, judge
 from av_td3.config import ClipConfig
-from av_td3.rundir import RUN_ONLY_KEYS, flatten, is_experiment_key
+from av_td3.rundir import DEFAULTS_CHANGED, RUN_ONLY_KEYS, flatten, is_experiment_key, schema_default
 
 # Overrides that leave the experiment unchanged, so runs differing only in these belong together: presets,
 # keys that change how a job runs but not what it computes, and the seed (pooled by the statistics).
@@ -51,7 +51,9 @@ def _value_text(value: Any) -> str:
 
 def _override_items(overrides: list[str], flat: dict[str, Any]) -> list[str]:
     """The overrides that define the experiment, values normalised through the run's config (so ``=1`` and
-    ``=1.0`` land in one group); config-group choices (``agent=ddpg``) are kept as written."""
+    ``=1.0`` land in one group); config-group choices (``agent=ddpg``) are kept as written. A key whose shipped
+    default changed since the run (:data:`av_td3.rundir.DEFAULTS_CHANGED`) and that the run holds at another value
+    without an override or a config-group choice is added, so an old default is named (``env.view=world``)."""
     items = []
     for override in overrides:
         override = override.lstrip("+")
@@ -59,6 +61,10 @@ def _override_items(overrides: list[str], flat: dict[str, Any]) -> list[str]:
         if key in IGNORED_OVERRIDES or key.startswith(("hydra.", "hydra/")):
             continue
         items.append(f"{key}={_value_text(flat[key])}" if key in flat else override)
+    chosen = {item.partition("=")[0] for item in items}
+    if not any("." not in key for key in chosen):  # a group choice (arm=, agent=) may have set any key
+        items += [f"{key}={_value_text(flat[key])}" for key in DEFAULTS_CHANGED
+                  if key in flat and key not in chosen and flat[key] != schema_default(key)]
     return sorted(items)
 
 
