@@ -74,7 +74,7 @@ class ClipConfig:
     # et al. 2020); zscore: mean + z * std of an EMA of the net's norms, applied when a norm exceeds it (ZClip).
     mode: str = one_of("norm", "norm", "adaptive", "zscore")
     # The fixed limit (mode=norm), and in the adaptive modes the limit used until `warmup` norms have been seen.
-    # Measured at 50k steps (results/pixels, README "Does clipping help?"): the actor's norm rises 0.16 -> 0.65, so
+    # Measured at 50k steps (results/pixels, docs/results/clip-study.md): the actor's norm rises 0.16 -> 0.65, so
     # 1.0 clips ~2% of its updates; the critic's grows with its Q values to ~700-1000, so 10 clips 96-100% of them
     # and acts as gradient normalisation. `av-td3 compare` prints norm percentiles and clip fraction per limit.
     actor: Optional[float] = rng(1.0, 0, lo_open=True)

@@ -62,7 +62,8 @@ def make_envs(e: EnvConfig) -> tuple[gym.vector.VectorEnv, DrivingEnv]:
     shares = eval_shares_env(e)
     if shares and e.num_envs > 1:
         raise ConfigError(f"env.num_envs={e.num_envs} with env={e.name}: one {e.name} server runs one env. Use "
-                          "env.num_envs=1 and run several jobs, one server each (see README).")
+                          "env.num_envs=1 and run several jobs, one server each (see docs/carla.md, 'Sweeps: one "
+                          "server per parallel job').")
     train_envs = envs_lib.make_vector(e, e.num_envs)
     try:
         return train_envs, train_envs.envs[0] if shares else envs_lib.make(e)

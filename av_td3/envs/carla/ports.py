@@ -62,7 +62,7 @@ def claim_port(key: str, label: str) -> Path:
     holder = _read_holder(path)
     if holder is not None and psutil.pid_exists(holder):
         log.warning("%s is already in use by av-td3 process %d: give each parallel job its own CARLA server "
-                    "(env.carla.port) and Traffic Manager port (env.carla.tm_port), see README 'Train in CARLA'.",
+                    "(env.carla.port) and Traffic Manager port (env.carla.tm_port), see docs/carla.md.",
                     label, holder)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
