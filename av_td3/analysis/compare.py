@@ -289,11 +289,10 @@ def summarize(runs: list[Run], baseline: str | None = None) -> Report:
             raise ValueError(f"--baseline {baseline!r} is not a group; the groups are: "
                              + ", ".join(g.label for g in groups))
     metrics = {g.label: pd.DataFrame([run_metrics(r) for r in g.runs]) for g in groups}
-    rows = []
+    rows = [summarize_group(g, metrics[g.label]) for g in groups]
     n_base = 0 if base is None else int(metrics[base.label].query("finished")["return"].notna().sum())
-    base_iqm = NAN if base is None else summarize_group(base, metrics[base.label])["return_iqm"]
-    for g in groups:
-        s = summarize_group(g, metrics[g.label])
+    base_iqm = NAN if base is None else rows[groups.index(base)]["return_iqm"]
+    for g, s in zip(groups, rows):
         s["is_baseline"] = g is base
         s["n_base"] = n_base
         # the group's IQM and its interval as shares of the baseline's IQM (the baseline's own spread is not in
@@ -305,6 +304,5 @@ def summarize(runs: list[Run], baseline: str | None = None) -> Report:
             s.update(p_improvement=NAN, p_ci_low=NAN, p_ci_high=NAN, paired=False)
         else:
             s.update(improvement(metrics[g.label].query("finished"), metrics[base.label].query("finished")))
-        rows.append(s)
     return Report(groups, base, baseline is not None, metrics, pd.DataFrame(rows), warnings,
                    [r for r in runs if r.config is None], common)
