@@ -151,6 +151,11 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def results_table(summary: Report) -> str:
+    """The markdown table of every group (what comparison.md shows and the CLI prints)."""
+    return markdown_table([_cells(s) for s in summary.table.to_dict("records")])
+
+
 def _left_out_line(m: dict[str, Any]) -> str:
     line = f"- {m['run']}: {m['state']}"
     if pd.notna(m["steps"]):
@@ -197,7 +202,7 @@ def markdown_report(summary: Report, plots: list[Path]) -> str:
            "log-mean, per 1,000 updates. Diverged: numerical failure only (NaN guard, a non-finite logged value, "
            "|Q| beyond the reward bound). Collapsed: the final evaluation lost more than "
            "monitor.collapse_fraction of the gain of the run's best evaluation over its first.", "",
-           markdown_table([_cells(s) for s in rows]), ""]
+           results_table(summary), ""]
     md += ["## Verdicts", ""] + [f"- {line}" for line in verdicts(summary)]
     md += ["", "## Divergence and collapse", ""]
     flagged = [m for df in summary.metrics.values() for m in df.to_dict("records")
@@ -239,5 +244,4 @@ def write_comparison(runs: list[Run], out: Path, baseline: str | None = None) ->
     summary.table.to_csv(out / "comparison.csv", index=False)
     markdown = markdown_report(summary, plots)
     (out / "comparison.md").write_text(markdown)
-    table = markdown_table([_cells(s) for s in summary.table.to_dict("records")])
-    return Comparison(summary, table, markdown, plots)
+    return Comparison(summary, results_table(summary), markdown, plots)
