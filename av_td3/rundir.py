@@ -61,7 +61,8 @@ LEGACY_VALUES: dict[str, Any] = {"agent.clip.mode": "norm", "agent.augment": "no
 # Keys whose shipped default changed after runs were archived, with the day it changed. A run that holds another
 # value without asking for it (no override of the key, no config-group choice such as arm=) ran with an older
 # default: `compare` adds the key to its group's label (env.view=world), so it is never read as today's default.
-DEFAULTS_CHANGED: dict[str, str] = {}
+DEFAULTS_CHANGED: dict[str, str] = {"env.view": "2026-12-02", "agent.augment": "2026-12-02",
+                                    "agent.clip.actor": "2026-12-02", "agent.clip.critic": "2026-12-02"}
 # Keys older runs have that the schema no longer knows and that never changed what a run computed (alert
 # thresholds of the monitor before the spike detector): dropped on reading, so such runs pool with newer ones.
 RETIRED_KEYS = ("monitor.warn_factor", "monitor.critical_factor", "monitor.reference_limit_actor",

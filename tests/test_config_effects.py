@@ -155,15 +155,14 @@ def test_n_step_reaches_the_sampled_batches(tmp_path: Path) -> None:
     assert discounts[3] <= {0.5, 0.25, 0.125} and 0.125 in discounts[3]  # up to 3 rewards summed
 
 
-@pytest.mark.parametrize("overrides", [("agent.augment=shift",), ("agent.augment=shift", "agent.augment_pad=1")])
+@pytest.mark.parametrize("overrides", [("agent.augment=none",), ("agent.augment_pad=1",)])
 def test_augment_keys_change_the_update(overrides: tuple[str, ...]) -> None:
-    """agent.augment=shift against none, and agent.augment_pad=1 against its default 4 (both with shift)."""
+    """agent.augment=none against the default shift, and agent.augment_pad=1 against its default 4."""
     from av_td3.agent.td3 import TD3
     from tests.test_td3 import SPEC
 
-    base = ("agent.augment=shift",) if len(overrides) > 1 else ()
     results = []
-    for chosen in (base, overrides):
+    for chosen in ((), overrides):
         cfg: Config = load(*chosen, "agent.features_dim=16", "agent.hidden_dim=32")
         agent = TD3(cfg.agent, cfg.monitor, SPEC, torch.device("cpu"), q_bound=1e9, seed=0)
         for i in range(2):
@@ -177,8 +176,8 @@ def test_view_keys_change_the_frames() -> None:
     from av_td3.envs import make
 
     frames = {}
-    for overrides in ((), ("env.view=bev",), ("env.view=bev", "env.bev.ahead_m=30"),
-                      ("env.view=bev", "env.bev.behind_m=30"), ("env.view=bev", "env.bev.side_m=30")):
+    for overrides in ((), ("env.view=world",), ("env.bev.ahead_m=30",), ("env.bev.behind_m=30",),
+                      ("env.bev.side_m=30",)):
         env = make(load(*overrides, "env.npcs=0").env, seed=0)
         frames[overrides] = env.reset(seed=0)[0]["image"]
         env.close()

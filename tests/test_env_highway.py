@@ -76,7 +76,7 @@ import numpy as np
 from av_td3.config import EnvConfig, ImageConfig
 from av_td3.envs import make
 assert "av_td3.envs.carla" not in sys.modules and "av_td3.envs.highway" not in sys.modules
-env = make(EnvConfig(npcs=1, image=ImageConfig(32, 32, 1)))
+env = make(EnvConfig(npcs=1, image=ImageConfig(32, 32, 1), view="world"))  # the view highway-env draws
 obs, _ = env.reset(seed=0)
 from highway_env.envs.common.graphics import EnvViewer
 viewer = EnvViewer(env.sim)

@@ -70,8 +70,9 @@ def summary(job_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- composing
 @pytest.mark.parametrize("experiment, params", [
-    ("clip_ablation", {"agent.clip.actor": "1.0,null", "agent.clip.critic": "10.0,null", "seed": "0,1,2"}),
-    ("clip_limits", {"agent.clip.actor": "0.1,1.0,10.0", "agent.clip.critic": "1.0,10.0,100.0", "seed": "0,1,2"}),
+    ("clip_ablation", {"agent.clip.actor": "1.5,null", "agent.clip.critic": "200.0,null", "seed": "0,1,2"}),
+    ("clip_limits", {"agent.clip.actor": "0.15,1.5,15.0", "agent.clip.critic": "20.0,200.0,2000.0",
+                     "seed": "0,1,2"}),
     ("traffic_density", {"env.npcs": "20,50,100", "seed": "0,1,2"}),
     ("clip_study", {"arm": "td3_noclip,td3,td3_adaptive,td3_zscore", "seed": "10,11,12"}),
 ])

@@ -18,7 +18,8 @@ SPEC = Spec(stack=2, height=24, width=24, state_dim=5, action_dim=2, state_scale
 
 
 def make_agent(**overrides) -> TD3:
-    cfg = AgentConfig(batch_size=8, features_dim=16, hidden_dim=32)
+    # augment="none": these tests check the update's own arithmetic; augmentation has its own (test_augment.py).
+    cfg = AgentConfig(batch_size=8, features_dim=16, hidden_dim=32, augment="none")
     mon = MonitorConfig()
     for key, value in overrides.items():
         target = cfg

@@ -122,7 +122,7 @@ def random_batch(g: torch.Generator, b: int = 16) -> Batch:
 @pytest.mark.parametrize("monitor", [True, False])
 def test_lean_update_matches_the_loop_reference(encoder: str, monitor: bool) -> None:
     # Small clip limits so clipping bites on both networks; high learning rates so a wrong step would show.
-    cfg = AgentConfig(batch_size=16, encoder=encoder, features_dim=16, hidden_dim=32, policy_freq=2,
+    cfg = AgentConfig(batch_size=16, encoder=encoder, features_dim=16, hidden_dim=32, policy_freq=2, augment="none",
                       clip=ClipConfig(actor=0.005, critic=0.5), lr=LrConfig(actor=1e-3, critic=2e-3))
     agent = TD3(cfg, MonitorConfig(enabled=monitor), SPEC, torch.device("cpu"), q_bound=1e6, seed=3)
     ref = ReferenceTD3(agent)
@@ -174,7 +174,7 @@ def test_both_encoder_modes_learn_a_one_step_bandit(encoder: str) -> None:
     square's position from the pixels."""
     start = time.perf_counter()
     cfg = AgentConfig(batch_size=64, encoder=encoder, features_dim=32, hidden_dim=64, use_state=False, gamma=0.5,
-                      lr=LrConfig(actor=1e-3, critic=1e-3))
+                      augment="none", lr=LrConfig(actor=1e-3, critic=1e-3))
     agent = TD3(cfg, MonitorConfig(), TOY, torch.device("cpu"), q_bound=1e6, seed=0)
     rng = np.random.default_rng(0)
     eval_images, eval_target = toy_images(np.random.default_rng(123), 256)

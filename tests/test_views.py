@@ -44,9 +44,10 @@ def place(env: HighwayDrivingEnv, vehicle, ahead_m: float, lane_index=None) -> N
     vehicle.position, vehicle.heading = lane.position(s, 0), lane.heading_at(s)
 
 
-def test_view_selects_the_renderer_and_world_stays_the_default() -> None:
-    assert EnvConfig().view == "world" and load().env.view == "world"
-    assert isinstance(make(replace(EnvConfig(), npcs=0)).view, WorldView)
+def test_view_selects_the_renderer_and_bev_is_the_default() -> None:
+    assert EnvConfig().view == "bev" and load().env.view == "bev"
+    assert isinstance(make(replace(EnvConfig(), npcs=0)).view, BirdsEyeView)
+    assert isinstance(make(replace(EnvConfig(), npcs=0, view="world")).view, WorldView)
     env = bev_env()
     assert isinstance(env.view, BirdsEyeView)
     world = make(replace(env.cfg, view="world"), seed=0)

@@ -106,9 +106,11 @@ def describe_default(conf: Config, monitor: bool = True) -> str:
 # ------------------------------------------------------------------------------------------- the fixed-size rows
 def fixed_env_config(cfg: BenchConfig, **kw: Any) -> EnvConfig:
     """The embedded simulator at the fixed sizes: ``cfg.npcs`` NPCs, ``cfg.stack`` x ``cfg.height`` x
-    ``cfg.width`` frames, ``cfg.lane_points`` lane points; ``kw`` sets further :class:`EnvConfig` fields."""
+    ``cfg.width`` frames, ``cfg.lane_points`` lane points, ``env.view=world`` (the view these rows have always
+    measured; ``env/steps_per_s_bev`` asks for bev); ``kw`` sets further :class:`EnvConfig` fields."""
     from av_td3.config import EnvConfig, ImageConfig
 
+    kw = {"view": "world", **kw}
     return EnvConfig(npcs=cfg.npcs, image=ImageConfig(height=cfg.height, width=cfg.width, stack=cfg.stack),
                      lane_points=cfg.lane_points, **kw)
 
@@ -116,12 +118,13 @@ def fixed_env_config(cfg: BenchConfig, **kw: Any) -> EnvConfig:
 def fixed_config(cfg: BenchConfig, encoder: str = "separate", monitor: bool = True, compile: bool = False,
                  buffer_size: int | None = None, **env_kw: Any) -> Config:
     """A validated training config at the fixed sizes of ``cfg`` (batch, features, hidden layers; the env of
-    :func:`fixed_env_config` with ``env_kw``), the CSV logger, everything else at the schema's defaults.
+    :func:`fixed_env_config` with ``env_kw``), no image augmentation (SB3, which these rows are held against, has
+    none), the CSV logger, everything else at the schema's defaults.
     ``buffer_size`` defaults to the bench's ``fill`` plus a little: the update rows never store more."""
     from av_td3.config import AgentConfig, Config, CsvConfig, LoggerConfig, MonitorConfig, to_config
 
     agent = AgentConfig(batch_size=cfg.batch_size, encoder=encoder, features_dim=cfg.features_dim,
-                        hidden_dim=cfg.hidden_dim, hidden_layers=cfg.hidden_layers, compile=compile,
+                        hidden_dim=cfg.hidden_dim, hidden_layers=cfg.hidden_layers, compile=compile, augment="none",
                         buffer_size=cfg.fill + 10 if buffer_size is None else buffer_size)
     return to_config(Config(seed=cfg.seed, agent=agent, env=fixed_env_config(cfg, **env_kw),
                             monitor=MonitorConfig(enabled=monitor), logger=LoggerConfig(csv=CsvConfig())))

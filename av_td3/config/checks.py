@@ -62,9 +62,6 @@ def validate(cfg: Config) -> Config:
     if e.policy_frequency > e.simulation_frequency:
         raise ConfigError(f"env.policy_frequency={e.policy_frequency} exceeds env.simulation_frequency="
                           f"{e.simulation_frequency}: the policy cannot act more often than the simulator steps.")
-    if e.name == "carla" and e.view != "world":
-        raise ConfigError(f"env.view={e.view} is drawn by the embedded simulator only: CARLA has its camera; use "
-                          "env.view=world with env=carla (or env=highway for the bird's-eye view).")
     if t.resume not in ("auto", "none") and not t.resume.endswith((".pt", "latest")):
         raise ConfigError(f"trainer.resume={t.resume!r}: use auto, none, or the path of a checkpoint (.pt) file.")
     if not cfg.logger.tensorboard and not cfg.logger.csv and not cfg.logger.wandb and not cfg.logger.mlflow:

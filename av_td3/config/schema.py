@@ -74,11 +74,14 @@ class ClipConfig:
     # et al. 2020); zscore: mean + z * std of an EMA of the net's norms, applied when a norm exceeds it (ZClip).
     mode: str = one_of("norm", "norm", "adaptive", "zscore")
     # The fixed limit (mode=norm), and in the adaptive modes the limit used until `warmup` norms have been seen.
-    # Measured at 50k steps (results/pixels, docs/results/clip-study.md): the actor's norm rises 0.16 -> 0.65, so
-    # 1.0 clips ~2% of its updates; the critic's grows with its Q values to ~700-1000, so 10 clips 96-100% of them
-    # and acts as gradient normalisation. `av-td3 compare` prints norm percentiles and clip fraction per limit.
-    actor: Optional[float] = rng(1.0, 0, lo_open=True)
-    critic: Optional[float] = rng(10.0, 0, lo_open=True)
+    # Chosen at about the 90th percentile of each net's before-clip norm in an unclipped 50k-step run of this
+    # default (results/pixels_lead, seed 0; docs/results/clip-study.md): actor p50/p90/p99 0.81/1.35/2.06,
+    # critic 102/223/436, both growing over the run. So each limit binds on roughly one update in ten (actor ~7%,
+    # critic ~13%; rarely early, up to a quarter near the end): it cuts the large steps and leaves the rest. The
+    # limits before 2026-12-02 (actor 1, critic 10) clipped every critic update, i.e. normalised its gradient.
+    # `av-td3 compare` prints norm percentiles and clip fraction per limit.
+    actor: Optional[float] = rng(1.5, 0, lo_open=True)
+    critic: Optional[float] = rng(200.0, 0, lo_open=True)
     # adaptive: the limit is this percentile (0-100) of the net's last `window` before-clip norms (this one included).
     percentile: float = rng(90.0, 0, 100, lo_open=True)
     window: int = rng(1000, 1)
@@ -127,8 +130,9 @@ class AgentConfig:
     # Feed the lane-state vector to the networks next to the image features.
     use_state: bool = True
     # Image augmentation in the update only (never when acting or evaluating), see av_td3/agent/augment.py:
-    # none | shift (DrQ's random shift: replicate-pad by augment_pad pixels, crop back at a random offset per sample).
-    augment: str = one_of("none", "none", "shift")
+    # shift (DrQ's random shift: replicate-pad by augment_pad pixels, crop back at a random offset per sample) |
+    # none (the default until 2026-12; docs/results/pixels.md compares the two).
+    augment: str = one_of("shift", "none", "shift")
     augment_pad: int = rng(4, 0, 32)
     compile: bool = False
     # fp32 | bf16: bf16 runs the CNN encoder (the convolutions: most of an update's FLOP) under bfloat16 autocast,
@@ -251,10 +255,11 @@ class EnvConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     max_episode_steps: int = rng(500, 1)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    # What the image shows (embedded simulator only, see av_td3/envs/views.py): world = highway-env's top view,
-    # world-aligned, 50 m wide, ego centred; bev = ego-centred, heading-up bird's-eye view (env.bev.*) with its own
-    # gray level for road, markings, the ego and other vehicles.
-    view: str = one_of("world", "world", "bev")
+    # What the image shows (embedded simulator only, see av_td3/envs/views.py; env=carla has its camera and warns
+    # when this is changed): bev = ego-centred, heading-up bird's-eye view (env.bev.*) with its own gray level for
+    # road, markings, the ego and other vehicles; world = highway-env's top view, world-aligned, 50 m wide, ego
+    # centred (the default until 2026-12: its pixels barely show the traffic, docs/results/pixels.md).
+    view: str = one_of("bev", "world", "bev")
     bev: BevConfig = field(default_factory=BevConfig)
     # Lane-centre points in the state vector (ego frame), spaced `lane_point_spacing` metres apart.
     lane_points: int = rng(5, 1, 32)
