@@ -56,7 +56,7 @@ def test_another_backends_changed_keys_are_warned_about(caplog: pytest.LogCaptur
         assert backends.warn_ignored(EnvConfig()) == []
         assert backends.warn_ignored(EnvConfig(carla=CarlaConfig(port=2004))) == ["env.carla.port"]
         assert backends.warn_ignored(EnvConfig(name="carla", policy_frequency=10, view="world")) == [
-            "env.policy_frequency"]
+            "env.view", "env.policy_frequency"]
     assert "env.carla.port: settings of another backend, ignored by env.name=highway" in caplog.text
     cfg = EnvConfig()
     cfg.carla.camera.x = 2.0  # a nested key of the section

@@ -1,9 +1,10 @@
 """The embedded simulator's frames (``env.view``): the ego-centred, heading-up bird's-eye view shows the other
-vehicles where they are, rotates with the ego, keeps the observation contract and obeys ``env.bev.*``; ``world``
-stays the default (its frames are checked in tests/test_env_highway.py)."""
+vehicles where they are, rotates with the ego, keeps the observation contract and obeys ``env.bev.*``; it is the
+default, and ``world`` stays available (its frames are checked in tests/test_env_highway.py)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -184,5 +185,12 @@ def test_bad_view_values_are_config_errors() -> None:
                           ("env.bev.ahead_m=-1", "env.bev.ahead_m"), ("env.bev.behind_m=1000", "env.bev.behind_m")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load(override)
-    with pytest.raises(ConfigError, match=r"env\.view=bev .*embedded simulator"):
-        load("env=carla", "env.view=bev")
+    assert load("env=carla").env.view == "bev"  # the embedded simulator's default: CARLA ignores it
+
+
+def test_carla_warns_that_it_ignores_a_changed_view(caplog: pytest.LogCaptureFixture) -> None:
+    from av_td3.envs import backends
+
+    with caplog.at_level(logging.WARNING):
+        assert backends.warn_ignored(load("env=carla", "env.view=world").env) == ["env.view"]
+    assert "env.view" in caplog.text and "ignored by env.name=carla" in caplog.text
