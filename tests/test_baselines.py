@@ -125,15 +125,15 @@ def test_scripted_exploits_score_below_the_pid_baseline(name: str, policy, pid_r
     assert episode_return(policy) < pid_return, f"'{name}' games the reward"
 
 
-@pytest.mark.parametrize("arm, name, clip, critics", [("td3", "td3", 1.0, 2), ("td3_noclip", "td3", None, 2),
-                                                       ("ddpg", "ddpg", 1.0, 1), ("pid", "pid", 1.0, 2)])
+@pytest.mark.parametrize("arm, name, clip, critics", [("td3", "td3", 1.5, 2), ("td3_noclip", "td3", None, 2),
+                                                       ("ddpg", "ddpg", 1.5, 1), ("pid", "pid", 1.5, 2)])
 def test_td3_components_arms_are_whole_configurations(arm: str, name: str, clip, critics: int) -> None:
     cfg = load(f"arm={arm}")
     assert (cfg.agent.name, cfg.agent.clip.actor, cfg.agent.num_critics) == (name, clip, critics)
 
 
-@pytest.mark.parametrize("arm, mode, actor", [("td3_noclip", "norm", None), ("td3", "norm", 1.0),
-                                              ("td3_adaptive", "adaptive", 1.0), ("td3_zscore", "zscore", 1.0)])
+@pytest.mark.parametrize("arm, mode, actor", [("td3_noclip", "norm", None), ("td3", "norm", 1.5),
+                                              ("td3_adaptive", "adaptive", 1.5), ("td3_zscore", "zscore", 1.5)])
 def test_clip_study_arms_set_the_clip_mode(arm: str, mode: str, actor) -> None:
     cfg = load(f"arm={arm}")
     assert (cfg.agent.name, cfg.agent.clip.mode, cfg.agent.clip.actor) == ("td3", mode, actor)

@@ -73,12 +73,12 @@ def test_probability_of_improvement_ci_by_hand() -> None:
 def test_grouping_drops_seed_and_non_config_overrides(tmp_path: Path) -> None:
     common = ["debug=smoke", "experiment=clip_ablation", "trainer.torch_threads=2"]
     write_sweep(tmp_path / "sweep", [([*common, "agent.clip.actor=null"], 0), ([*common, "agent.clip.actor=null"], 1),
-                                     (common, 0), (common, 1), ([*common, "agent.clip.actor=1"], 2)])
+                                     (common, 0), (common, 1), ([*common, "agent.clip.actor=1.50"], 2)])
     groups, warnings, shared = group_runs(find_runs(tmp_path / "sweep"))
     assert shared == []  # the common overrides here are all non-config ones, dropped anyway
-    # `=1` is the default's value: the same configuration, so one group, named as most of its runs were launched
+    # `=1.50` is the default's value: the same configuration, so one group, named as most of its runs were launched
     assert {g.label: len(g.runs) for g in groups} == {"agent.clip.actor=null": 2, "default": 3}
-    assert warnings == ["group `default` pools runs launched as agent.clip.actor=1.0, default: their "
+    assert warnings == ["group `default` pools runs launched as agent.clip.actor=1.5, default: their "
                         "configurations are the same"]
     assert default_baseline(groups).label == "default"  # fewest overrides among the default-limit groups
 
@@ -87,8 +87,8 @@ def test_grouping_from_config_when_overrides_are_missing(tmp_path: Path) -> None
     for i, overrides in enumerate([["agent.clip.critic=5.0"], ["agent.clip.critic=5.0"], []]):
         (write_run(tmp_path / f"run{i}", overrides, seed=i) / ".hydra" / "overrides.yaml").unlink()
     groups, _, _ = group_runs(find_runs(tmp_path))
-    assert {g.label: len(g.runs) for g in groups} == {"agent.clip.critic=5.0": 2, "agent.clip.critic=10.0": 1}
-    assert default_baseline(groups).label == "agent.clip.critic=10.0"
+    assert {g.label: len(g.runs) for g in groups} == {"agent.clip.critic=5.0": 2, "agent.clip.critic=200.0": 1}
+    assert default_baseline(groups).label == "agent.clip.critic=200.0"
 
 
 def test_overrides_every_run_shares_are_left_out_of_the_labels(tmp_path: Path) -> None:
@@ -144,9 +144,9 @@ def test_norm_scale_binding_and_verdicts_are_reported(tmp_path: Path, capsys: py
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     csv = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index("group")
-    assert csv.loc["default", "critic_norm_p50"] == pytest.approx(0.9 * 20.0)  # 0.9 x the fixture's total norm
+    assert csv.loc["default", "critic_norm_p50"] == pytest.approx(0.9 * 400.0)  # 0.9 x the fixture's total norm
     assert csv.loc["default", "critic_spikes_per_1k"] == 0.0
-    assert "| 18/26/29 |" in printed  # critic norm p50/p90/p99 next to its clipping
+    assert "| 360/520/580 |" in printed  # critic norm p50/p90/p99 next to its clipping
     assert ("`default`: the critic's limit binds on 100% of updates: its clipping acts as gradient normalisation"
             in printed)
     assert "`default`: the actor's limit never binds (0% of updates clipped)" in printed
@@ -223,7 +223,7 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert unclipped["stopped"] == 1 and unclipped["alerts"] == 2
     # Paired by seed? No: the unclipped group has a 4th seed (its stopped run has a last eval return).
     assert unclipped["n_return"] == 4 and not unclipped["paired"]
-    assert np.isnan(unclipped["actor_clip_limit"]) and default["actor_clip_limit"] == 1.0
+    assert np.isnan(unclipped["actor_clip_limit"]) and default["actor_clip_limit"] == 1.5
 
     assert "10 (n=1, no interval)" in md and "agent.clip.critic=5.0,seed=1: crashed" in md
     assert "seed=9: crashed at step 100 of 300" in md and "seed=8: running at step 150 of 300" in md
@@ -297,7 +297,7 @@ def test_a_controller_without_gradients_is_labelled_so(tmp_path: Path) -> None:
     summary = summarize(find_runs(tmp_path), baseline="agent=pid")
     cells = {row["group"]: _cells(row) for row in summary.table.to_dict("records")}
     assert cells["agent=pid"]["actor clipping"] == cells["agent=pid"]["critic clipping"] == "no gradients logged"
-    assert cells["default"]["critic clipping"].endswith("(limit 10)")
+    assert cells["default"]["critic clipping"].endswith("(limit 200)")
 
 
 def test_a_baseline_evaluated_once_is_drawn_as_a_level(tmp_path: Path) -> None:
@@ -324,6 +324,7 @@ def test_a_run_made_under_an_older_default_is_labelled_with_it(tmp_path: Path, m
     what the run was."""
     from av_td3 import rundir
 
+    monkeypatch.delitem(rundir.DEFAULTS_CHANGED, "agent.clip.critic", raising=False)  # as before it changed
     write_run(tmp_path / "old", ["env.lead_vehicle=false", "agent.clip.critic=5"], seed=0)
     write_run(tmp_path / "arm", ["arm=td3_noclip", "agent.clip.critic=5"], seed=0)
     for path in (tmp_path / "old", tmp_path / "arm"):  # ran at critic 5 when that was the default: no override

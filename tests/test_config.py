@@ -24,7 +24,7 @@ def load(*overrides: str) -> Config:
 
 def test_defaults_compose_with_the_public_key_names() -> None:
     cfg = load()
-    assert cfg.agent.clip.actor == 1.0 and cfg.agent.clip.critic == 10.0 and cfg.agent.policy_freq == 2
+    assert cfg.agent.clip.actor == 1.5 and cfg.agent.clip.critic == 200.0 and cfg.agent.policy_freq == 2
     assert cfg.env.name == "highway" and cfg.env.town == "racetrack"
     assert cfg.logger.tensorboard is not None and cfg.logger.csv is not None and cfg.logger.wandb is None
     for key in ("total_steps", "learning_starts", "eval_every", "eval_episodes", "checkpoint_every", "log_every",

@@ -68,7 +68,7 @@ def test_smoke_run_logs_the_tag_schema_with_working_clipping(smoke_run) -> None:
     assert not [t for t in tags if t.startswith("grad/actor/cnn/")], "zeros logged for a CNN the actor lacks"
     last = lambda tag: df[df.tag == tag]["value"]  # noqa: E731
     assert last("grad/actor/total/after_clip_max").max() <= 1.0 * (1 + 1e-4)
-    assert last("grad/critic/total/after_clip_max").max() <= 10.0 * (1 + 1e-4)
+    assert last("grad/critic/total/after_clip_max").max() <= 200.0 * (1 + 1e-4)  # the default limit
     actor, critic = last("grad/actor/updates").sum(), last("grad/critic/updates").sum()
     assert critic >= 100
     assert abs(actor - critic / 2) <= 1
