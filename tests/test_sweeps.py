@@ -253,7 +253,7 @@ def test_ablation_sweep_runs_every_job_into_its_own_folder(ablation) -> None:
     sweep_dir, proc, _ = ablation
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected = {job_name(f"agent.clip.actor={a}", f"agent.clip.critic={c}", f"seed={s}", *SHORT)
-                for a, c, s in product(["1.0", "null"], ["10.0", "null"], [0, 1])}
+                for a, c, s in product(["1.5", "null"], ["200.0", "null"], [0, 1])}
     jobs = {p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()}
     assert jobs == expected
     for name in jobs:

@@ -36,8 +36,8 @@ def test_healthy_run_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 BREAKAGES: dict[str, tuple[Callable[[Scalars], Scalars], str]] = {
-    "after_clip_max above limit": (lambda s: _set(s, "grad/actor/total/after_clip_max", 1.01),
-                                   "grad/actor/total/after_clip_max = 1.01 at step 300 exceeds the limit 1"),
+    "after_clip_max above limit": (lambda s: _set(s, "grad/actor/total/after_clip_max", 1.52),
+                                   "grad/actor/total/after_clip_max = 1.52 at step 300 exceeds the limit 1.5"),
     "nan scalar": (lambda s: _set(s, "train/critic_loss", float("nan"), 2),
                    "diverged: non-finite train/critic_loss at step 150"),
     "inf scalar": (lambda s: _set(s, "grad/critic/mlp/before_clip", float("inf")), "diverged: non-finite"),
@@ -65,7 +65,7 @@ def test_each_check_fails_on_its_breakage(tmp_path: Path, capsys: pytest.Capture
 
 def test_tolerance_comes_from_the_runs_config(tmp_path: Path) -> None:
     # 1.01 x the limit passes under monitor.tolerance=0.02 and fails under the default 1e-4.
-    scalars = _set(healthy_scalars(make_config()), "grad/actor/total/after_clip_max", 1.01)
+    scalars = _set(healthy_scalars(make_config()), "grad/actor/total/after_clip_max", 1.01 * 1.5)
     assert check_run(find_runs(write_run(tmp_path / "loose", ["monitor.tolerance=0.02"], scalars=scalars))[0]).ok
     assert not check_run(find_runs(write_run(tmp_path / "strict", scalars=scalars))[0]).ok
 
@@ -140,11 +140,11 @@ def test_pid_baseline_has_no_network_checks(tmp_path: Path) -> None:
 def test_more_than_10000_points_are_read_completely(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scalars = healthy_scalars(make_config())
     # EventAccumulator's default reservoir keeps 10,000 points per tag; the one bad point must not be sampled out.
-    scalars["grad/critic/total/after_clip_max"] = [(i, 15.0 if i == 15_000 else 9.0) for i in range(16_000)]
+    scalars["grad/critic/total/after_clip_max"] = [(i, 215.0 if i == 15_000 else 190.0) for i in range(16_000)]
     run = write_run(tmp_path / "run", scalars=scalars)
     assert len(series(find_runs(run)[0].scalars, "grad/critic/total/after_clip_max")) == 16_000
     assert main(["validate", str(run)]) == 1
-    assert "grad/critic/total/after_clip_max = 15 at step 15000" in capsys.readouterr().out
+    assert "grad/critic/total/after_clip_max = 215 at step 15000" in capsys.readouterr().out
 
 
 def test_resumed_run_uses_the_last_value_per_step(tmp_path: Path) -> None:
@@ -200,10 +200,10 @@ def test_missing_subcommand_is_usage_error() -> None:
 
 
 def test_event_file_inside_a_run_uses_the_runs_limits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    scalars = _set(healthy_scalars(make_config()), "grad/actor/total/after_clip_max", 1.5)
+    scalars = _set(healthy_scalars(make_config()), "grad/actor/total/after_clip_max", 2.0)
     (event_file,) = (write_run(tmp_path / "run", scalars=scalars) / "tb").iterdir()
     assert main(["validate", str(event_file)]) == 1
-    assert "exceeds the limit 1" in capsys.readouterr().out
+    assert "exceeds the limit 1.5" in capsys.readouterr().out
 
 
 def test_bare_event_file_checks_only_finiteness(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
