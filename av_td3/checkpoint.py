@@ -7,6 +7,11 @@ cannot run code when it is read. :func:`plain` converts numpy arrays and scalars
 objects then, so a checkpoint that could not be read back safely is never written. Files that need a full
 unpickle (those of format 1, written before 2026-12, hold numpy arrays) are refused unless the user sets
 ``trainer.trust_checkpoint=true``.
+
+Writing a checkpoint need not stall training: :meth:`CheckpointManager.save_in_background` compresses and writes
+in a background thread, one write at a time, while the caller goes on with copies taken by ``plain(copy=True)``
+and :meth:`av_td3.replay.ReplayBuffer.snapshot`; :meth:`CheckpointManager.wait` waits for the file and raises the
+error the write failed with in the caller's thread.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import pickle
 import re
 import secrets
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +36,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 
-_PLAIN_SCALARS = (str, bytes, int, float, bool, type(None), torch.Tensor)
+_PLAIN_SCALARS = (str, bytes, int, float, bool, type(None))
 
 
 class CheckpointError(RuntimeError):
@@ -42,29 +48,35 @@ class UnsafeCheckpointError(CheckpointError):
     skipped in favour of an older checkpoint: the user decides (delete it, or trust it explicitly)."""
 
 
-def plain(obj: Any, where: str = "checkpoint") -> Any:
+def plain(obj: Any, where: str = "checkpoint", copy: bool = False) -> Any:
     """``obj`` with numpy arrays turned into tensors (same dtype and shape) and numpy scalars into Python ones,
     so that ``torch.load(weights_only=True)`` reads it back; containers left as they are when nothing in them
     changed (a module's state dict keeps its ``_metadata``). ``where`` names the entry in error messages.
+
+    ``copy=True`` takes a snapshot: every tensor cloned (on its own device), every array copied and every
+    container rebuilt, so that later in-place changes to ``obj``'s contents (an optimizer step, a training
+    step's writes) do not reach the result, which can then be written while training goes on.
 
     Raises TypeError for any other type: it would make the checkpoint unreadable without a full unpickle."""
     if isinstance(obj, np.generic):  # before the scalars: np.float64 is a float subclass, pickled as numpy's
         return obj.item()
     if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
+        return torch.from_numpy(np.array(obj, order="C") if copy else np.ascontiguousarray(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone() if copy else obj
     if isinstance(obj, _PLAIN_SCALARS):
         return obj
     if type(obj) in (dict, collections.OrderedDict):
-        items = [(plain(k, f"{where} key"), plain(v, f"{where}[{k!r}]")) for k, v in obj.items()]
-        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items())):
+        items = [(plain(k, f"{where} key", copy), plain(v, f"{where}[{k!r}]", copy)) for k, v in obj.items()]
+        if not copy and all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items())):
             return obj
         out = type(obj)(items)
         if hasattr(obj, "_metadata"):  # nn.Module.state_dict() versions its modules' entries here
             out._metadata = obj._metadata
         return out
     if type(obj) in (list, tuple):
-        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        return obj if all(v is v0 for v, v0 in zip(items, obj)) else type(obj)(items)
+        items = [plain(v, f"{where}[{i}]", copy) for i, v in enumerate(obj)]
+        return obj if not copy and all(v is v0 for v, v0 in zip(items, obj)) else type(obj)(items)
     raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
                     "tensors, numpy arrays and plain values (dict, list, tuple, str, int, float, bool, None) so "
                     "that it loads without unpickling code: convert it to one of those in its state_dict().")
@@ -103,19 +115,61 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
 
 
 class CheckpointManager:
-    """``<dir>/step_<N>.pt`` files plus a ``latest`` text file naming the newest complete one."""
+    """``<dir>/step_<N>.pt`` files plus a ``latest`` text file naming the newest complete one.
+
+    One writer per directory: :meth:`save` and :meth:`save_in_background` first wait for the write in flight, so
+    at most one runs at a time (each also clears the temporary files a killed process left)."""
 
     def __init__(self, directory: Path, keep: int) -> None:
         self.dir = directory
         self.keep = keep
+        self._writing: threading.Thread | None = None
+        self._error: BaseException | None = None  # what the last background write failed with, until wait()
+
+    def path(self, step: int) -> Path:
+        """The file the checkpoint of env step ``step`` is written to."""
+        return self.dir / f"step_{step:010d}.pt"
 
     def save(self, state: dict, step: int) -> Path:
-        """Write ``state`` (tensors, numpy arrays and plain values; see :func:`plain`) as ``step_<step>.pt``."""
+        """Write ``state`` (tensors, numpy arrays and plain values; see :func:`plain`) as ``step_<step>.pt`` now,
+        in this thread, after the write in flight (whose error it raises)."""
+        self.wait()
+        return self._write(state, step)
+
+    def save_in_background(self, make_state: Callable[[], dict], step: int,
+                           written: Callable[[Path], Any] = lambda path: None) -> Path:
+        """Write ``make_state()`` as ``step_<step>.pt`` in a background thread, then call ``written(path)`` there;
+        return the path at once. ``make_state`` runs in that thread while the caller goes on, so it may read only
+        what the caller no longer changes (copies). Waits first for the write in flight and raises its error.
+        ``latest`` names the new file only once it is complete; :meth:`wait` waits for that."""
+        self.wait()
+        self._writing = threading.Thread(target=self._write_in_background, args=(make_state, step, written),
+                                         name=f"checkpoint-{step}")
+        self._writing.start()
+        return self.path(step)
+
+    def wait(self) -> None:
+        """Block until the background write in flight, if any, is complete; raise the error it failed with (once:
+        a failed write is reported to one caller)."""
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write_in_background(self, make_state: Callable[[], dict], step: int, written: Callable[[Path], Any]) -> None:
+        try:
+            written(self._write(make_state(), step))
+        except BaseException as err:  # raised in the caller's thread by wait()
+            self._error = err
+
+    def _write(self, state: dict, step: int) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob(".*.tmp"):  # left by a process killed mid-write; one trainer writes this dir
+        for stale in self.dir.glob(".*.tmp"):  # left by a process killed mid-write; one writer at a time here
             stale.unlink(missing_ok=True)
         safe = plain({"format": FORMAT_VERSION, **state})
-        path = self.dir / f"step_{step:010d}.pt"
+        path = self.path(step)
         atomic_write_bytes(path, lambda f: torch.save(safe, f))
         atomic_write_bytes(self.dir / "latest", lambda f: f.write(path.name.encode()))
         for old in self.all()[:-self.keep]:

@@ -182,7 +182,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="output folder (default: a new outputs/bench/<timestamp>/)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--only", default=None, metavar="SECTIONS",
-                   help="comma-separated subset of update,replay,env,e2e (default: all)")
+                   help="comma-separated subset of update,replay,env,e2e,checkpoint (default: all)")
     p.add_argument("overrides", nargs="*", metavar="OVERRIDES",
                    help="config overrides for the default-configuration rows, as for training (e.g. "
                         "agent.batch_size=64 env.image.height=84)")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -294,9 +296,31 @@ class ReplayBuffer:
         holds (a stream fills its slots in order until it wraps, so the slots past its size were never written).
         Each row field is zlib-compressed (level 1) in chunks of ``_CHECKPOINT_CHUNK_BYTES``: rendered uint8
         frames shrink ~17x at ~200 MB/s. About 4.2 MB per 1k rows of 64x64 frames before compression."""
+        return _packed(self._filled(copy=False))
+
+    def snapshot(self) -> Callable[[], dict]:
+        """:meth:`state_dict` in two halves, for a checkpoint written while training goes on: now, a copy of the
+        filled rows and the pointers (a memory copy, ~4.2 MB per 1k rows of 64x64 frames); the returned function
+        then compresses that copy into exactly what :meth:`state_dict` returned at this moment, whatever the
+        buffer stored since (call it once, e.g. in a background thread).
+
+        When the copy would take more than ``MEMORY_SHARE`` of the available memory, the rows are compressed now
+        instead (in bounded chunks, as :meth:`state_dict` does): slower for the caller, but never a second
+        full-size buffer in memory."""
+        filled = int(self._size.max())
+        copy_bytes = sum(rows[:, :filled].nbytes for rows in self._rows.values())
+        if copy_bytes > MEMORY_SHARE * psutil.virtual_memory().available:
+            packed = self.state_dict()
+            return lambda: packed
+        return partial(_packed, self._filled(copy=True))
+
+    def _filled(self, copy: bool) -> dict:
+        """:meth:`state_dict` with the row fields uncompressed: ``[num_envs, filled, ...]`` views of the buffer's
+        arrays, or copies of them (``copy``)."""
         filled = int(self._size.max())
         return {"rows_per_env": self.rows_per_env, "filled": filled,
-                "rows": {name: _pack(rows[:, :filled]) for name, rows in self._rows.items()},
+                "rows": {name: rows[:, :filled].copy() if copy else rows[:, :filled]
+                         for name, rows in self._rows.items()},
                 "ptr": torch.from_numpy(self._ptr.copy()), "size": torch.from_numpy(self._size.copy()),
                 "needs_start": torch.from_numpy(self._needs_start.copy()), "rng": self._rng.bit_generator.state}
 
@@ -330,6 +354,11 @@ class ReplayBuffer:
 # Raw bytes per compressed chunk of a checkpointed row field: small enough that packing and unpacking never hold a
 # second copy of a large field, large enough that zlib's 32 KB window and the per-chunk overhead don't matter.
 _CHECKPOINT_CHUNK_BYTES = 16 << 20
+
+
+def _packed(state: dict) -> dict:
+    """A :meth:`ReplayBuffer._filled` state with each row field compressed by :func:`_pack`."""
+    return {**state, "rows": {name: _pack(rows) for name, rows in state["rows"].items()}}
 
 
 def _pack(a: np.ndarray) -> dict:

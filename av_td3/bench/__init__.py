@@ -12,7 +12,9 @@ it (plus ``BenchConfig.overrides``), so they follow the defaults when those chan
 * ``e2e/default``: a real training run at that configuration; ``e2e/default_sb3``: Stable-Baselines3's
   ``TD3.learn()`` on the same registered env (``av_td3/Highway-v0``) and sizes, right after it in the same process;
 * the phase breakdown of ``e2e/default``'s training steps (act, env step, store, sample, critic, actor, target,
-  monitor, log, ...), timed by an :class:`av_td3.timing.PhaseTimer` the trainer and the agent lap.
+  monitor, log, ...), timed by an :class:`av_td3.timing.PhaseTimer` the trainer and the agent lap;
+* ``checkpoint/default_stall``, ``_write``, ``_size``: what a checkpoint with a full default-size replay buffer
+  costs: the time ``Trainer.save_checkpoint`` holds the loop, the time until the file is complete, its size.
 
 Secondary rows keep the fixed sizes of the earlier issue (``BenchConfig.height`` ... ``batch_size``), written as a
 training config of those sizes; every agent is built from a config by the trainer's own builders. Each row is
@@ -24,6 +26,7 @@ Modules, one concern each (imports point down the list):
 * :mod:`~av_td3.bench.run`: :func:`run_bench`, the entry: runs the sections, writes the files;
 * :mod:`~av_td3.bench.updates`: ``update/*`` and ``matmul/*``; :mod:`~av_td3.bench.replay`: ``replay/*``;
   :mod:`~av_td3.bench.env`: ``env/*``; :mod:`~av_td3.bench.e2e`: ``e2e/*`` and the phase breakdown;
+  :mod:`~av_td3.bench.checkpoint`: ``checkpoint/*``;
 * :mod:`~av_td3.bench.report`: ratios and the markdown table;
 * :mod:`~av_td3.bench.sb3`: the Stable-Baselines3 side (benchmark-only extra ``pip install '.[bench]'``);
 * :mod:`~av_td3.bench.config`: :class:`BenchConfig`, presets, the training configs rows are built from;

@@ -58,7 +58,12 @@ class BenchConfig:
     e2e_max_episode_steps: int = 200
     e2e_encoder: str = "separate"
     e2e_num_envs: tuple[int, ...] = (1, 2)  # one run each: env.num_envs=1, and simulators in worker processes
-    sections: tuple[str, ...] = ("update", "replay", "env", "e2e")
+    # checkpoint rows: a trainer at the default configuration, its replay buffer full (checkpoint_buffer_size rows;
+    # None: the configuration's agent.buffer_size) of checkpoint_env_steps rendered env steps, cycled
+    checkpoint_buffer_size: int | None = None
+    checkpoint_env_steps: int = 200
+    checkpoint_reps: int = 3
+    sections: tuple[str, ...] = ("update", "replay", "env", "e2e", "checkpoint")
 
 
 def preset(quick: bool) -> BenchConfig:
@@ -70,7 +75,7 @@ def preset(quick: bool) -> BenchConfig:
                        update_rows=("default", "default_bf16", "ours_separate", "ours_separate_monitor_off",
                                     "ours_shared", "sb3"),
                        env_steps_per_rep=150, e2e_total_steps=120, e2e_learning_starts=40, e2e_log_every=40,
-                       e2e_max_episode_steps=100, e2e_num_envs=(1,))
+                       e2e_max_episode_steps=100, e2e_num_envs=(1,), checkpoint_reps=2)
 
 
 # ---------------------------------------------------------------------------------------------- the default rows

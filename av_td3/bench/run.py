@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from av_td3.bench.checkpoint import bench_checkpoint
 from av_td3.bench.config import BenchConfig
 from av_td3.bench.e2e import bench_e2e
 from av_td3.bench.env import bench_env
@@ -27,9 +28,9 @@ def default_out() -> Path:
 
 def run_bench(cfg: BenchConfig, out: Path, quick: bool = False,
               say: Callable[[str], None] = lambda s: print(s, flush=True)) -> BenchResult:
-    """Run the sections of ``cfg.sections`` (update, replay, env, e2e, in that order), write ``out/bench.json``
-    and ``out/bench.md``, return the result. ``quick`` is recorded only (``cfg`` already holds the preset);
-    ``say`` receives one line per finished section."""
+    """Run the sections of ``cfg.sections`` (update, replay, env, e2e, checkpoint, in that order), write
+    ``out/bench.json`` and ``out/bench.md``, return the result. ``quick`` is recorded only (``cfg`` already holds
+    the preset); ``say`` receives one line per finished section."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -46,6 +47,8 @@ def run_bench(cfg: BenchConfig, out: Path, quick: bool = False,
         bench_env(cfg, result, say)
     if "e2e" in cfg.sections:
         bench_e2e(cfg, out, result, say)
+    if "checkpoint" in cfg.sections:
+        bench_checkpoint(cfg, out, result, say)
     result.machine["load_avg_1m_at_end"] = load_avg()
     result.ratios = compute_ratios(result)
     (out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2))

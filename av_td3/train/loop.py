@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from av_td3 import bounds, loggers
 from av_td3.agent.monitor import NonFiniteError
-from av_td3.checkpoint import CheckpointManager
+from av_td3.checkpoint import CheckpointManager, plain
 from av_td3.config import Config, ConfigError
 from av_td3.envs import backend
 from av_td3.envs.base import SimulatorLostError
@@ -219,6 +219,7 @@ class Trainer:
         start, wall0 = time.perf_counter(), self.summary.wall_s
         try:
             self._loop()
+            self.ckpt.wait()  # the final checkpoint is complete, or its error fails the run
             self.summary.status = "completed"
         except NonFiniteError as err:
             self.summary.nan_guard = {"triggered": True, "quantity": err.quantity, "step": err.step}
@@ -242,6 +243,7 @@ class Trainer:
             self.summary.status, self.summary.reason = "failed", f"{type(err).__name__}: {err}"
             raise
         finally:
+            self._wait_for_checkpoint()  # before the signal handlers go: a signal now cannot cut the write short
             self.signals.restore()
             summary.close(self.summary, self.step, wall0 + time.perf_counter() - start, self.agent.health(),
                           worst_return=-self.reward_bound * cfg.env.max_episode_steps)
@@ -258,6 +260,7 @@ class Trainer:
         """A stop on purpose: record it, checkpoint, and log what the agent measured since the last interval."""
         self.summary.status, self.summary.reason = "stopped", reason
         self.save_checkpoint()
+        self.ckpt.wait()  # written before the stop is reported (a requeued job resumes from it at once)
         self._flush_metrics()
 
     def _flush_metrics(self) -> None:
@@ -276,14 +279,30 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- checkpoint and resume
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "episodes": self.episodes, "agent": self.agent.state_dict(),
-                 "final_eval": self.summary.final_eval, "compat": resume.compat(self.cfg, self.spec),
-                 "wall_s": self.summary.wall_s, "rng": resume.rng_state(self.rng)}
-        if self.cfg.trainer.checkpoint_buffer and self.buffer is not None:
-            state["buffer"] = self.buffer.state_dict()
-        path = self.ckpt.save(state, self.step)
-        log.info("checkpoint written: %s", path)
-        return path
+        """Checkpoint the state at this step; return the path the file gets. The loop waits only for copies of
+        what later steps change (the agent's tensors, the replay buffer's filled rows); compressing and writing
+        the file run in a background thread, one write at a time (the previous one is waited for first, and its
+        error raised here). :meth:`train` waits for the last one on every way out."""
+        self.ckpt.wait()  # before the copies: never two snapshots of the buffer in memory
+        state = plain({"step": self.step, "episodes": self.episodes, "agent": self.agent.state_dict(),
+                       "final_eval": self.summary.final_eval, "compat": resume.compat(self.cfg, self.spec),
+                       "wall_s": self.summary.wall_s, "rng": resume.rng_state(self.rng)}, copy=True)
+        pack_buffer = (self.buffer.snapshot() if self.cfg.trainer.checkpoint_buffer and self.buffer is not None
+                       else None)
+
+        def make_state() -> dict:  # in the background thread: compress the buffer's copy
+            return state if pack_buffer is None else {**state, "buffer": pack_buffer()}
+
+        return self.ckpt.save_in_background(make_state, self.step,
+                                            lambda path: log.info("checkpoint written: %s", path))
+
+    def _wait_for_checkpoint(self) -> None:
+        """On the way out with an error already raised: let the write in flight finish (the process may exit
+        next), logging its own failure rather than raising it over the error that stopped the run."""
+        try:
+            self.ckpt.wait()
+        except Exception:
+            log.exception("the checkpoint being written in the background failed")
 
     def _resume(self) -> None:
         t = self.cfg.trainer
