@@ -33,7 +33,7 @@ def trained_config(*overrides: str) -> Config:
 TINY_DEFAULT = ("agent.batch_size=8", "agent.features_dim=16", "agent.hidden_dim=32", "env.image.stack=2",
                 "env.npcs=2")
 DEFAULT_ROWS = ["update/default", "update/default_monitor_off", "matmul/sgemm_2048", "e2e/default",
-                "e2e/default_sb3"]
+                "e2e/default_sb3", "checkpoint/default_stall", "checkpoint/default_write", "checkpoint/default_size"]
 PHASES = {"act", "env_step", "store", "sample", "critic", "actor", "target", "monitor", "log"}
 ROWS = DEFAULT_ROWS + ["update/ours_separate", "update/ours_separate_monitor_off", "update/ours_shared", "update/sb3",
         "replay/ours", "replay/reference", "replay/sb3", "replay/sb3_optimize_memory_usage",
@@ -56,7 +56,8 @@ def tiny(**kw) -> bench.BenchConfig:
     cfg = bench.BenchConfig(height=64, width=64, stack=2, batch_size=8, features_dim=16, hidden_dim=32,
                             update_reps=2, updates_per_rep=2, warmup_updates=1, fill=40, replay_capacity=50,
                             npcs=2, env_reps=2, env_steps_per_rep=5, e2e_total_steps=24, e2e_learning_starts=8,
-                            e2e_log_every=8, e2e_max_episode_steps=20, overrides=TINY_DEFAULT)
+                            e2e_log_every=8, e2e_max_episode_steps=20, checkpoint_buffer_size=300,
+                            checkpoint_env_steps=20, checkpoint_reps=2, overrides=TINY_DEFAULT)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg
@@ -148,6 +149,19 @@ def test_default_rows_follow_the_config_and_its_overrides(tiny_run) -> None:
         assert "agent.precision=bf16" in result.row("update/default_bf16").note
     assert "monitor on" in result.row("update/default").note
     assert "monitor.enabled=false" in result.row("update/default_monitor_off").note
+
+
+def test_checkpoint_rows_time_the_trainers_checkpoint_of_a_full_buffer(tiny_run) -> None:
+    result, out, _ = tiny_run
+    stall, write = result.row("checkpoint/default_stall"), result.row("checkpoint/default_write")
+    size = result.row("checkpoint/default_size")
+    assert (stall.unit, write.unit, size.unit) == ("s", "s", "MB") and len(stall.values) == 2
+    # both clocks start at the same call: the file is complete only after save_checkpoint returned
+    assert all(0 < s <= w for s, w in zip(stall.values, write.values))
+    assert "agent.buffer_size=300 full (" in stall.note and "2x64x64 frames" in stall.note
+    (path,) = (out / "checkpoint_default" / "checkpoints").glob("step_*.pt")
+    assert size.values[-1] == pytest.approx(path.stat().st_size / 1e6)
+    assert "buffer" in torch.load(path, weights_only=True)
 
 
 def test_default_config_is_the_one_training_uses() -> None:
