@@ -107,9 +107,7 @@ def bench_checkpoint(cfg: BenchConfig, out: Path, result: BenchResult, say: Call
                 write.append(time.perf_counter() - start)
                 size.append(path.stat().st_size / 1e6)
         finally:
-            trainer.envs.close()
-            if not trainer.eval_shares_env:
-                trainer.eval_env.close()
+            trainer.close_envs()
     what = (f"{describe_default(conf)}, agent.buffer_size={a.buffer_size} full ({len(trainer.buffer)} "
             f"transitions, {cfg.checkpoint_env_steps} rendered env steps cycled), "
             f"trainer.checkpoint_buffer={str(conf.trainer.checkpoint_buffer).lower()}")

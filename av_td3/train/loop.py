@@ -251,10 +251,14 @@ class Trainer:
             if self.summary.final_eval is not None:
                 self.logger.log_final(summary.flat_hparams(cfg), self.summary.final_eval)
             self.logger.close()
-            self.envs.close()
-            if not self.eval_shares_env:
-                self.eval_env.close()
+            self.close_envs()
         return self.summary
+
+    def close_envs(self) -> None:
+        """Close the training envs and the evaluation env (unless it is the training env itself)."""
+        self.envs.close()
+        if not self.eval_shares_env:
+            self.eval_env.close()
 
     def _stop(self, reason: str) -> None:
         """A stop on purpose: record it, checkpoint, and log what the agent measured since the last interval."""
