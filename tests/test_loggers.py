@@ -213,3 +213,33 @@ def test_all_four_backends_offline_write_only_inside_run_dir(tmp_path: Path) -> 
     assert [m.step for m in mlflow_client(run_dir).get_metric_history(run_id, "train/loss")] == [0, 10, 20, 30, 40]
     # Nothing chatty on the console: at most MLflow's one-off notes on creating its database tables.
     assert "wandb:" not in proc.stdout + proc.stderr
+
+
+# -------------------------------------------------------------------------------------------------------------- csv
+def csv_rows(path: Path) -> list[list[str]]:
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_csv_resume_drops_a_torn_last_line(tmp_path: Path) -> None:
+    from av_td3.config import CsvConfig
+    from av_td3.loggers.csv import CsvBackend
+
+    exercise(CsvBackend(CsvConfig(), tmp_path, None), range(0, 20, 10))
+    with open(tmp_path / "scalars.csv", "a") as f:
+        f.write("15,train/loss,")  # a process killed mid-write
+    exercise(CsvBackend(CsvConfig(), tmp_path, purge_step=20), range(20, 40, 10))
+    assert csv_rows(tmp_path / "scalars.csv") == [["step", "tag", "value"]] + [
+        [str(s), "train/loss", repr(s / 10)] for s in (0, 10, 20, 30)]
+
+
+@pytest.mark.parametrize("purge_step", [None, 0])
+def test_csv_resume_into_an_empty_file_writes_the_header(tmp_path: Path, purge_step: int | None) -> None:
+    from av_td3.config import CsvConfig
+    from av_td3.loggers.csv import CsvBackend
+
+    (tmp_path / "scalars.csv").touch()  # a run killed before its first row reached the disk
+    exercise(CsvBackend(CsvConfig(), tmp_path, purge_step), range(0, 20, 10))
+    assert csv_rows(tmp_path / "scalars.csv") == [["step", "tag", "value"], ["0", "train/loss", "0.0"],
+                                                  ["10", "train/loss", "1.0"]]

@@ -13,22 +13,37 @@ import numpy as np
 from av_td3.config import CsvConfig
 
 
+HEADER = ["step", "tag", "value"]
+
+
+def _complete(row: list[str]) -> bool:
+    """Whether a row is a whole ``step,tag,value`` line (a process killed mid-write can leave a torn last line)."""
+    if len(row) != 3:
+        return False
+    try:
+        int(row[0]), float(row[2])
+    except ValueError:
+        return False
+    return True
+
+
 class CsvBackend:
     def __init__(self, cfg: CsvConfig, run_dir: Path, purge_step: int | None) -> None:
         self.path = run_dir / cfg.filename
         if purge_step is not None and self.path.exists():
             self._purge(purge_step)
-        new = not self.path.exists()
+        # An empty file (a run killed before its first row was flushed) gets its header like a new one.
+        new = not self.path.exists() or self.path.stat().st_size == 0
         self._file = open(self.path, "a", newline="")
         self._writer = csv.writer(self._file)
         if new:
-            self._writer.writerow(["step", "tag", "value"])
+            self._writer.writerow(HEADER)
 
     def _purge(self, purge_step: int) -> None:
         """Drop rows logged at or after ``purge_step`` (by a process killed after its last checkpoint)."""
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
-        kept = [rows[0]] + [r for r in rows[1:] if len(r) == 3 and int(r[0]) < purge_step]
+        kept = [HEADER] + [r for r in rows[1:] if _complete(r) and int(r[0]) < purge_step]
         # A fresh file under a random name next to the CSV, created exclusively (never an existing file or a
         # planted link; mode from the umask), renamed over it: a crash leaves the old CSV or the purged one.
         tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
