@@ -1,5 +1,6 @@
-"""The lean TD3 update (foreach Polyak/clipping, device-side monitoring, reused features, channels_last) is the
-same TD3 update as a plain, loop-based reference written here; and both encoder modes learn a toy task.
+"""The lean TD3 update (foreach Polyak/clipping, device-side monitoring, reused features, channels_last, the
+gather-based random shift of ``agent.augment=shift``) is the same TD3 update as a plain, loop-based reference
+written here (per-sample replicate-pad-and-crop for the shift); and both encoder modes learn a toy task.
 
 The reference follows the agent's documented design (av_td3/agent/td3.py): the actor loss reads the critic's
 features of the batch computed before the critic step (detached, as in DrQ-v2); with ``agent.encoder=shared`` the
@@ -54,6 +55,21 @@ class ReferenceTD3:
                      for name, net in (("actor", self.actor), ("critic", self.critic))}
         self.iterations = 0
         self.norms_before_clip: dict[str, list[float]] = {"actor": [], "critic": []}
+        # agent.augment=shift: offsets from a generator in the same state as the agent's augmenter
+        self.shift_pad = agent.cfg.augment_pad if agent.cfg.augment == "shift" else 0
+        self.shift_gen = torch.Generator().manual_seed(0)
+        if self.shift_pad:
+            self.shift_gen.set_state(agent._augment.generator.get_state())
+
+    def _shift(self, images: torch.Tensor) -> torch.Tensor:
+        """DrQ's random shift as the papers write it: replicate-pad each image by ``pad``, crop H x W at a random
+        offset of 0 .. 2 * pad, one sample at a time."""
+        if not self.shift_pad:
+            return images
+        n, _, h, w = images.shape
+        offsets = torch.randint(0, 2 * self.shift_pad + 1, (n, 2), generator=self.shift_gen)
+        padded = F.pad(images, (self.shift_pad,) * 4, mode="replicate")
+        return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
 
     def _adam_step(self, name: str, net: torch.nn.Module, lr: float, b1=0.9, b2=0.999, eps=1e-8) -> None:
         st = self.adam[name]
@@ -76,6 +92,7 @@ class ReferenceTD3:
     def update(self, b: Batch) -> None:
         cfg = self.cfg
         images, next_images = b.obs_image.float() / 255.0, b.next_image.float() / 255.0
+        images, next_images = self._shift(images), self._shift(next_images)
         states, next_states = b.obs_state / self.scale, b.next_state / self.scale
         with torch.no_grad():
             next_critic_features = self.critic_target.encoder(next_images)
@@ -120,10 +137,11 @@ def random_batch(g: torch.Generator, b: int = 16) -> Batch:
 
 @pytest.mark.parametrize("encoder", ["separate", "shared"])
 @pytest.mark.parametrize("monitor", [True, False])
-def test_lean_update_matches_the_loop_reference(encoder: str, monitor: bool) -> None:
+@pytest.mark.parametrize("augment", ["none", "shift"])
+def test_lean_update_matches_the_loop_reference(encoder: str, monitor: bool, augment: str) -> None:
     # Small clip limits so clipping bites on both networks; high learning rates so a wrong step would show.
-    cfg = AgentConfig(batch_size=16, encoder=encoder, features_dim=16, hidden_dim=32, policy_freq=2, augment="none",
-                      clip=ClipConfig(actor=0.005, critic=0.5), lr=LrConfig(actor=1e-3, critic=2e-3))
+    cfg = AgentConfig(batch_size=16, encoder=encoder, features_dim=16, hidden_dim=32, policy_freq=2, augment=augment,
+                      augment_pad=4, clip=ClipConfig(actor=0.005, critic=0.5), lr=LrConfig(actor=1e-3, critic=2e-3))
     agent = TD3(cfg, MonitorConfig(enabled=monitor), SPEC, torch.device("cpu"), q_bound=1e6, seed=3)
     ref = ReferenceTD3(agent)
     before = {name: [p.detach().clone() for p in getattr(agent, name).parameters()]
