@@ -98,15 +98,37 @@ def test_a_steadily_large_norm_is_not_divergence(tmp_path: Path) -> None:
 def test_collapse_is_a_note_with_its_rule_not_a_failure(tmp_path: Path) -> None:
     scalars = healthy_scalars(make_config())
     scalars["eval/return"] = [(50, -10.0), (100, 40.0), (150, 300.0), (200, 290.0), (250, 120.0), (300, 5.0)]
-    check = check_run(find_runs(write_run(tmp_path / "run", scalars=scalars))[0])
+    one = ["monitor.collapse_window=1"]  # single evaluations
+    check = check_run(find_runs(write_run(tmp_path / "run", one, scalars=scalars))[0])
     assert check.ok
     assert check.verdict.collapsed_step == 300
     assert ("collapsed: final evaluation 5 at step 300 lost 95% of the gain of its best, 300 at step 150, over "
-            "its first, -10 at step 50 (more than monitor.collapse_fraction = 0.5)") in check.notes
+            "its first evaluation, -10 at step 50 (more than monitor.collapse_fraction = 0.5)") in check.notes
+    # by default a level is the mean of 2 evaluations: 62.5 at the end against 295 at best
+    check = check_run(find_runs(write_run(tmp_path / "levels", scalars=scalars))[0])
+    assert ("collapsed: final level 62.5 (mean of the 2 evaluations at steps 250-300) lost 76% of the gain of its "
+            "best, 295 (mean of the 2 evaluations at steps 150-200), over its first evaluation, -10 at step 50 "
+            "(more than monitor.collapse_fraction = 0.5, monitor.collapse_window = 2)") in check.notes
     # a dip of less than half the gain is no collapse; the threshold is the run's own config key
     scalars["eval/return"][-1] = (300, 160.0)
-    assert check_run(find_runs(write_run(tmp_path / "dip", scalars=scalars))[0]).verdict.collapsed is None
-    assert check_run(find_runs(write_run(tmp_path / "strict", ["monitor.collapse_fraction=0.4"],
+    assert check_run(find_runs(write_run(tmp_path / "dip", one, scalars=scalars))[0]).verdict.collapsed is None
+    assert check_run(find_runs(write_run(tmp_path / "strict", [*one, "monitor.collapse_fraction=0.4"],
+                                         scalars=scalars))[0]).verdict.collapsed is not None
+
+
+def test_one_noisy_final_evaluation_is_no_collapse(tmp_path: Path) -> None:
+    """The evaluations of a healthy 50k-step default run (arm=td3, seed 11, results/clip_study), 5 episodes each:
+    its last one fell from 402 to 178, while its level over the last two held (290 against a best of 309)."""
+    scalars = healthy_scalars(make_config())
+    scalars["eval/return"] = list(zip(range(5000, 50001, 5000), [36.09, 190.36, 121.10, 319.66, 98.40, 394.30,
+                                                                 213.70, 215.91, 402.44, 177.72]))
+    assert check_run(find_runs(write_run(tmp_path / "run", scalars=scalars))[0]).verdict.collapsed is None
+    single = check_run(find_runs(write_run(tmp_path / "single", ["monitor.collapse_window=1"], scalars=scalars))[0])
+    assert single.verdict.collapsed is not None and single.verdict.collapsed_step == 50000
+    # fewer evaluations than a first one and two levels of 2 need: no verdict (single evaluations would say collapsed)
+    scalars["eval/return"] = [(100, 0.0), (200, 300.0), (300, 0.0)]
+    assert check_run(find_runs(write_run(tmp_path / "short", scalars=scalars))[0]).verdict.collapsed is None
+    assert check_run(find_runs(write_run(tmp_path / "short1", ["monitor.collapse_window=1"],
                                          scalars=scalars))[0]).verdict.collapsed is not None
 
 

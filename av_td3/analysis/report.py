@@ -200,8 +200,9 @@ def markdown_report(summary: Report, plots: list[Path]) -> str:
            "global gradient norm within each logging interval, median over the run's intervals and the group's "
            "runs. Spikes: updates whose before-clip norm jumped more than monitor.spike_z std above its running "
            "log-mean, per 1,000 updates. Diverged: numerical failure only (NaN guard, a non-finite logged value, "
-           "|Q| beyond the reward bound). Collapsed: the final evaluation lost more than "
-           "monitor.collapse_fraction of the gain of the run's best evaluation over its first.", "",
+           "|Q| beyond the reward bound). Collapsed: the final level lost more than monitor.collapse_fraction of "
+           "the gain of the run's best level over its first evaluation; a level is the mean of "
+           "monitor.collapse_window consecutive evaluations (the last ones; the best window).", "",
            results_table(summary), ""]
     md += ["## Verdicts", ""] + [f"- {line}" for line in verdicts(summary)]
     md += ["", "## Divergence and collapse", ""]

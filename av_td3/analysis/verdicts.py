@@ -3,8 +3,11 @@
 * **diverged** means numerical failure and nothing else: the NaN guard stopped the run, a logged quantity went
   non-finite, or |Q| (or |actor loss|) passed the reward bound ``max|r| / (1 - gamma) * monitor.q_margin``
   (:func:`av_td3.bounds.q_bound`). A large gradient norm is not divergence: clipping exists for it.
-* **collapsed** is a learning outcome, reported apart: the final evaluation lost more than
-  ``monitor.collapse_fraction`` of what the run's best evaluation had gained over its first one.
+* **collapsed** is a learning outcome, reported apart: the run's final level lost more than
+  ``monitor.collapse_fraction`` of what its best level had gained over its first evaluation (the untrained
+  policy's). A level is the mean of ``monitor.collapse_window`` consecutive evaluations (final: the last ones;
+  best: the best such run of them), so one noisy evaluation of a few episodes neither makes nor hides a
+  collapse; a window of 1 compares single evaluations.
 * **gradient spikes** are counted by the monitor against each net's own norm history (``grad/<net>/spikes``,
   see :class:`av_td3.agent.monitor.SpikeDetector`) and reported per 1,000 updates.
 
@@ -73,19 +76,33 @@ def _q_beyond_bound(df: pd.DataFrame, run: Run, verdict: Verdict) -> tuple[str, 
 
 def _collapse(df: pd.DataFrame, run: Run) -> tuple[str, int] | None:
     returns = series(df, "eval/return").dropna().sort_index()
-    if len(returns) < 3 or run.config is None:
+    if run.config is None:
         return None
     fraction = float(run.config.monitor.collapse_fraction)
-    first, final = float(returns.iloc[0]), float(returns.iloc[-1])
-    best_step = int(returns.idxmax())
-    best = float(returns.max())
-    gain = best - first
-    if gain <= 0 or best_step == int(returns.index[-1]) or best - final <= fraction * gain:
+    window = int(run.config.monitor.collapse_window)
+    if len(returns) < window + 2:  # a first evaluation, then a best and a later final level
         return None
-    final_step = int(returns.index[-1])
-    return (f"final evaluation {final:.4g} at step {final_step} lost {(best - final) / gain:.0%} of the gain of "
-            f"its best, {best:.4g} at step {best_step}, over its first, {first:.4g} at step "
-            f"{int(returns.index[0])} (more than monitor.collapse_fraction = {fraction:g})", final_step)
+    levels = returns.iloc[1:].rolling(window).mean().dropna()  # indexed by each window's last step
+    first, final = float(returns.iloc[0]), float(levels.iloc[-1])
+    best_step = int(levels.idxmax())
+    best = float(levels.max())
+    gain = best - first
+    if gain <= 0 or best_step == int(levels.index[-1]) or best - final <= fraction * gain:
+        return None
+    steps = [int(s) for s in returns.index]
+
+    def level(value: float, end: int) -> str:
+        if window == 1:
+            return f"{value:.4g} at step {end}"
+        start = steps[steps.index(end) - window + 1]
+        return f"{value:.4g} (mean of the {window} evaluations at steps {start}-{end})"
+
+    final_step = steps[-1]
+    what = "evaluation" if window == 1 else "level"
+    return (f"final {what} {level(final, final_step)} lost {(best - final) / gain:.0%} of the gain of its best, "
+            f"{level(best, best_step)}, over its first evaluation, {first:.4g} at step {steps[0]} (more than "
+            f"monitor.collapse_fraction = {fraction:g}{'' if window == 1 else f', monitor.collapse_window = {window}'})",
+            final_step)
 
 
 def judge(run: Run) -> Verdict:

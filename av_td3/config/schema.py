@@ -302,9 +302,12 @@ class MonitorConfig:
     saturation_threshold: float = rng(0.9, 0, 1)
     # skip: drop a non-finite update and count it; stop: checkpoint the last good state and exit non-zero.
     nan_policy: str = one_of("stop", "stop", "skip")
-    # Verdict (av-td3 compare / validate): a run collapsed when its final evaluation lost more than this share
-    # of what its best evaluation had gained over its first one: best - final > collapse_fraction * (best - first).
+    # Verdict (av-td3 compare / validate): a run collapsed when its final level lost more than this share of what
+    # its best level had gained over its first evaluation: best - final > collapse_fraction * (best - first).
     collapse_fraction: float = rng(0.5, 0, 1, lo_open=True)
+    # A level is the mean of this many consecutive evaluations (final: the last ones; best: the best window), so
+    # one noisy evaluation of trainer.eval_episodes episodes does not decide; 1 compares single evaluations.
+    collapse_window: int = rng(2, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------ logger
