@@ -10,7 +10,6 @@ until the file is complete adds the compression and the write, which run in a ba
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -18,9 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from av_td3.bench.config import BenchConfig, default_config, describe_default
+from av_td3.bench.config import BenchConfig, bench_trainer, default_config, describe_default
 from av_td3.bench.machine import quiet
 from av_td3.bench.result import BenchResult, Row
 
@@ -33,15 +31,10 @@ def checkpoint_config(cfg: BenchConfig) -> Config:
     """The default configuration (with ``cfg.overrides``) as the bench's trainer: a fresh run (no resume), CSV
     logging only, the bench's device and torch threads; ``agent.buffer_size`` from ``cfg.checkpoint_buffer_size``
     when given (the tests' tiny runs), else the configuration's own. Validated."""
-    from av_td3.config import CsvConfig, LoggerConfig, to_config
-
     conf = default_config(cfg.overrides)
     if cfg.checkpoint_buffer_size is not None:
         conf.agent.buffer_size = cfg.checkpoint_buffer_size
-    conf.trainer = dataclasses.replace(conf.trainer, device=str(cfg.device), resume="none",
-                                       torch_threads=torch.get_num_threads(), progress=False)
-    conf.logger = LoggerConfig(csv=CsvConfig())
-    return to_config(conf)
+    return bench_trainer(conf, cfg)
 
 
 def record_env_steps(trainer: Trainer, steps: int, seed: int) -> list[tuple[Any, ...]]:

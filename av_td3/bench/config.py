@@ -10,6 +10,7 @@ goes through the trainer's own builders (its Spec from :func:`av_td3.train.agent
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,3 +134,16 @@ def fixed_config(cfg: BenchConfig, encoder: str = "separate", monitor: bool = Tr
                         buffer_size=cfg.fill + 10 if buffer_size is None else buffer_size)
     return to_config(Config(seed=cfg.seed, agent=agent, env=fixed_env_config(cfg, **env_kw),
                             monitor=MonitorConfig(enabled=monitor), logger=LoggerConfig(csv=CsvConfig())))
+
+
+def bench_trainer(conf: Config, cfg: BenchConfig, **trainer: Any) -> Config:
+    """``conf`` as a trainer the bench runs: a fresh run (no resume) on the bench's device and torch threads, no
+    progress bar, CSV logging only, the ``trainer`` keys given set as well. Validated."""
+    import torch
+
+    from av_td3.config import CsvConfig, LoggerConfig, to_config
+
+    conf.trainer = dataclasses.replace(conf.trainer, device=str(cfg.device), resume="none",
+                                       torch_threads=torch.get_num_threads(), progress=False, **trainer)
+    conf.logger = LoggerConfig(csv=CsvConfig())
+    return to_config(conf)

@@ -7,7 +7,6 @@ same env and sizes right after it (``e2e/default_sb3``), then runs at the fixed 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import statistics
 import time
@@ -17,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from av_td3.bench.config import BenchConfig, default_config, default_sizes, describe_default, fixed_config
+from av_td3.bench.config import (BenchConfig, bench_trainer, default_config, default_sizes, describe_default,
+                                 fixed_config)
 from av_td3.bench.machine import quiet
 from av_td3.bench.result import SB3_MISSING, BenchResult, Row
 from av_td3.bench.sb3 import sb3_learn
@@ -35,15 +35,9 @@ def bench_run(conf: Config, cfg: BenchConfig, total: int, starts: int) -> Config
     """``conf`` as a bench run of ``total`` env steps, learning from ``starts``: logged every ``e2e_log_every``
     steps to CSV only, no evaluation or checkpoint before the end, on the bench's device and torch threads.
     Everything the update and the env step do stays as configured. Validated."""
-    from av_td3.config import CsvConfig, LoggerConfig, to_config
-
     big = total * 10
-    conf.trainer = dataclasses.replace(
-        conf.trainer, total_steps=total, learning_starts=starts, eval_every=big, eval_episodes=1,
-        checkpoint_every=big, checkpoint_buffer=False, log_every=cfg.e2e_log_every, device=str(cfg.device),
-        resume="none", torch_threads=torch.get_num_threads(), progress=False)
-    conf.logger = LoggerConfig(csv=CsvConfig())
-    return to_config(conf)
+    return bench_trainer(conf, cfg, total_steps=total, learning_starts=starts, eval_every=big, eval_episodes=1,
+                         checkpoint_every=big, checkpoint_buffer=False, log_every=cfg.e2e_log_every)
 
 
 def default_e2e_config(cfg: BenchConfig) -> Config:
