@@ -75,6 +75,7 @@ def summary(job_dir: Path) -> dict:
                      "seed": "0,1,2"}),
     ("traffic_density", {"env.npcs": "20,50,100", "seed": "0,1,2"}),
     ("clip_study", {"arm": "td3_noclip,td3,td3_adaptive,td3_zscore", "seed": "10,11,12"}),
+    ("clip_stress", {"arm": "td3_noclip,td3_zscore", "seed": "10,11,12"}),
 ])
 def test_experiment_files_set_name_sweep_dir_and_params(experiment: str, params: dict) -> None:
     cfg = hydra_compose(f"experiment={experiment}", "debug=smoke")
@@ -83,6 +84,17 @@ def test_experiment_files_set_name_sweep_dir_and_params(experiment: str, params:
     assert OmegaConf.to_container(cfg.hydra.sweeper.params) == params
     for override in {o for job in sweep_jobs(f"experiment={experiment}") for o in job}:  # every value is valid
         to_config(hydra_compose(f"experiment={experiment}", override, hydra=False))
+
+
+def test_the_stressed_condition_sets_its_learning_rates_and_length_and_smoke_still_shrinks_it() -> None:
+    stress = to_config(hydra_compose("experiment=clip_stress", "arm=td3_zscore", hydra=False))
+    assert (stress.agent.lr.actor, stress.agent.lr.critic, stress.trainer.total_steps) == (9e-3, 9e-3, 15000)
+    assert stress.agent.clip.mode == "zscore"
+    default = to_config(hydra_compose(hydra=False))
+    assert stress.agent.lr.actor == pytest.approx(30 * default.agent.lr.actor)  # the comment's "thirty times"
+    assert stress.agent.lr.critic == pytest.approx(30 * default.agent.lr.critic)
+    smoke = to_config(hydra_compose("experiment=clip_stress", "debug=smoke", hydra=False))
+    assert smoke.trainer.total_steps == 300 and smoke.agent.lr.actor == 9e-3  # debug composes after experiment
 
 
 def test_plain_sweep_dir_has_no_experiment_suffix() -> None:
