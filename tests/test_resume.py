@@ -53,9 +53,11 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [(), ("agent.clip.mode=zscore", "agent.clip.warmup=5")], ids=["norm", "zscore"])
+@pytest.mark.parametrize("extra", [(), ("agent.clip.mode=adaptive", "agent.clip.warmup=5", "agent.clip.window=50"),
+                                   ("agent.clip.mode=zscore", "agent.clip.warmup=5")],
+                         ids=["norm", "adaptive", "zscore"])
 def test_sigkill_then_rerun_resumes_to_the_same_parameters(tmp_path: Path, extra: tuple[str, ...]) -> None:
-    """Also with an adaptive clip mode, whose statistics must come back from the checkpoint."""
+    """Also with the adaptive clip modes, whose statistics must come back from the checkpoint."""
     reference = tmp_path / "uninterrupted"
     done = subprocess.run(command(reference, *extra), cwd=tmp_path, env=env(), capture_output=True, text=True,
                           timeout=300)
