@@ -51,9 +51,9 @@ FAILED_OBJECTIVE = -1e9
 # and `compare` never splits a group on them.
 RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress", "trainer.trust_checkpoint"})
 # Keys that never make two runs different experiments: the seed is pooled by the statistics, the device and
-# the loggers do not change what is computed, the experiment's name is a label.
+# the loggers and the analysis plan (plan.*) do not change what is computed, the experiment's name is a label.
 NOT_EXPERIMENT_KEYS = frozenset({"seed", "trainer.device", "experiment_name"}) | RUN_ONLY_KEYS
-NOT_EXPERIMENT_PREFIXES = ("logger.",)
+NOT_EXPERIMENT_PREFIXES = ("logger.", "plan.")
 
 # Keys added after runs were archived, with the value that reproduces what a run made before the key existed
 # (not necessarily today's default): an older run's config is read as if it had set them so.
@@ -62,7 +62,8 @@ LEGACY_VALUES: dict[str, Any] = {"agent.clip.mode": "norm", "agent.augment": "no
 # value without asking for it (no override of the key, no config-group choice such as arm=) ran with an older
 # default: `compare` adds the key to its group's label (env.view=world), so it is never read as today's default.
 DEFAULTS_CHANGED: dict[str, str] = {"env.view": "2026-12-02", "agent.augment": "2026-12-02",
-                                    "agent.clip.actor": "2026-12-02", "agent.clip.critic": "2026-12-02"}
+                                    "agent.clip.actor": "2026-12-02", "agent.clip.critic": "2026-12-02",
+                                    "trainer.eval_episodes": "2026-12-06"}
 # Keys older runs have that the schema no longer knows and that never changed what a run computed (alert
 # thresholds of the monitor before the spike detector): dropped on reading, so such runs pool with newer ones.
 RETIRED_KEYS = ("monitor.warn_factor", "monitor.critical_factor", "monitor.reference_limit_actor",

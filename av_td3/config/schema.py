@@ -39,7 +39,9 @@ class TrainerConfig:
     total_steps: int = rng(50_000, 1)
     learning_starts: int = rng(1_000, 0)
     eval_every: int = rng(5_000, 1)
-    eval_episodes: int = rng(5, 1)
+    # 10 (5 before 2026-12-06): with the late-training mean (plan.metric) this brings the within-arm spread of the
+    # default task's primary metric under 15% of its mean (docs/results/clip-study.md, 'The primary metric').
+    eval_episodes: int = rng(10, 1)
     checkpoint_every: int = rng(5_000, 1)
     checkpoint_keep: int = rng(2, 1)
     # Save the replay buffer with each checkpoint, so a resumed run continues exactly.
@@ -308,6 +310,41 @@ class MonitorConfig:
     # A level is the mean of this many consecutive evaluations (final: the last ones; best: the best window), so
     # one noisy evaluation of trainer.eval_episodes episodes does not decide; 1 compares single evaluations.
     collapse_window: int = rng(2, 1)
+    # Verdict: a run diverged when |Q| (or |actor loss|) passed q_return_factor x the largest |return| of any of
+    # its episodes (training or evaluation): a Q value is a discounted return, so it cannot honestly exceed what
+    # the run ever collected. Next to q_margin's reward bound, which only a Q far beyond any possible return hits.
+    q_return_factor: float = rng(3.0, 1)
+    # Verdict: a run failed to learn when its best level (collapse_window evaluations) never rose more than this
+    # above its first evaluation, in return units (the default task's PID baseline scores ~223; an untrained
+    # policy -10 to 60).
+    learn_min_gain: float = rng(50.0, 0)
+
+
+# -------------------------------------------------------------------------------------------------------------- plan
+@dataclass
+class PlanConfig:
+    """The declared analysis plan (``plan.*``): written in an experiment's config before its runs start, recorded
+    in every run, and followed by ``av-td3 compare`` (which prints it and flags any departure from it) and
+    ``av-td3 plan``. It never changes what a run computes. See av_td3/analysis/plan.py."""
+    # The primary metric, per run (av_td3/analysis/metrics.py): late_return = mean evaluation return over the
+    # evaluations in the last `late_fraction` of training; auc_return = mean over all evaluations; final_return =
+    # the last evaluation only (a snapshot: the noisiest); late_success = mean success rate over the late evaluations.
+    metric: str = one_of("late_return", "late_return", "auc_return", "final_return", "late_success")
+    late_fraction: float = rng(0.5, 0, 1, lo_open=True)
+    # The group every other group is compared with (a label as compare prints it, e.g. arm=td3_noclip); null: the
+    # group clipping at the default limits, or compare's --baseline.
+    baseline: Optional[str] = None
+    # Smallest effect of interest, as a share of the baseline's mean primary metric (0.2 = 20%): the power
+    # calculation's target, and the equivalence margin (+-) of an "equivalent" verdict.
+    effect: float = rng(0.2, 0, lo_open=True)
+    # Two-sided significance level of the whole family of comparisons with the baseline (Holm-adjusted).
+    alpha: float = rng(0.05, 0, 0.5, lo_open=True)
+    power: float = rng(0.8, 0, 1, lo_open=True, hi_open=True)
+    # The seeds each group is planned to run (the sweep's seed list); empty: no plan for the number of runs.
+    seeds: list[int] = field(default_factory=list)
+    # Version of the verdict rules the plan was written for (av_td3/analysis/verdicts.py, RULES): compare flags
+    # a report made with another version.
+    rules: int = rng(3, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------ logger
@@ -357,6 +394,7 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # Label of the experiment file in use (set by conf/experiment/*.yaml); names sweep dirs.
     experiment_name: Optional[str] = None
 
