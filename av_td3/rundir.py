@@ -57,7 +57,8 @@ NOT_EXPERIMENT_PREFIXES = ("logger.", "plan.")
 
 # Keys added after runs were archived, with the value that reproduces what a run made before the key existed
 # (not necessarily today's default): an older run's config is read as if it had set them so.
-LEGACY_VALUES: dict[str, Any] = {"agent.clip.mode": "norm", "agent.augment": "none", "env.view": "world"}
+LEGACY_VALUES: dict[str, Any] = {"agent.clip.mode": "norm", "agent.augment": "none", "env.view": "world",
+                                 "agent.clip.zscore_scaling": "threshold"}
 # Keys whose shipped default changed after runs were archived, with the day it changed. A run that holds another
 # value without asking for it (no override of the key, no config-group choice such as arm=) ran with an older
 # default: `compare` adds the key to its group's label (env.view=world), so it is never read as today's default.

@@ -41,6 +41,11 @@ def test_null_disables_clipping() -> None:
     assert cfg.agent.clip.actor is None and cfg.agent.clip.critic is None
 
 
+def test_the_agc_arm_composes() -> None:
+    agc = load("arm=td3_agc")
+    assert (agc.agent.name, agc.agent.clip.mode, agc.agent.clip.agc) == ("td3", "agc", 0.3)
+
+
 def test_smoke_debug_config_is_small() -> None:
     cfg = load("debug=smoke")
     assert cfg.trainer.total_steps <= 500 and cfg.env.image.height <= 48
@@ -77,6 +82,9 @@ def test_unknown_key_fails_naming_the_key() -> None:
     ("agent.batch_size=200000", "agent.batch_size"),
     ("monitor.nan_policy=ignore", "monitor.nan_policy"),
     ("agent.lr.actor=nan", "agent.lr.actor"),
+    ("agent.clip.mode=autoclip", "agent.clip.mode"),
+    ("agent.clip.zscore_scaling=mean", "agent.clip.zscore_scaling"),
+    ("agent.clip.agc=0", "agent.clip.agc"),
 ])
 def test_out_of_range_values_name_the_key_and_the_fix(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:

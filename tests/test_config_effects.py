@@ -98,23 +98,39 @@ def test_device(tmp_path: Path) -> None:
             resolve_device("cuda")
 
 
+def _after_updates(overrides: tuple[str, ...], n: int = 2) -> list[torch.Tensor]:
+    """Every parameter of a small composed-config TD3 (online and target) after ``n`` updates on fixed batches,
+    their rewards ever larger (so the gradient norms grow and the statistics-driven clips bite)."""
+    from av_td3.agent.td3 import TD3
+    from tests.test_td3 import SPEC
+
+    cfg: Config = load(*overrides, "agent.features_dim=16", "agent.hidden_dim=32")
+    agent = TD3(cfg.agent, cfg.monitor, SPEC, torch.device("cpu"), q_bound=1e9, seed=0)
+    for i in range(n):
+        agent.update(make_batch(i, reward_scale=50.0 * (i + 1)), step=i)
+    return params(agent.actor) + params(agent.critic) + params(agent.critic_target)
+
+
 @pytest.mark.parametrize("key, a, b", [
     ("agent.lr.actor", 1e-4, 1e-2), ("agent.lr.critic", 1e-4, 1e-2), ("agent.tau", 0.001, 0.5),
     ("agent.gamma", 0.5, 0.99), ("agent.policy_noise", 0.0, 0.5), ("agent.noise_clip", 0.0, 0.5),
     ("agent.clip.actor", "null", 1e-4), ("agent.clip.critic", "null", 1e-4), ("agent.policy_freq", 1, 2),
-    ("agent.precision", "fp32", "bf16"),
+    ("agent.precision", "fp32", "bf16"), ("agent.clip.mode", "norm", "agc"),
 ])
 def test_agent_keys_change_the_update(key: str, a, b) -> None:
-    from av_td3.agent.td3 import TD3
-    from tests.test_td3 import SPEC
+    results = [_after_updates((f"{key}={value}",)) for value in (a, b)]
+    assert not all(torch.equal(x, y) for x, y in zip(*results))
 
-    results = []
-    for value in (a, b):
-        cfg: Config = load(f"{key}={value}", "agent.features_dim=16", "agent.hidden_dim=32")
-        agent = TD3(cfg.agent, cfg.monitor, SPEC, torch.device("cpu"), q_bound=1e9, seed=0)
-        for i in range(2):
-            agent.update(make_batch(i, reward_scale=50.0), step=i)
-        results.append(params(agent.actor) + params(agent.critic) + params(agent.critic_target))
+
+@pytest.mark.parametrize("key, a, b, context", [
+    ("agent.clip.agc", 1e-3, 0.3, ("agent.clip.mode=agc",)),
+    # z = 0.1: the growing norms after the 2-norm warm-up are clipped, to mean + 0.1 std or mean + 0.01/z-score std
+    ("agent.clip.zscore_scaling", "adaptive", "threshold", ("agent.clip.mode=zscore", "agent.clip.warmup=2",
+                                                            "agent.clip.z=0.1")),
+])
+def test_keys_of_one_mode_change_the_update_in_that_mode(key: str, a, b, context: tuple[str, ...]) -> None:
+    """Keys read only under another key's value (agent.clip.agc with agent.clip.mode=agc, ...), shown there."""
+    results = [_after_updates((*context, f"{key}={value}"), n=6) for value in (a, b)]
     assert not all(torch.equal(x, y) for x, y in zip(*results))
 
 

@@ -54,10 +54,10 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("agent.clip.mode=adaptive", "agent.clip.warmup=5", "agent.clip.window=50"),
-                                   ("agent.clip.mode=zscore", "agent.clip.warmup=5")],
-                         ids=["norm", "adaptive", "zscore"])
+                                   ("agent.clip.mode=zscore", "agent.clip.warmup=5"), ("agent.clip.mode=agc",)],
+                         ids=["norm", "adaptive", "zscore", "agc"])
 def test_sigkill_then_rerun_resumes_to_the_same_parameters(tmp_path: Path, extra: tuple[str, ...]) -> None:
-    """Also with the adaptive clip modes, whose statistics must come back from the checkpoint."""
+    """Also with the adaptive clip modes, whose statistics must come back from the checkpoint, and AGC."""
     reference = tmp_path / "uninterrupted"
     done = subprocess.run(command(reference, *extra), cwd=tmp_path, env=env(), capture_output=True, text=True,
                           timeout=300)
@@ -139,6 +139,64 @@ def test_incompatible_checkpoint_is_refused_with_a_clear_message(tmp_path: Path)
     # the failed attempt's summary replaces the completed one: .hydra/config.yaml now describes the failed attempt
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "different configuration" in summary["reason"]
+
+
+def _checkpoint_and_agent(*overrides: str):
+    """A checkpoint's state as the trainer writes it (compat, agent, RNGs) for a small TD3 under ``overrides``,
+    and a fresh agent of that configuration."""
+    import numpy as np
+
+    from av_td3.agent.td3 import TD3
+    from av_td3.train import resume
+    from tests.test_config import load
+    from tests.test_td3 import SPEC, make_batch
+
+    cfg = load(*overrides, "agent.features_dim=16", "agent.hidden_dim=32")
+    agent = TD3(cfg.agent, cfg.monitor, SPEC, torch.device("cpu"), q_bound=1e9, seed=0)
+    agent.update(make_batch(0), step=0)
+    rng = np.random.default_rng(0)
+    state = {"compat": resume.compat(cfg, SPEC), "agent": agent.state_dict(), "rng": resume.rng_state(rng)}
+    return state, resume.compat(cfg, SPEC), TD3(cfg.agent, cfg.monitor, SPEC, torch.device("cpu"), 1e9, seed=0)
+
+
+@pytest.mark.parametrize("saved, resumed, named", [
+    (("agent.clip.mode=zscore",), ("agent.clip.mode=agc",), "agent.clip.mode: checkpoint 'zscore' vs config 'agc'"),
+    (("agent.clip.mode=norm",), ("agent.clip.mode=agc",), "agent.clip.mode: checkpoint 'norm' vs config 'agc'"),
+])
+def test_resume_refuses_another_clip_mode(tmp_path: Path, saved, resumed, named: str) -> None:
+    """The checkpoint's clip state would not fit (or would silently mean something else)."""
+    import numpy as np
+
+    from av_td3.checkpoint import CheckpointError
+    from av_td3.train import resume
+
+    state, _, _ = _checkpoint_and_agent(*saved)
+    _, want, agent = _checkpoint_and_agent(*resumed)
+    with pytest.raises(CheckpointError) as err:
+        resume.restore(state, tmp_path / "step.pt", want, agent, None, np.random.default_rng(0))
+    assert named in str(err.value) and "trainer.resume=none" in str(err.value)
+
+
+def test_a_checkpoint_from_before_the_clip_mode_was_recorded_resumes_when_its_state_fits(tmp_path: Path) -> None:
+    """Checkpoints written before 2026-12-07 lack agent.clip.mode in their compat and keep the
+    clip state in the monitor's: they resume when that state fits, and are refused naming the key when not."""
+    import numpy as np
+
+    from av_td3.config import ConfigError
+    from av_td3.train import resume
+
+    def old(state: dict) -> dict:
+        compat = {k: v for k, v in state["compat"].items() if k != "agent.clip.mode"}
+        agent = dict(state["agent"])
+        agent["monitor"] = {**agent["monitor"], "clip": agent.pop("clip")}
+        return {**state, "compat": compat, "agent": agent}
+
+    state, want, agent = _checkpoint_and_agent("agent.clip.mode=zscore")
+    resume.restore(old(state), tmp_path / "step.pt", want, agent, None, np.random.default_rng(0))
+    state, _, _ = _checkpoint_and_agent("agent.clip.mode=adaptive")
+    _, want, agent = _checkpoint_and_agent("agent.clip.mode=zscore")
+    with pytest.raises(ConfigError, match="agent.clip.mode=zscore.*trainer.resume=none"):
+        resume.restore(old(state), tmp_path / "step.pt", want, agent, None, np.random.default_rng(0))
 
 
 def submitit_task(launcher: subprocess.Popen) -> psutil.Process:

@@ -1,6 +1,7 @@
 """The lean TD3 update (foreach Polyak/clipping, device-side monitoring, reused features, channels_last, the
 gather-based random shift of ``agent.augment=shift``) is the same TD3 update as a plain, loop-based reference
-written here (per-sample replicate-pad-and-crop for the shift); and both encoder modes learn a toy task.
+written here (per-sample replicate-pad-and-crop for the shift, per-unit loops for ``agent.clip.mode=agc``);
+and both encoder modes learn a toy task.
 
 The reference follows the agent's documented design (av_td3/agent/td3.py): the actor loss reads the critic's
 features of the batch computed before the critic step (detached, as in DrQ-v2); with ``agent.encoder=shared`` the
@@ -37,8 +38,8 @@ def one_thread():
 
 class ReferenceTD3:
     """Textbook TD3 on deep copies of an agent's networks: plain Python loops over parameters, hand-written Adam,
-    ``torch.nn.utils.clip_grad_norm_``, per-parameter Polyak averaging, smoothing noise from a generator in the
-    same state as the agent's."""
+    ``torch.nn.utils.clip_grad_norm_`` (or AGC one unit at a time), per-parameter Polyak averaging, smoothing
+    noise from a generator in the same state as the agent's."""
 
     def __init__(self, agent: TD3) -> None:
         self.cfg = agent.cfg
@@ -55,6 +56,7 @@ class ReferenceTD3:
                      for name, net in (("actor", self.actor), ("critic", self.critic))}
         self.iterations = 0
         self.norms_before_clip: dict[str, list[float]] = {"actor": [], "critic": []}
+        self.units_clipped = {"actor": 0, "critic": 0}  # agc
         # agent.augment=shift: offsets from a generator in the same state as the agent's augmenter
         self.shift_pad = agent.cfg.augment_pad if agent.cfg.augment == "shift" else 0
         self.shift_gen = torch.Generator().manual_seed(0)
@@ -86,8 +88,25 @@ class ReferenceTD3:
 
     def _clip(self, name: str, net: torch.nn.Module, limit: float | None) -> None:
         params = [p for p in net.parameters() if p.grad is not None]
+        if self.cfg.clip.mode == "agc" and limit is not None:
+            self._agc(name, params)
+            return
         norm = torch.nn.utils.clip_grad_norm_(params, limit if limit is not None else float("inf"))
         self.norms_before_clip[name].append(float(norm))
+
+    def _agc(self, name: str, params: list[torch.nn.Parameter]) -> None:
+        """Unit-wise AGC, one unit at a time: row i of a weight of 2+ dims, a 1-D parameter whole; a unit whose
+        gradient norm exceeds lambda * max(weight norm, 1e-3) is scaled to it (clip_grad_norm_'s +1e-6)."""
+        lam = self.cfg.clip.agc
+        with torch.no_grad():
+            for p in params:
+                rows = [(p, p.grad)] if p.ndim <= 1 else [(p[i], p.grad[i]) for i in range(p.shape[0])]
+                for w_u, g_u in rows:
+                    limit = lam * max(float(w_u.norm()), 1e-3)
+                    g_norm = float(g_u.norm())
+                    if g_norm > limit:
+                        g_u.mul_(limit / (g_norm + 1e-6))
+                        self.units_clipped[name] += 1
 
     def update(self, b: Batch) -> None:
         cfg = self.cfg
@@ -161,6 +180,35 @@ def test_lean_update_matches_the_loop_reference(encoder: str, monitor: bool, aug
         for (pname, p), p0 in zip(ours.items(), before[name]):
             torch.testing.assert_close(p.detach(), theirs[pname].detach(), atol=1e-5, rtol=1e-5,
                                        msg=lambda m: f"{encoder}: {name}.{pname} differs from the reference: {m}")
+        assert any(not torch.equal(p.detach(), p0) for p, p0 in zip(ours.values(), before[name])), \
+            f"{name} did not change, the comparison would prove nothing"
+
+
+@pytest.mark.parametrize("mode, optimizer", [("agc", "adam")])
+def test_agc_update_matches_the_loop_reference(mode: str, optimizer: str) -> None:
+    """agent.clip.mode=agc clips unit by unit as the loops above do."""
+    cfg = AgentConfig(batch_size=16, encoder="separate", features_dim=16, hidden_dim=32, policy_freq=2,
+                      augment="none", clip=ClipConfig(mode=mode, actor=0.005, critic=0.5, agc=0.01),
+                      lr=LrConfig(actor=1e-3, critic=2e-3))
+    agent = TD3(cfg, MonitorConfig(), SPEC, torch.device("cpu"), q_bound=1e6, seed=3)
+    ref = ReferenceTD3(agent)
+    before = {name: [p.detach().clone() for p in getattr(agent, name).parameters()]
+              for name in ("actor", "critic", "actor_target", "critic_target")}
+    g = torch.Generator().manual_seed(7)
+    for step in range(1, 6):
+        batch = random_batch(g)
+        agent.update(batch, step)
+        ref.update(batch)
+    if mode == "agc":
+        assert ref.units_clipped["critic"] > 0 and ref.units_clipped["actor"] > 0, "AGC must bite on both nets"
+    else:
+        assert max(ref.norms_before_clip["critic"]) > cfg.clip.critic, "clipping must bite on the critic"
+    for name in ("actor", "critic", "actor_target", "critic_target"):
+        ours = dict(getattr(agent, name).named_parameters())
+        theirs = dict(getattr(ref, name).named_parameters())
+        for (pname, p), p0 in zip(ours.items(), before[name]):
+            torch.testing.assert_close(p.detach(), theirs[pname].detach(), atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{mode}/{optimizer}: {name}.{pname} differs: {m}")
         assert any(not torch.equal(p.detach(), p0) for p, p0 in zip(ours.values(), before[name])), \
             f"{name} did not change, the comparison would prove nothing"
 

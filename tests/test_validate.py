@@ -63,6 +63,19 @@ def test_each_check_fails_on_its_breakage(tmp_path: Path, capsys: pytest.Capture
     assert "FAIL" in out and message in out, out
 
 
+def test_agc_is_checked_per_unit_and_not_against_the_unused_fixed_limits(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """agent.clip.mode=agc: the invariant is every unit under its own limit (after_over_limit_max, the worst unit);
+    the fixed limits are unused, so a global after-clip norm above agent.clip.actor is no failure."""
+    agc = ["agent.clip.mode=agc"]
+    scalars = _set(healthy_scalars(make_config(agc)), "grad/actor/total/after_clip_max", 5.0)
+    assert main(["validate", str(write_run(tmp_path / "ok", agc, scalars=scalars))]) == 0
+    assert "agc, per unit (lambda 0.3)" in capsys.readouterr().out
+    broken = _set(healthy_scalars(make_config(agc)), "grad/critic/after_over_limit_max", 1.5, 2)
+    assert main(["validate", str(write_run(tmp_path / "broken", agc, scalars=broken))]) == 1
+    assert "critic: a unit's after-clip norm 1.5 x the limit used at step 150" in capsys.readouterr().out
+
+
 def test_tolerance_comes_from_the_runs_config(tmp_path: Path) -> None:
     # 1.01 x the limit passes under monitor.tolerance=0.02 and fails under the default 1e-4.
     scalars = _set(healthy_scalars(make_config()), "grad/actor/total/after_clip_max", 1.01 * 1.5)

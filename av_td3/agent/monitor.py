@@ -1,13 +1,15 @@
-"""Gradient clipping, its measurement, alerts and numerical guards — in one place, so they cannot drift apart.
+"""The measurement of gradients and of what clipping did, alerts and numerical guards.
 
-For each network ("actor", "critic") and part ("cnn", "mlp", "total"):
+The clip itself belongs to each network's :class:`~av_td3.agent.clipping.ClipStrategy` (``agent.clip.mode``),
+called by the TD3 update between :meth:`GradMonitor.before_clip` and :meth:`GradMonitor.after_clip`; the monitor
+only measures. For each network ("actor", "critic") and part ("cnn", "mlp", "total"):
 
 * norms are global L2 norms of that part's gradients (``torch.nn.utils.get_total_norm``); ``total`` is the L2
   norm of the part norms, i.e. the norm over exactly the parameter set that is clipped;
 * the before-clip norm is measured before clipping, the after-clip norm after clipping, on the same backward;
 * a network is observed only on updates where it is actually updated (the delayed actor is not padded with 0);
-* the limit each update is clipped to comes from ``agent.clip.mode`` (:mod:`av_td3.agent.clipping`) and is
-  logged as used (``grad/<net>/clip_limit``), with the invariant after-clip norm <= limit checked every update;
+* the limit each update was clipped to is logged as used (``grad/<net>/clip_limit``), with the invariant after-clip
+  norm <= limit checked every update: on the global norm in the global-norm modes, on every unit under ``agc``;
 * gradient spikes are judged against the net's own history (log-norm above its EMA mean by ``monitor.spike_z``
   EMA std), so a large but steady norm is not a spike;
 * every update is aggregated on the training device (mean and max per interval, update count, clipped count,
@@ -22,12 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from av_td3.agent.base import Flush
-from av_td3.agent.clipping import ClipLimit, RunningThreshold, clip_to, make_limit
+from av_td3.agent.clipping import Clip, unit_norms
 from av_td3.config import ClipConfig, MonitorConfig
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,50 @@ class DeviceStats:
         self._count.clear()
 
 
+class Norms(NamedTuple):
+    """One update's before-clip norms of a net: ``parts`` [n_parts] (None with ``monitor.enabled=false``) and
+    ``total`` (0-d), the global norm a global-norm clip scales."""
+    parts: torch.Tensor | None
+    total: torch.Tensor
+
+
+class RunningThreshold:
+    """mean + z * std of a stream of scalars, on the device: the plain mean and variance of the first ``warmup``
+    values (Welford), then EMAs (weight ``ema`` on the old value) fed each value capped at the threshold it was
+    judged against, so that an outlier does not raise the threshold for the next one."""
+
+    def __init__(self, z: float, ema: float, warmup: int, device: torch.device) -> None:
+        self.z, self.ema, self.warmup = z, ema, warmup
+        self.mean = torch.zeros((), device=device)
+        self.var = torch.zeros((), device=device)  # Welford's sum of squared deviations until the warm-up ends
+        self.seen = 0  # values so far (a host counter: no sync to know the phase)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Record ``x`` (a 0-d tensor); return the threshold it was judged against, None during the warm-up."""
+        x = x.detach().float()
+        self.seen += 1
+        if self.seen <= self.warmup:
+            delta = x - self.mean
+            self.mean += delta / self.seen
+            self.var += delta * (x - self.mean)
+            if self.seen == self.warmup:
+                self.var /= self.seen
+            return None
+        threshold = self.mean + self.z * self.var.clamp_min(0).sqrt()
+        delta = torch.minimum(x, threshold) - self.mean
+        self.mean += (1 - self.ema) * delta
+        self.var.mul_(self.ema).add_(self.ema * (1 - self.ema) * delta * delta)
+        return threshold
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "seen": self.seen}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mean.copy_(d["mean"])
+        self.var.copy_(d["var"])
+        self.seen = int(d["seen"])
+
+
 class SpikeDetector:
     """Spikes of one net's before-clip norm against its own history, on the device: an update is a spike when
     log(norm) exceeds mean + z * std of the net's earlier log norms (:class:`RunningThreshold`, after ``warmup``
@@ -115,19 +162,19 @@ class SpikeDetector:
 
 
 class GradMonitor:
-    """Clips each network's gradients (when a limit is set) and records what clipping did.
+    """Measures each network's gradients before and after its clip, and records what the clip did.
 
     ``parts`` maps net → part → parameters, e.g. ``{"actor": {"cnn": [...], "mlp": [...]}, "critic": {...}}``;
     a part with no parameters (the actor's CNN with a shared encoder) is left out of the tags, not logged as 0.
+    ``clip`` (``agent.clip``) only words the alerts: the clip is the update's (:mod:`av_td3.agent.clipping`).
     """
 
     def __init__(self, cfg: MonitorConfig, clip: ClipConfig, parts: dict[str, dict[str, list[nn.Parameter]]],
                  q_bound: float, action_names: tuple[str, ...], device: torch.device) -> None:
         self.cfg = cfg
-        self.clip_cfg = clip
+        self.per_unit = clip.mode == "agc"  # the clip's invariant holds per unit, not on the global norm
         self.parts = {net: {p: list(ps) for p, ps in np_.items() if len(ps) > 0} for net, np_ in parts.items()}
         self.params = {net: [p for ps in np_.values() for p in ps] for net, np_ in self.parts.items()}
-        self.limits: dict[str, ClipLimit] = {net: make_limit(clip, net, device) for net in self.parts}
         self.spikes = {net: SpikeDetector(cfg.spike_z, cfg.spike_ema, cfg.spike_warmup, device)
                        for net in self.parts}
         self.q_bound = q_bound
@@ -141,56 +188,64 @@ class GradMonitor:
         self.nonfinite_actions = 0
 
     # ------------------------------------------------------------------------------------------------ per update
-    def clip_and_observe(self, net: str, loss: torch.Tensor, step: int) -> bool:
-        """Measure, guard and clip ``net``'s gradients after ``loss.backward()``; return False when the update
-        must be dropped (non-finite under ``nan_policy=skip``). Raises :class:`NonFiniteError` under ``stop``."""
-        if not self.cfg.enabled:  # monitoring off: one norm over all gradients, still guarded and clipped
-            grads = [p.grad for p in self.params[net] if p.grad is not None]
-            total = torch.nn.utils.get_total_norm(grads, foreach=True)
-            if not bool(torch.isfinite(loss) & torch.isfinite(total)):
-                return self._non_finite(net, loss, total.reshape(1), step)
-            limit = self.limits[net](total)
-            if limit is not None:
-                clip_to(grads, limit, total)
-            return True
+    def _part_norms(self, net: str) -> torch.Tensor:
+        """[n_parts] global L2 norms of each part's gradients, now."""
+        return torch.stack([torch.nn.utils.get_total_norm(g, foreach=True) if g else torch.zeros((), device=self.device)
+                            for g in ([p.grad for p in ps if p.grad is not None] for ps in self.parts[net].values())])
 
-        grads = {part: [p.grad for p in ps if p.grad is not None] for part, ps in self.parts[net].items()}
-        part_norms = torch.stack([torch.nn.utils.get_total_norm(g, foreach=True) if g
-                                  else torch.zeros((), device=self.device) for g in grads.values()])
-        total = torch.linalg.vector_norm(part_norms)  # L2 norm of norms == norm over all clipped parameters
-
+    def before_clip(self, net: str, loss: torch.Tensor, step: int) -> Norms | None:
+        """Measure ``net``'s gradients after ``loss.backward()`` and guard them: return the before-clip norms
+        (the clip reads their ``total``), or None when the update must be dropped (non-finite loss or norm under
+        ``nan_policy=skip``; the gradients are cleared). Raises :class:`NonFiniteError` under ``stop``."""
+        if not self.cfg.enabled:  # monitoring off: one norm over all gradients, for the guard and the clip
+            total = torch.nn.utils.get_total_norm([p.grad for p in self.params[net] if p.grad is not None],
+                                                  foreach=True)
+            parts = None
+        else:
+            parts = self._part_norms(net)
+            total = torch.linalg.vector_norm(parts)  # L2 norm of norms == norm over all clipped parameters
         # The one host sync of an update: the guard must know before optimizer.step() whether to step.
         if not bool(torch.isfinite(loss) & torch.isfinite(total)):
-            return self._non_finite(net, loss, part_norms, step)
+            self._non_finite(net, loss, total.reshape(1) if parts is None else parts, step)
+            return None
+        return Norms(parts, total)
 
-        limit = self.limits[net](total)
-        if limit is None:
-            after_norms, after_total = part_norms, total
+    def after_clip(self, net: str, before: Norms, clip: Clip | None) -> None:
+        """Measure ``net``'s gradients again after its clip (``clip``: what the clip did, None when the net is
+        not clipped) on the same backward, and record before, after, the limit used and the invariant."""
+        if before.parts is None:  # monitoring off
+            return
+        total = before.total
+        if clip is None:
+            after_norms, after_total = before.parts, total
+            clipped = torch.zeros_like(total)
         else:
-            clip_to([g for gs in grads.values() for g in gs], limit, total)
             # measured again, not inferred from the clip coefficient: a broken clip must show up here
-            after_norms = torch.stack([torch.nn.utils.get_total_norm(g, foreach=True) if g
-                                       else torch.zeros((), device=self.device) for g in grads.values()])
+            after_norms = self._part_norms(net)
             after_total = torch.linalg.vector_norm(after_norms)
-            limit_t = torch.as_tensor(limit, dtype=torch.float32, device=self.device)
+            if clip.unit_limits is None:  # global-norm modes: the invariant on the global norm
+                ratio = after_total.float() / clip.limit
+            else:  # agc: on every unit; the ratio logged is the worst unit's
+                ratio = (torch.cat([unit_norms(g) for g in clip.grads]) / clip.unit_limits).max()
             # [limit used, after / limit]: the invariant after <= limit is checked on the max of the ratio
-            self.stats.add(f"grad/{net}/limit", torch.stack([limit_t, after_total.float() / limit_t]))
-        self.stats.add(f"grad/{net}/before", torch.cat([part_norms, total.reshape(1)]))
+            self.stats.add(f"grad/{net}/limit", torch.stack([clip.limit.float(), ratio]))
+            clipped = clip.clipped
+        self.stats.add(f"grad/{net}/before", torch.cat([before.parts, total.reshape(1)]))
         self.stats.add(f"grad/{net}/after", torch.cat([after_norms, after_total.reshape(1)]))
         coef = torch.where(total > 0, after_total / total, torch.ones_like(total))
-        clipped = (total > limit).float() if limit is not None else torch.zeros_like(total)
         self.stats.add(f"grad/{net}/coef", torch.stack([coef, clipped, self.spikes[net](total)]))
         self._norms[net].append(total.detach())
         zr = self._zero_run[net]
-        torch.where(part_norms == 0, zr + 1, torch.zeros_like(zr), out=zr)
+        torch.where(before.parts == 0, zr + 1, torch.zeros_like(zr), out=zr)
         self.stats.add(f"grad/{net}/zero_run", zr)
-        return True
 
     def observe(self, key: str, value: torch.Tensor) -> None:
         """Record a training quantity (loss, Q statistics, action saturation); mean and max per interval."""
         self.stats.add(key, value)
 
-    def _non_finite(self, net: str, loss: torch.Tensor, part_norms: torch.Tensor, step: int) -> bool:
+    def _non_finite(self, net: str, loss: torch.Tensor, part_norms: torch.Tensor, step: int) -> None:
+        """The guard's verdict on a non-finite update: raise under ``stop``; under ``skip`` count it, say so and
+        clear the net's gradients."""
         if not math.isfinite(loss.item()):
             quantity = f"{net} loss"
         else:
@@ -204,7 +259,6 @@ class GradMonitor:
                     quantity, step)
         for p in self.params[net]:
             p.grad = None
-        return False
 
     # ------------------------------------------------------------------------------------------------- per flush
     def flush(self, step: int) -> Flush:
@@ -295,7 +349,8 @@ class GradMonitor:
     def _explain(self, tag: str, s: dict[str, float]) -> str:
         net, name = tag.split("/")
         if name == "clip_violation":
-            return (f"after-clip norm {s[f'grad/{net}/after_over_limit_max']:.4g} x the limit used "
+            which = "a unit's after-clip norm" if self.per_unit else "after-clip norm"
+            return (f"{which} {s[f'grad/{net}/after_over_limit_max']:.4g} x the limit used "
                     f"(> 1 + monitor.tolerance): the clip did not hold")
         if name == "grad_spike":
             return (f"{s[f'grad/{net}/spikes']:.0f} of {s[f'grad/{net}/updates']:.0f} updates' before-clip norms "
@@ -310,7 +365,6 @@ class GradMonitor:
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {"zero_run": {k: v.cpu() for k, v in self._zero_run.items()},
-                "clip": {net: lim.state_dict() for net, lim in self.limits.items()},
                 "spikes": {net: det.state_dict() for net, det in self.spikes.items()},
                 "norms": {net: torch.stack(v).cpu() if v else torch.zeros(0) for net, v in self._norms.items()},
                 "alert_counts": dict(self.alert_counts), "skipped_updates": self.skipped_updates,
@@ -319,8 +373,6 @@ class GradMonitor:
     def load_state_dict(self, d: dict) -> None:
         for k, v in d["zero_run"].items():
             self._zero_run[k] = v.to(self.device)
-        for net, lim in self.limits.items():
-            lim.load_state_dict(d["clip"][net])
         for net, det in self.spikes.items():
             det.load_state_dict(d["spikes"][net])
         self._norms = {net: list(d["norms"][net].to(self.device).unbind(0)) for net in self.parts}

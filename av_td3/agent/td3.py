@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from av_td3.agent import augment
 from av_td3.agent.base import Flush, Health
+from av_td3.agent.clipping import ClipStrategy, make_clipper
 from av_td3.agent.monitor import GradMonitor, NonFiniteError
 from av_td3.agent.networks import Actor, Critic, Encoder
 from av_td3.config import AgentConfig, MonitorConfig
@@ -73,8 +74,12 @@ class TD3:
         self.critic_opt = _optimizer(list(self.critic.parameters()), cfg.lr.critic)
         self._online = list(self.actor.parameters()) + list(self.critic.parameters())
         self._target = list(self.actor_target.parameters()) + list(self.critic_target.parameters())
-        self.monitor = GradMonitor(monitor_cfg, cfg.clip, {"actor": self.actor.parts(), "critic": self.critic.parts()},
-                                   q_bound, spec.action_names, device)
+        parts = {"actor": self.actor.parts(), "critic": self.critic.parts()}
+        # agent.clip.mode: one strategy per net owns its clip (av_td3/agent/clipping.py); the monitor only measures
+        self.clippers: dict[str, ClipStrategy] = {
+            net: make_clipper(cfg.clip, net, [p for ps in net_parts.values() for p in ps], device)
+            for net, net_parts in parts.items()}
+        self.monitor = GradMonitor(monitor_cfg, cfg.clip, parts, q_bound, spec.action_names, device)
         self._noise_gen = torch.Generator(device=device).manual_seed(seed + 1)
         self._augment = augment.make(cfg.augment, cfg.augment_pad, device, seed + 2)  # own stream: see update
         self.critic_updates = 0
@@ -157,7 +162,10 @@ class TD3:
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.phases.lap("critic")
-        if mon.clip_and_observe("critic", critic_loss, step):
+        norms = mon.before_clip("critic", critic_loss, step)  # None: non-finite, the update is dropped (guard)
+        if norms is not None:
+            clip = self.clippers["critic"].clip(norms.total)  # THE CLIP: scales the gradients in place
+            mon.after_clip("critic", norms, clip)
             self.phases.lap("monitor")  # norms, clipping, guard (charged to "critic" when the guard skips)
             self.critic_opt.step()
         self.critic_updates += 1
@@ -178,8 +186,11 @@ class TD3:
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.phases.lap("actor")
-        if not mon.clip_and_observe("actor", actor_loss, step):
+        norms = mon.before_clip("actor", actor_loss, step)
+        if norms is None:
             return
+        clip = self.clippers["actor"].clip(norms.total)  # THE CLIP
+        mon.after_clip("actor", norms, clip)
         self.phases.lap("monitor")
         self.actor_opt.step()
         self.actor_updates += 1
@@ -222,6 +233,7 @@ class TD3:
                 "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                 "critic_updates": self.critic_updates, "actor_updates": self.actor_updates,
                 "noise_gen": self._noise_gen.get_state(), "monitor": self.monitor.state_dict(),
+                "clip": {net: c.state_dict() for net, c in self.clippers.items()},
                 "augment": None if self._augment is None else self._augment.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
@@ -236,4 +248,8 @@ class TD3:
         self._noise_gen.set_state(d["noise_gen"])
         if self._augment is not None and d.get("augment") is not None:  # absent from checkpoints without it
             self._augment.load_state_dict(d["augment"])
+        # the clip state, checked to fit this run's clip settings; before 2026-12-07 the monitor kept it
+        clip = d["clip"] if "clip" in d else d["monitor"]["clip"]
+        for net, clipper in self.clippers.items():
+            clipper.load_state_dict(clip[net])
         self.monitor.load_state_dict(d["monitor"])

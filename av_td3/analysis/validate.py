@@ -57,11 +57,13 @@ def _check_net(df: pd.DataFrame, net: str, run: Run, check: RunCheck) -> None:
             check.problems.append(f"{net} {part}: dead gradient ({tag} is 0 at every step)")
 
     tol = float(cfg.monitor.tolerance)
-    # Every mode logs each interval's largest after-clip / limit-used ratio: the invariant is ratio <= 1.
+    # Every mode logs each interval's largest after-clip / limit-used ratio: the invariant is ratio <= 1. In the
+    # global-norm modes it is the net's global norm over its limit; under agc, the worst unit's norm over its own.
     ratio = _finite(df[df["tag"] == f"grad/{net}/after_over_limit_max"])
     if len(ratio) and np.float32(ratio["value"].max()) > np.float32(1 + tol):
         worst = ratio.loc[ratio["value"].idxmax()]
-        check.problems.append(f"{net}: after-clip norm {worst['value']:.6g} x the limit used at step "
+        what = "a unit's after-clip norm" if cfg.agent.clip.mode == "agc" else "after-clip norm"
+        check.problems.append(f"{net}: {what} {worst['value']:.6g} x the limit used at step "
                               f"{worst['step']} (> 1 + monitor.tolerance = {1 + tol:g}): the clip did not hold")
     # A fixed limit (mode=norm) also holds every after-clip tag: each part's norm is <= the global norm.
     limit = cfg.agent.clip[net] if cfg.agent.clip.mode == "norm" else None
@@ -127,7 +129,14 @@ def _limit_cell(check: RunCheck, net: str) -> str:
     if cfg.agent.name == "pid":
         return "n/a"
     limit, mode = cfg.agent.clip[net], cfg.agent.clip.mode
-    used = "unclipped" if limit is None else f"{limit:g}" if mode == "norm" else f"{mode} (warm-up {limit:g})"
+    if limit is None:
+        used = "unclipped"
+    elif mode == "norm":
+        used = f"{limit:g}"
+    elif mode == "agc":  # per unit: no global limit to set the norm against
+        used = f"agc, per unit (lambda {cfg.agent.clip.agc:g})"
+    else:
+        used = f"{mode} (warm-up {limit:g})"
     return f"{_fmt(check.after_clip_max.get(net))} / {used}"
 
 

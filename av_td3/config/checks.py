@@ -17,8 +17,8 @@ from av_td3.config.schema import Config, ConfigError
 
 # What `<key>=null` means, for the keys where null is the way to turn something off (named in range errors, since
 # 0 or None are the values people try first).
-NULL_MEANS = {"agent.clip.actor": "turns clipping off for the actor", "agent.clip.critic": "turns clipping off for "
-              "the critic"}
+NULL_MEANS = {"agent.clip.actor": "turns clipping off for the actor, in every agent.clip.mode",
+              "agent.clip.critic": "turns clipping off for the critic, in every agent.clip.mode"}
 
 
 def _check_field(key: str, value: Any, meta: dict) -> None:

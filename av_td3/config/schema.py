@@ -70,11 +70,15 @@ class LrConfig:
 
 @dataclass
 class ClipConfig:
-    """How each network's gradients are clipped: by their global L2 norm over CNN + MLP together, to a limit that
-    ``mode`` sets (see ``av_td3/agent/clipping.py``). ``actor``/``critic`` null: that network is not clipped."""
-    # norm: the fixed limits below; adaptive: a percentile of the net's own recent norms (AutoClip, Seetharaman
-    # et al. 2020); zscore: mean + z * std of an EMA of the net's norms, applied when a norm exceeds it (ZClip).
-    mode: str = one_of("norm", "norm", "adaptive", "zscore")
+    """How each network's gradients are clipped; ``mode`` picks the strategy (see ``av_td3/agent/clipping.py``).
+    ``actor``/``critic`` null: that network is not clipped, in every mode (``agc`` included)."""
+    # Global-norm modes clip the net's L2 gradient norm over CNN + MLP together, to a limit that differs: norm: the
+    # fixed limits below; adaptive: a percentile of the net's own recent norms (AutoClip, Seetharaman et al.
+    # 2020); zscore: from an EMA mean and std of the net's norms, applied when a norm's z-score exceeds `z` (ZClip).
+    # agc: per unit (Brock et al. 2021): each output row / conv filter (a bias or norm scale: the whole vector) has
+    # its gradient norm clipped to `agc` x max(its weight norm, 1e-3); no global limit, so the fixed limits below
+    # are unused except that null still turns a net's clipping off.
+    mode: str = one_of("norm", "norm", "adaptive", "zscore", "agc")
     # The fixed limit (mode=norm), and in the adaptive modes the limit used until `warmup` norms have been seen.
     # Chosen at about the 90th percentile of each net's before-clip norm in an unclipped 50k-step run of this
     # default (results/pixels_lead, seed 0; docs/results/clip-study.md): actor p50/p90/p99 0.81/1.35/2.06,
@@ -87,12 +91,20 @@ class ClipConfig:
     # adaptive: the limit is this percentile (0-100) of the net's last `window` before-clip norms (this one included).
     percentile: float = rng(90.0, 0, 100, lo_open=True)
     window: int = rng(1000, 1)
-    # zscore: clip to mean + z * std when a norm exceeds it; mean and variance are EMAs (weight `ema` on the old
-    # value) fed with the clipped norms, started from the plain mean and variance of the first `warmup` norms.
+    # zscore: a norm more than `z` std above the EMA mean (weight `ema` on the old value) is clipped; the EMAs are
+    # fed the norms as clipped (as in the official ZClip code), skip zero norms, and start from the plain mean and
+    # variance of the first `warmup` norms. The limit never falls below 1% of the fixed limit above.
     z: float = rng(2.5, 0, lo_open=True)
     ema: float = rng(0.97, 0, 1, lo_open=True, hi_open=True)
-    # adaptive and zscore: updates of a net before its own history sets the limit.
+    # zscore: what a norm with z-score z > `z` is clipped to. adaptive (the official ZClip default): mean +
+    # (z_thresh^2 / z) std, harder the further out; threshold (this project's rule until 2026-12-07, the runs in
+    # results/): mean + z_thresh std.
+    zscore_scaling: str = one_of("adaptive", "adaptive", "threshold")
+    # adaptive and zscore: updates of a net before its own history sets the limit (zscore: non-zero norms).
     warmup: int = rng(25, 1)
+    # agc: lambda, the largest ratio of a unit's gradient norm to its weight norm: DreamerV3's 0.3 (Brock et al.
+    # used smaller values at large batch sizes, e.g. 0.01 at 4096).
+    agc: float = rng(0.3, 0, lo_open=True)
 
 
 @dataclass

@@ -21,12 +21,19 @@ from av_td3.replay import ReplayBuffer
 
 
 def compat(cfg: Config, spec: Spec) -> dict[str, Any]:
-    """The settings a checkpoint must share with the run that loads it (checked by ``check_compatible``)."""
+    """The settings a checkpoint must share with the run that loads it (checked by ``check_compatible``): the
+    shapes, and the clip mode whose state the checkpoint holds (the clip strategies further check that their own
+    state fits, e.g. AutoClip's agent.clip.window)."""
     a, e = cfg.agent, cfg.env
     return {"image": [e.image.stack, e.image.height, e.image.width], "state_dim": spec.state_dim,
             "encoder": a.encoder, "features_dim": a.features_dim, "hidden_dim": a.hidden_dim,
             "hidden_layers": a.hidden_layers, "num_critics": a.num_critics, "use_state": a.use_state,
-            "num_envs": e.num_envs}
+            "num_envs": e.num_envs, "agent.clip.mode": a.clip.mode}
+
+
+# compat() keys added on 2026-12-07, for checkpoints written before: the value all of them had, or None where it
+# cannot be known (the clip mode: then the clip strategies' own check of their state decides).
+PREDATED: dict[str, Any] = {"agent.clip.mode": None}
 
 
 def find(resume: str, trust: bool, ckpt: CheckpointManager) -> tuple[dict, Path] | None:
@@ -51,7 +58,8 @@ def restore(state: dict, path: Path, want_compat: dict[str, Any], agent: Agent, 
     """Load checkpoint ``state`` (read from ``path``) into the agent, the replay buffer (when the checkpoint
     holds one and the agent learns) and every random generator, after checking it was made for a compatible
     configuration (``want_compat``: this run's :func:`compat`)."""
-    check_compatible(state["compat"], want_compat, path)
+    saved = {**PREDATED, **state["compat"]}
+    check_compatible(saved, {k: v for k, v in want_compat.items() if saved.get(k, v) is not None}, path)
     agent.load_state_dict(state["agent"])
     if "buffer" in state and buffer is not None:
         try:
