@@ -41,9 +41,12 @@ def test_null_disables_clipping() -> None:
     assert cfg.agent.clip.actor is None and cfg.agent.clip.critic is None
 
 
-def test_the_agc_arm_composes() -> None:
+def test_the_agc_arm_and_the_sgd_stress_compose() -> None:
     agc = load("arm=td3_agc")
     assert (agc.agent.name, agc.agent.clip.mode, agc.agent.clip.agc) == ("td3", "agc", 0.3)
+    sgd = load("stress=sgd")
+    assert (sgd.agent.optimizer, sgd.agent.momentum, sgd.agent.lr.actor, sgd.agent.lr.critic) == ("sgd", 0.9, 0.01, 0.01)
+    assert sgd.agent.clip.mode == "norm", "a stress, not an arm: the clip is the run's own choice"
 
 
 def test_smoke_debug_config_is_small() -> None:
@@ -85,6 +88,8 @@ def test_unknown_key_fails_naming_the_key() -> None:
     ("agent.clip.mode=autoclip", "agent.clip.mode"),
     ("agent.clip.zscore_scaling=mean", "agent.clip.zscore_scaling"),
     ("agent.clip.agc=0", "agent.clip.agc"),
+    ("agent.optimizer=rmsprop", "agent.optimizer"),
+    ("agent.momentum=1.0", "agent.momentum"),
 ])
 def test_out_of_range_values_name_the_key_and_the_fix(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -115,7 +115,7 @@ def _after_updates(overrides: tuple[str, ...], n: int = 2) -> list[torch.Tensor]
     ("agent.lr.actor", 1e-4, 1e-2), ("agent.lr.critic", 1e-4, 1e-2), ("agent.tau", 0.001, 0.5),
     ("agent.gamma", 0.5, 0.99), ("agent.policy_noise", 0.0, 0.5), ("agent.noise_clip", 0.0, 0.5),
     ("agent.clip.actor", "null", 1e-4), ("agent.clip.critic", "null", 1e-4), ("agent.policy_freq", 1, 2),
-    ("agent.precision", "fp32", "bf16"), ("agent.clip.mode", "norm", "agc"),
+    ("agent.precision", "fp32", "bf16"), ("agent.optimizer", "adam", "sgd"), ("agent.clip.mode", "norm", "agc"),
 ])
 def test_agent_keys_change_the_update(key: str, a, b) -> None:
     results = [_after_updates((f"{key}={value}",)) for value in (a, b)]
@@ -123,13 +123,14 @@ def test_agent_keys_change_the_update(key: str, a, b) -> None:
 
 
 @pytest.mark.parametrize("key, a, b, context", [
+    ("agent.momentum", 0.0, 0.9, ("agent.optimizer=sgd",)),
     ("agent.clip.agc", 1e-3, 0.3, ("agent.clip.mode=agc",)),
     # z = 0.1: the growing norms after the 2-norm warm-up are clipped, to mean + 0.1 std or mean + 0.01/z-score std
     ("agent.clip.zscore_scaling", "adaptive", "threshold", ("agent.clip.mode=zscore", "agent.clip.warmup=2",
                                                             "agent.clip.z=0.1")),
 ])
 def test_keys_of_one_mode_change_the_update_in_that_mode(key: str, a, b, context: tuple[str, ...]) -> None:
-    """Keys read only under another key's value (agent.clip.agc with agent.clip.mode=agc, ...), shown there."""
+    """Keys read only under another key's value (agent.momentum with agent.optimizer=sgd, ...), shown there."""
     results = [_after_updates((*context, f"{key}={value}"), n=6) for value in (a, b)]
     assert not all(torch.equal(x, y) for x, y in zip(*results))
 

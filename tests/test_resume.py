@@ -54,10 +54,11 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), ("agent.clip.mode=adaptive", "agent.clip.warmup=5", "agent.clip.window=50"),
-                                   ("agent.clip.mode=zscore", "agent.clip.warmup=5"), ("agent.clip.mode=agc",)],
-                         ids=["norm", "adaptive", "zscore", "agc"])
+                                   ("agent.clip.mode=zscore", "agent.clip.warmup=5"), ("agent.clip.mode=agc",),
+                                   ("agent.optimizer=sgd", "agent.lr.actor=0.001", "agent.lr.critic=0.001")],
+                         ids=["norm", "adaptive", "zscore", "agc", "sgd"])
 def test_sigkill_then_rerun_resumes_to_the_same_parameters(tmp_path: Path, extra: tuple[str, ...]) -> None:
-    """Also with the adaptive clip modes, whose statistics must come back from the checkpoint, and AGC."""
+    """Also with the adaptive clip modes, whose statistics must come back from the checkpoint, AGC and SGD."""
     reference = tmp_path / "uninterrupted"
     done = subprocess.run(command(reference, *extra), cwd=tmp_path, env=env(), capture_output=True, text=True,
                           timeout=300)
@@ -162,9 +163,10 @@ def _checkpoint_and_agent(*overrides: str):
 @pytest.mark.parametrize("saved, resumed, named", [
     (("agent.clip.mode=zscore",), ("agent.clip.mode=agc",), "agent.clip.mode: checkpoint 'zscore' vs config 'agc'"),
     (("agent.clip.mode=norm",), ("agent.clip.mode=agc",), "agent.clip.mode: checkpoint 'norm' vs config 'agc'"),
+    ((), ("agent.optimizer=sgd",), "agent.optimizer: checkpoint 'adam' vs config 'sgd'"),
 ])
-def test_resume_refuses_another_clip_mode(tmp_path: Path, saved, resumed, named: str) -> None:
-    """The checkpoint's clip state would not fit (or would silently mean something else)."""
+def test_resume_refuses_another_clip_mode_or_optimizer(tmp_path: Path, saved, resumed, named: str) -> None:
+    """The checkpoint's clip and optimizer state would not fit (or would silently mean something else)."""
     import numpy as np
 
     from av_td3.checkpoint import CheckpointError
@@ -178,7 +180,7 @@ def test_resume_refuses_another_clip_mode(tmp_path: Path, saved, resumed, named:
 
 
 def test_a_checkpoint_from_before_the_clip_mode_was_recorded_resumes_when_its_state_fits(tmp_path: Path) -> None:
-    """Checkpoints written before 2026-12-07 lack agent.clip.mode in their compat and keep the
+    """Checkpoints written before 2026-12-07 lack agent.optimizer and agent.clip.mode in their compat and keep the
     clip state in the monitor's: they resume when that state fits, and are refused naming the key when not."""
     import numpy as np
 
@@ -186,7 +188,7 @@ def test_a_checkpoint_from_before_the_clip_mode_was_recorded_resumes_when_its_st
     from av_td3.train import resume
 
     def old(state: dict) -> dict:
-        compat = {k: v for k, v in state["compat"].items() if k != "agent.clip.mode"}
+        compat = {k: v for k, v in state["compat"].items() if k not in ("agent.optimizer", "agent.clip.mode")}
         agent = dict(state["agent"])
         agent["monitor"] = {**agent["monitor"], "clip": agent.pop("clip")}
         return {**state, "compat": compat, "agent": agent}

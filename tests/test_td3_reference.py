@@ -1,7 +1,7 @@
 """The lean TD3 update (foreach Polyak/clipping, device-side monitoring, reused features, channels_last, the
 gather-based random shift of ``agent.augment=shift``) is the same TD3 update as a plain, loop-based reference
-written here (per-sample replicate-pad-and-crop for the shift, per-unit loops for ``agent.clip.mode=agc``);
-and both encoder modes learn a toy task.
+written here (per-sample replicate-pad-and-crop for the shift, per-unit loops for ``agent.clip.mode=agc``,
+hand-written Adam and SGD with momentum); and both encoder modes learn a toy task.
 
 The reference follows the agent's documented design (av_td3/agent/td3.py): the actor loss reads the critic's
 features of the batch computed before the critic step (detached, as in DrQ-v2); with ``agent.encoder=shared`` the
@@ -37,9 +37,9 @@ def one_thread():
 
 
 class ReferenceTD3:
-    """Textbook TD3 on deep copies of an agent's networks: plain Python loops over parameters, hand-written Adam,
-    ``torch.nn.utils.clip_grad_norm_`` (or AGC one unit at a time), per-parameter Polyak averaging, smoothing
-    noise from a generator in the same state as the agent's."""
+    """Textbook TD3 on deep copies of an agent's networks: plain Python loops over parameters, hand-written Adam
+    (or SGD with momentum), ``torch.nn.utils.clip_grad_norm_`` (or AGC one unit at a time), per-parameter Polyak
+    averaging, smoothing noise from a generator in the same state as the agent's."""
 
     def __init__(self, agent: TD3) -> None:
         self.cfg = agent.cfg
@@ -54,6 +54,8 @@ class ReferenceTD3:
         self.adam = {name: {"t": 0, "m": [torch.zeros_like(p) for p in net.parameters()],
                             "v": [torch.zeros_like(p) for p in net.parameters()]}
                      for name, net in (("actor", self.actor), ("critic", self.critic))}
+        self.momentum = {name: [None] * len(list(net.parameters()))
+                         for name, net in (("actor", self.actor), ("critic", self.critic))}
         self.iterations = 0
         self.norms_before_clip: dict[str, list[float]] = {"actor": [], "critic": []}
         self.units_clipped = {"actor": 0, "critic": 0}  # agc
@@ -85,6 +87,21 @@ class ReferenceTD3:
                 m_hat = m / (1 - b1 ** t)
                 v_hat = v / (1 - b2 ** t)
                 p -= lr * m_hat / (v_hat.sqrt() + eps)
+
+    def _sgd_step(self, name: str, net: torch.nn.Module, lr: float) -> None:
+        """torch.optim.SGD's momentum (no dampening): b = g on a parameter's first step, then b = mu * b + g."""
+        buffers = self.momentum[name]
+        with torch.no_grad():
+            for i, p in enumerate(net.parameters()):
+                g = p.grad
+                buffers[i] = g.clone() if buffers[i] is None else self.cfg.momentum * buffers[i] + g
+                p -= lr * buffers[i]
+
+    def _step(self, name: str, net: torch.nn.Module, lr: float) -> None:
+        if self.cfg.optimizer == "sgd":
+            self._sgd_step(name, net, lr)
+        else:
+            self._adam_step(name, net, lr)
 
     def _clip(self, name: str, net: torch.nn.Module, limit: float | None) -> None:
         params = [p for p in net.parameters() if p.grad is not None]
@@ -129,7 +146,7 @@ class ReferenceTD3:
             p.grad = None
         critic_loss.backward()
         self._clip("critic", self.critic, cfg.clip.critic)
-        self._adam_step("critic", self.critic, cfg.lr.critic)
+        self._step("critic", self.critic, cfg.lr.critic)
         self.iterations += 1
 
         if self.iterations % cfg.policy_freq == 0:
@@ -139,7 +156,7 @@ class ReferenceTD3:
                 p.grad = None
             actor_loss.backward()
             self._clip("actor", self.actor, cfg.clip.actor)
-            self._adam_step("actor", self.actor, cfg.lr.actor)
+            self._step("actor", self.actor, cfg.lr.actor)
             with torch.no_grad():
                 for net, target in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
                     for p, tp in zip(net.parameters(), target.parameters()):
@@ -184,12 +201,14 @@ def test_lean_update_matches_the_loop_reference(encoder: str, monitor: bool, aug
             f"{name} did not change, the comparison would prove nothing"
 
 
-@pytest.mark.parametrize("mode, optimizer", [("agc", "adam")])
-def test_agc_update_matches_the_loop_reference(mode: str, optimizer: str) -> None:
-    """agent.clip.mode=agc clips unit by unit as the loops above do."""
+@pytest.mark.parametrize("mode, optimizer", [("agc", "adam"), ("norm", "sgd"), ("agc", "sgd")])
+def test_agc_and_sgd_updates_match_the_loop_reference(mode: str, optimizer: str) -> None:
+    """agent.clip.mode=agc clips unit by unit as the loops above do; agent.optimizer=sgd steps both nets as
+    torch's SGD with momentum does, written out."""
     cfg = AgentConfig(batch_size=16, encoder="separate", features_dim=16, hidden_dim=32, policy_freq=2,
-                      augment="none", clip=ClipConfig(mode=mode, actor=0.005, critic=0.5, agc=0.01),
-                      lr=LrConfig(actor=1e-3, critic=2e-3))
+                      augment="none", optimizer=optimizer, momentum=0.8,
+                      clip=ClipConfig(mode=mode, actor=0.005, critic=0.5, agc=0.01),
+                      lr=LrConfig(actor=1e-3, critic=2e-3) if optimizer == "adam" else LrConfig(actor=0.05, critic=0.05))
     agent = TD3(cfg, MonitorConfig(), SPEC, torch.device("cpu"), q_bound=1e6, seed=3)
     ref = ReferenceTD3(agent)
     before = {name: [p.detach().clone() for p in getattr(agent, name).parameters()]

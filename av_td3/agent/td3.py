@@ -40,8 +40,12 @@ class Spec:
     action_names: tuple[str, ...]
 
 
-def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _optimizer(params: list[torch.nn.Parameter], lr: float, cfg: AgentConfig) -> torch.optim.Optimizer:
+    """``agent.optimizer``: Adam, or SGD with ``agent.momentum`` (the clipping study's positive control: without
+    Adam's per-parameter normalisation, a gradient's size is the step's size)."""
     # foreach: one multi-tensor kernel for all parameters instead of a Python loop over them.
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, foreach=True)
     return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
@@ -70,8 +74,8 @@ class TD3:
                            cfg.hidden_dim, cfg.hidden_layers).to(device, memory_format=self._memory_format)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
-        self.actor_opt = _optimizer(list(self.actor.parameters()), cfg.lr.actor)
-        self.critic_opt = _optimizer(list(self.critic.parameters()), cfg.lr.critic)
+        self.actor_opt = _optimizer(list(self.actor.parameters()), cfg.lr.actor, cfg)
+        self.critic_opt = _optimizer(list(self.critic.parameters()), cfg.lr.critic, cfg)
         self._online = list(self.actor.parameters()) + list(self.critic.parameters())
         self._target = list(self.actor_target.parameters()) + list(self.critic_target.parameters())
         parts = {"actor": self.actor.parts(), "critic": self.critic.parts()}

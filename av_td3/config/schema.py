@@ -123,6 +123,11 @@ class PidConfig:
 class AgentConfig:
     name: str = one_of("td3", "td3", "ddpg", "pid")
     lr: LrConfig = field(default_factory=LrConfig)
+    # adam | sgd: the optimizer of both nets, at the learning rates `lr`. sgd (with `momentum`; unused with adam) is
+    # the clipping study's positive control: without Adam's per-parameter normalisation a gradient's size is its
+    # step's size, the case clipping is for (conf/stress/sgd.yaml).
+    optimizer: str = one_of("adam", "adam", "sgd")
+    momentum: float = rng(0.9, 0, 1, hi_open=True)
     clip: ClipConfig = field(default_factory=ClipConfig)
     policy_freq: int = rng(2, 1)
     tau: float = rng(0.005, 0, 1, lo_open=True)

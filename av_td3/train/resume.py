@@ -22,18 +22,18 @@ from av_td3.replay import ReplayBuffer
 
 def compat(cfg: Config, spec: Spec) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that loads it (checked by ``check_compatible``): the
-    shapes, and the clip mode whose state the checkpoint holds (the clip strategies further check that their own
-    state fits, e.g. AutoClip's agent.clip.window)."""
+    shapes, and the optimizer and clip mode whose state the checkpoint holds (an Adam state does not resume SGD;
+    the clip strategies further check that their own state fits, e.g. AutoClip's agent.clip.window)."""
     a, e = cfg.agent, cfg.env
     return {"image": [e.image.stack, e.image.height, e.image.width], "state_dim": spec.state_dim,
             "encoder": a.encoder, "features_dim": a.features_dim, "hidden_dim": a.hidden_dim,
             "hidden_layers": a.hidden_layers, "num_critics": a.num_critics, "use_state": a.use_state,
-            "num_envs": e.num_envs, "agent.clip.mode": a.clip.mode}
+            "num_envs": e.num_envs, "agent.optimizer": a.optimizer, "agent.clip.mode": a.clip.mode}
 
 
 # compat() keys added on 2026-12-07, for checkpoints written before: the value all of them had, or None where it
 # cannot be known (the clip mode: then the clip strategies' own check of their state decides).
-PREDATED: dict[str, Any] = {"agent.clip.mode": None}
+PREDATED: dict[str, Any] = {"agent.optimizer": "adam", "agent.clip.mode": None}
 
 
 def find(resume: str, trust: bool, ckpt: CheckpointManager) -> tuple[dict, Path] | None:
