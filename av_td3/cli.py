@@ -1,4 +1,4 @@
-"""``av-td3`` command line: ``validate``, ``compare``, ``archive`` and ``bench`` (``python -m av_td3.cli`` works too).
+"""``av-td3`` command line: ``validate``, ``compare``, ``plan``, ``archive`` and ``bench`` (``python -m av_td3.cli`` works too).
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments and sets ``run``; adding one means
 writing that function and listing it in ``SUBCOMMANDS``. Exit status: 0 success, 1 a check failed, 2 bad usage.
@@ -35,31 +35,43 @@ def _validate(args: argparse.Namespace) -> int:
     return OK if all(c.ok for c in checks) else FAILED
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from av_td3.analysis.report import notes, verdicts, write_comparison
+def _load_runs(command: str, dirs: list[Path]) -> list | int:
+    """The runs under ``dirs`` (each must hold some), or the usage exit code after printing why."""
     from av_td3.analysis.runs import RunDiscoveryError, find_runs
 
     runs = []
-    for folder in args.dirs:
+    for folder in dirs:
         try:
             found = find_runs(folder)
         except RunDiscoveryError as e:
-            return _usage_error("compare", str(e))
+            return _usage_error(command, str(e))
         if not found:
-            return _usage_error("compare", f"{folder}: no runs found (no .hydra/config.yaml or event files)")
+            return _usage_error(command, f"{folder}: no runs found (no .hydra/config.yaml or event files)")
         runs += found
     if all(r.config is None for r in runs):
-        return _usage_error("compare", "no run has a .hydra/config.yaml, so none can be grouped")
+        return _usage_error(command, "no run has a .hydra/config.yaml, so none can be grouped")
+    return runs
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from av_td3.analysis.report import notes, plan_lines, power_lines, verdicts, write_comparison
+
+    runs = _load_runs("compare", args.dirs)
+    if isinstance(runs, int):
+        return runs
     out = args.out or args.dirs[0]
     if out.is_file():
         return _usage_error("compare", f"--out {out}: is a file, give a folder")
     try:
-        result = write_comparison(runs, out, baseline=args.baseline)
-    except ValueError as e:  # an unknown --baseline label
+        result = write_comparison(runs, out, baseline=args.baseline, metric=args.metric)
+    except ValueError as e:  # an unknown --baseline label or --metric
         return _usage_error("compare", str(e))
+    print("\n".join(plan_lines(result.summary)) + "\n")
     if result.summary.common:
         print(f"Every run: {' '.join(result.summary.common)}\n")
     print(result.table)
+    print("\nPower:")
+    print("\n".join(f"  {line}" for line in power_lines(result.summary)))
     print("\nVerdicts:")
     print("\n".join(f"  {line}" for line in verdicts(result.summary)))
     found = notes(result.summary)
@@ -69,6 +81,32 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"\nwrote {out / 'comparison.md'}, {out / 'comparison.csv'} and {len(result.plots)} plots in "
           f"{out / 'plots'}")
     return OK
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from av_td3.analysis.report import seeds_table
+
+    runs = _load_runs("plan", args.dirs)
+    if isinstance(runs, int):
+        return runs
+    try:
+        effects = [_share(e) for e in args.effect]
+        print(seeds_table(runs, effects, baseline=args.baseline, metric=args.metric, alpha=args.alpha,
+                          power=args.power, arms=args.arms))
+    except ValueError as e:
+        return _usage_error("plan", str(e))
+    return OK
+
+
+def _share(text: str) -> float:
+    """``20%`` or ``0.2`` -> 0.2."""
+    try:
+        value = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise ValueError(f"--effect {text}: give a share of the baseline, e.g. 20% or 0.2") from None
+    if not 0 < value < 10:
+        raise ValueError(f"--effect {text}: give a share of the baseline between 0 and 1000%, e.g. 20%")
+    return value
 
 
 def _archive(args: argparse.Namespace) -> int:
@@ -149,8 +187,33 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="sweep folders or single run folders")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the first DIR)")
     p.add_argument("--baseline", default=None,
-                   help="group label to compare against (default: clipping at the default limits)")
+                   help="group label to compare against (default: the plan's plan.baseline, else clipping at the "
+                        "default limits)")
+    p.add_argument("--metric", default=None, help="analyse another metric than the plan's primary metric "
+                                                  "(plan.metric; the report names the departure): "
+                                                  "late_return, auc_return, final_return, late_success, "
+                                                  "late_collisions")
     p.set_defaults(run=_compare)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="seeds per group a study needs for an effect, from pilot runs' spread",
+                       description="From the runs under DIR... (pilots, or a study so far) estimate the spread of "
+                                   "the primary metric (the within-group SD pooled over the groups) and print, for "
+                                   "each --effect, the seeds per group a two-sided two-sample t-test needs to "
+                                   "detect it with --power at --alpha shared by the comparisons with the baseline. "
+                                   "Write the answer into the experiment's plan.seeds before its runs start.")
+    p.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="sweep folders, run folders or archives")
+    p.add_argument("--effect", action="append", default=None, metavar="SHARE",
+                   help="smallest effect of interest as a share of the baseline's mean, e.g. 20%% (repeatable; "
+                        "default: the plan's plan.effect, and 10%%, 20%%, 30%%)")
+    p.add_argument("--baseline", default=None, help="group label of the baseline (default: as compare)")
+    p.add_argument("--metric", default=None, help="metric (default: the plan's plan.metric)")
+    p.add_argument("--alpha", type=float, default=None, help="family alpha (default: the plan's plan.alpha)")
+    p.add_argument("--power", type=float, default=None, help="power (default: the plan's plan.power)")
+    p.add_argument("--arms", type=int, default=None,
+                   help="groups the study will compare with the baseline (default: the groups found, minus one)")
+    p.set_defaults(run=_plan)
 
 
 def _add_archive(sub: argparse._SubParsersAction) -> None:
@@ -189,8 +252,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_bench)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_compare, _add_archive,
-                                                                    _add_bench]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_compare, _add_plan,
+                                                                    _add_archive, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -164,6 +164,16 @@ def read_config(run_dir: Path) -> DictConfig:
     return upgrade_config(loaded)
 
 
+def recorded_keys(run_dir: Path) -> frozenset[str]:
+    """The dotted keys a run's ``.hydra/config.yaml`` itself holds, under today's names: not those that
+    :func:`read_config` fills in for a run that predates them."""
+    loaded = OmegaConf.load(run_dir / CONFIG_FILE)
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"{run_dir / CONFIG_FILE}: not a mapping")
+    _rename_keys(loaded)
+    return frozenset(flatten(loaded))
+
+
 def schema_default(key: str) -> Any:
     """Today's default of a dotted key (the schema is the single source of defaults)."""
     return _flat_defaults().get(key)

@@ -34,9 +34,13 @@ def make_config(overrides: Sequence[str] = (), seed: int = 0) -> DictConfig:
     return cfg
 
 
-def healthy_scalars(cfg: DictConfig, flushes: int = 6, log_every: int = 50, final_return: float = 10.0) -> Scalars:
+def healthy_scalars(cfg: DictConfig, flushes: int = 6, log_every: int = 50, final_return: float = 100.0,
+                    level: float | None = None) -> Scalars:
     """Scalars of a run that passes validation: norms clipped to exactly the limit, both nets updating, no
-    alerts, Q well inside the bound, an evaluation at every flush ramping up to ``final_return``."""
+    alerts, Q well inside the bound, an evaluation at every flush ramping up to ``final_return``. ``level``:
+    instead, evaluations at ``level - 80`` in the first half of the flushes and at ``level`` in the second (the
+    late window of a run of ``flushes * log_every`` steps), so the run's late_return and final return are
+    ``level`` and it learned (gain 80 > monitor.learn_min_gain)."""
     s: Scalars = {}
 
     def log(tag: str, step: int, value: float) -> None:
@@ -74,7 +78,8 @@ def healthy_scalars(cfg: DictConfig, flushes: int = 6, log_every: int = 50, fina
                            ("train/q2", 5.1), ("train/q_abs_max", 8.0), ("perf/steps_per_s", 100.0)):
             log(tag, step, value)
         log("episode/return", step, final_return * k / flushes - 1)
-        log("eval/return", step, final_return * k / flushes)
+        log("eval/return", step, final_return * k / flushes if level is None else
+            level - (80.0 if 2 * k <= flushes else 0.0))
         log("eval/success_rate", step, 0.5)
         log("eval/collisions", step, 0.2)
         log("eval/lane_invasions", step, 1.0)
@@ -119,6 +124,8 @@ def write_run(run_dir: Path, overrides: Sequence[str] = (), seed: int = 0, scala
     """
     cfg = make_config(overrides, seed)
     scalars = healthy_scalars(cfg) if scalars is None else scalars
+    if not any(o.startswith("trainer.total_steps=") for o in overrides):  # the run's length: its last step
+        cfg.trainer.total_steps = max((pts[-1][0] for pts in scalars.values() if pts), default=1)
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create([*overrides,

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imread
-from scipy.stats import bootstrap, trim_mean
+from scipy.stats import bootstrap, trim_mean, ttest_ind, ttest_rel
+from statsmodels.stats.multitest import multipletests
 
 from av_td3.analysis import stats
 from av_td3.analysis.compare import default_baseline, group_runs, improvement, summarize
@@ -110,7 +111,8 @@ def test_runs_launched_alike_but_configured_differently_are_split_and_named(tmp_
     # debug=smoke changes the config (here: total_steps) but is not part of the label, like in a real sweep.
     write_run(tmp_path / "a", ["trainer.total_steps=300"], seed=0)
     (tmp_path / "a" / ".hydra" / "overrides.yaml").write_text("- debug=smoke\n- seed=0\n")
-    write_run(tmp_path / "b", [], seed=1)
+    write_run(tmp_path / "b", ["trainer.total_steps=50000"], seed=1)
+    (tmp_path / "b" / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
     groups, warnings, _ = group_runs(find_runs(tmp_path))
     assert sorted(g.label for g in groups) == ["[trainer.total_steps=300]", "[trainer.total_steps=50000]"]
     assert warnings == ["runs launched as `default` differ in their configs (trainer.total_steps): split into 2 "
@@ -134,13 +136,12 @@ def test_runs_with_the_same_config_pool_across_folders_and_spellings(tmp_path: P
 
 def test_norm_scale_binding_and_verdicts_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for seed in range(3):
-        scalars = healthy_scalars(make_config())
+        scalars = healthy_scalars(make_config(), level=100.0 + seed)
         scalars["grad/critic/clip_fraction"] = [(st, 1.0) for st, _ in scalars["grad/critic/clip_fraction"]]
         scalars["grad/actor/clip_fraction"] = [(st, 0.0) for st, _ in scalars["grad/actor/clip_fraction"]]
-        write_run(tmp_path / f"d{seed}", [], seed, scalars=scalars, summary={"final_eval": {"return": 10.0 + seed}})
-        write_run(tmp_path / f"n{seed}", ["agent.clip.actor=5.0"], seed, scalars=scalars,
-                  summary={"final_eval": {"return": 10.0 + seed}})
-        write_run(tmp_path / f"u{seed}", UNCLIPPED, seed, summary={"final_eval": {"return": 100.0 + seed}})
+        write_run(tmp_path / f"d{seed}", [], seed, scalars=scalars)
+        write_run(tmp_path / f"n{seed}", ["agent.clip.actor=5.0"], seed, scalars=scalars)
+        write_run(tmp_path / f"u{seed}", UNCLIPPED, seed, scalars=healthy_scalars(make_config(), level=300.0 + seed))
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     csv = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index("group")
@@ -150,32 +151,33 @@ def test_norm_scale_binding_and_verdicts_are_reported(tmp_path: Path, capsys: py
     assert ("`default`: the critic's limit binds on 100% of updates: its clipping acts as gradient normalisation"
             in printed)
     assert "`default`: the actor's limit never binds (0% of updates clipped)" in printed
-    assert "`default` and `agent.clip.actor=5.0` have identical final returns on every seed" in printed
-    assert ("`agent.clip.actor=null,agent.clip.critic=null`: return IQM 101 (n=3): better than `default` "
-            "(P(> baseline) 1.00 [1.00, 1.00])") in printed
-    assert "`agent.clip.actor=5.0`: return IQM 11 (n=3): no clear difference from `default`" in printed
+    assert "`default` and `agent.clip.actor=5.0` have identical late_return on every seed" in printed
+    # Three times the baseline and every seed agreeing: still no verdict from 3 runs a group.
+    unclipped = "`agent.clip.actor=null,agent.clip.critic=null`: late_return 301 (n=3, CV 0%): inconclusive"
+    assert unclipped in printed and "n=3, fewer than the 5 runs per group a verdict needs" in printed
+    assert "better than" not in printed and "worse than" not in printed
 
 
 def test_two_seeds_give_no_conclusion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for seed in range(2):
-        write_run(tmp_path / f"d{seed}", [], seed, summary={"final_eval": {"return": 10.0}})
-        write_run(tmp_path / f"u{seed}", UNCLIPPED, seed, summary={"final_eval": {"return": 20.0}})
+        write_run(tmp_path / f"d{seed}", [], seed, scalars=healthy_scalars(make_config(), level=100.0 + seed))
+        write_run(tmp_path / f"u{seed}", UNCLIPPED, seed, scalars=healthy_scalars(make_config(), level=200.0 - seed))
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "n=2 against `default`, no conclusion (run at least 3 seeds each)" in printed
-    assert "(n=2: no conclusion)" in printed
+    assert "inconclusive against `default`" in printed
+    assert "n=2, fewer than the 5 runs per group a verdict needs" in printed
 
 
 # ------------------------------------------------------------------------------------------------ improvement
 def _rows(returns: dict[int, float]) -> pd.DataFrame:
-    return pd.DataFrame({"seed": list(returns), "return": list(returns.values())})
+    return pd.DataFrame({"seed": list(returns), "final_return": list(returns.values())})
 
 
 def test_improvement_pairs_by_seed_only_when_seeds_match() -> None:
     paired = improvement(_rows({0: 1.0, 1: 5.0, 2: 6.0}), _rows({2: 7.0, 1: 6.0, 0: 0.0}))
-    assert paired["paired"] and paired["p_improvement"] == pytest.approx(1 / 3)
+    assert paired["p_paired"] and paired["p_improvement"] == pytest.approx(1 / 3)
     unpaired = improvement(_rows({0: 1.0, 1: 5.0, 2: 6.0}), _rows({3: 0.0, 4: 6.0, 5: 7.0}))
-    assert not unpaired["paired"] and unpaired["p_improvement"] == pytest.approx(3.5 / 9)
+    assert not unpaired["p_paired"] and unpaired["p_improvement"] == pytest.approx(3.5 / 9)
     single = improvement(_rows({0: 2.0}), _rows({0: 1.0, 1: 3.0}))
     assert single["p_improvement"] == 0.5 and np.isnan(single["p_ci_low"])
 
@@ -185,11 +187,11 @@ def _sweep(root: Path) -> Path:
     """Clipped (3 seeds, one stopped by the NaN guard), unclipped (3 seeds), one-run group, crashed runs."""
     sweep = root / "sweep"
     common = ["experiment=clip_ablation", "debug=smoke"]
-    for seed, ret in enumerate([10.0, 20.0, 30.0]):
+    for seed, ret in enumerate([100.0, 200.0, 300.0]):
         write_run(sweep / f"seed={seed}", common, seed,
                   scalars=healthy_scalars(make_config(common), final_return=ret))
         write_run(sweep / f"agent.clip.actor=null,agent.clip.critic=null,seed={seed}", [*common, *UNCLIPPED], seed,
-                  scalars=healthy_scalars(make_config(UNCLIPPED), final_return=ret + 5))
+                  scalars=healthy_scalars(make_config(UNCLIPPED), final_return=ret + 60))
     stopped = {"status": "stopped", "reason": "NaN guard: critic loss",
                "nan_guard": {"triggered": True, "quantity": "critic_loss", "step": 200},
                "alerts": {"critic/grad_explosion_critical": 2}, "final_eval": None}
@@ -210,66 +212,92 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["compare", str(sweep), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     md = (out / "comparison.md").read_text()
-    assert printed.startswith("| group | runs | return IQM [95% CI]")
-    assert printed.split("\n\nVerdicts:")[0] in md
+    assert printed.startswith("Plan (recorded in the runs when they started): primary metric late_return")
+    table = printed[printed.index("| group |"):printed.index("\n\nPower:")]
+    assert table.startswith("| group | runs | late return mean [95% CI] | CV | effect vs baseline [adj. CI] |")
+    assert table in md
 
     csv = pd.read_csv(out / "comparison.csv").set_index("group")
     assert list(csv.index) == ["agent.clip.actor=null,agent.clip.critic=null", "agent.clip.critic=5.0", "default"]
     unclipped, one, default = (csv.loc[g] for g in csv.index)
     assert bool(default["is_baseline"]) and default["runs"] == 5 and default["incomplete"] == 2
-    assert default["return_iqm"] == pytest.approx(20.0) and default["return_std"] == pytest.approx(10.0)
+    # late window: the evaluations after step 150 of 300 (ramp k/6 x final return, k = 4, 5, 6): 5/6 of it
+    assert default["mean"] == pytest.approx(200.0 * 5 / 6) and default["sd"] == pytest.approx(100.0 * 5 / 6)
+    assert default["final_return_mean"] == pytest.approx(200.0)
     # The NaN-guard stop counts as a diverged run, not a dropped one: 1 of 4 finished unclipped runs.
-    assert unclipped["nan_guard_stops"] == 1 and unclipped["divergence_rate"] == pytest.approx(0.25)
+    assert unclipped["nan_guard_stops"] == 1 and unclipped["diverged"] == 1 and unclipped["finished"] == 4
     assert unclipped["stopped"] == 1 and unclipped["alerts"] == 2
-    # Paired by seed? No: the unclipped group has a 4th seed (its stopped run has a last eval return).
-    assert unclipped["n_return"] == 4 and not unclipped["paired"]
+    # Paired by seed? No: the unclipped group has a 4th seed.
+    assert unclipped["n"] == 4 and not unclipped["paired"]
     assert np.isnan(unclipped["actor_clip_limit"]) and default["actor_clip_limit"] == 1.5
 
-    assert "10 (n=1, no interval)" in md and "agent.clip.critic=5.0,seed=1: crashed" in md
+    assert "83.33 (n=1, no interval)" in md and "agent.clip.critic=5.0,seed=1: crashed" in md
     assert "seed=9: crashed at step 100 of 300" in md and "seed=8: running at step 150 of 300" in md
     assert "agent.clip.actor=null,agent.clip.critic=null,seed=3: diverged: NaN guard: non-finite critic_loss at " \
            "step 200" in md
     assert "critic/grad_explosion_critical: 2" in md  # counted as an alert of that (older) run, not a verdict
-    for name in ("eval_return", "grad_norms", "alerts"):
+    for name in ("effects", "eval_return", "grad_norms", "alerts"):
         image = imread(out / "plots" / f"{name}.png")
         assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.01  # drawn, not blank
         assert f"plots/{name}.png" in md
 
 
-def test_compare_pairs_seeds_and_honours_baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for seed, (clipped, unclipped) in enumerate([(10.0, 12.0), (20.0, 18.0), (30.0, 35.0)]):
-        write_run(tmp_path / f"c{seed}", [], seed, summary={"final_eval": {"return": clipped}})
-        write_run(tmp_path / f"u{seed}", UNCLIPPED, seed, summary={"final_eval": {"return": unclipped}})
-    result = summarize(find_runs(tmp_path))
-    assert result.baseline.label == "default"
-    row = result.table.set_index("group").loc["agent.clip.actor=null,agent.clip.critic=null"]
-    assert row["paired"] and row["p_improvement"] == pytest.approx(2 / 3)  # seeds 0 and 2 win
-    assert "| 0.67 [0.00, 1.00] paired by seed |" in markdown_report(result, [])
+def _level_runs(root: Path, overrides: list[str], levels: list[float], seeds: list[int] | None = None) -> None:
+    for seed, level in zip(seeds or range(len(levels)), levels):
+        write_run(root / f"{'_'.join(overrides) or 'default'}_{seed}", overrides, seed,
+                  scalars=healthy_scalars(make_config(overrides), level=level))
 
+
+def test_the_effect_is_the_difference_of_means_with_a_family_adjusted_welch_interval(tmp_path: Path) -> None:
+    """Effect = mean - baseline mean, in % of the baseline mean; its interval is Welch's t at 1 - alpha / k for k
+    comparisons; Holm's p-values go to the CSV. Seeds that differ: never paired."""
+    base, a, b = [300.0, 250.0, 350.0, 310.0, 290.0], [400.0, 380.0, 420.0, 390.0, 410.0], [290.0, 320.0, 280.0]
+    _level_runs(tmp_path, [], base)
+    _level_runs(tmp_path, ["agent.clip.critic=50.0"], a, seeds=[10, 11, 12, 13, 14])
+    _level_runs(tmp_path, ["agent.clip.critic=20.0"], b, seeds=[20, 21, 22])
+    summary = summarize(find_runs(tmp_path), baseline="default")
+    row = summary.table.set_index("group").loc["agent.clip.critic=50.0"]
+    ci = ttest_ind(a, base, equal_var=False).confidence_interval(confidence_level=1 - 0.05 / 2)
+    assert row["effect"] == pytest.approx(np.mean(a) - np.mean(base))
+    assert (row["effect_low"], row["effect_high"]) == pytest.approx((ci.low, ci.high))
+    assert row["effect_pct"] == pytest.approx(row["effect"] / np.mean(base))
+    assert row["effect_pct_low"] == pytest.approx(ci.low / np.mean(base))
+    assert not row["paired"] and row["verdict"] == "better"
+    p = [ttest_ind(x, base, equal_var=False).pvalue for x in (a, b)]
+    assert [row["p_holm"], summary.table.set_index("group").loc["agent.clip.critic=20.0", "p_holm"]] == \
+        pytest.approx(list(multipletests(p, method="holm")[1]))
+    assert summary.power.comparisons == 2 and summary.power.alpha == pytest.approx(0.025)
+    assert summary.power.sd == pytest.approx(stats.pooled_sd([a, b, base]))
+
+
+def test_same_seeds_pair_only_when_they_correlate(tmp_path: Path) -> None:
+    base = [100.0, 200.0, 300.0, 400.0, 500.0]
+    _level_runs(tmp_path / "p", [], base)
+    _level_runs(tmp_path / "p", UNCLIPPED, [x + 20 + (-1) ** i for i, x in enumerate(base)])
+    row = summarize(find_runs(tmp_path / "p"), baseline="default").table.set_index("group").iloc[0]
+    assert row["paired"]
+    x = np.array([x + 20 + (-1) ** i for i, x in enumerate(base)])
+    ci = ttest_rel(x, base).confidence_interval(confidence_level=0.95)
+    assert (row["effect_low"], row["effect_high"]) == pytest.approx((ci.low, ci.high))
+    assert row["verdict"] == "better"  # a 20-point gain every seed, seen through a 100-point spread by pairing
+    _level_runs(tmp_path / "u", [], base)
+    _level_runs(tmp_path / "u", UNCLIPPED, [320.0, 100.0, 510.0, 220.0, 410.0])  # same seeds, no correlation
+    row = summarize(find_runs(tmp_path / "u"), baseline="default").table.set_index("group").iloc[0]
+    assert not row["paired"]
+
+
+def test_compare_honours_baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _level_runs(tmp_path, [], [100.0, 110.0, 120.0])
+    _level_runs(tmp_path, UNCLIPPED, [130.0, 140.0, 150.0])
+    result = summarize(find_runs(tmp_path))
+    assert result.baseline.label == "default" and "(clipping at the default limits)" in markdown_report(result, [])
     flipped = summarize(find_runs(tmp_path), baseline="agent.clip.actor=null,agent.clip.critic=null")
-    assert flipped.table.set_index("group").loc["default", "p_improvement"] == pytest.approx(1 / 3)
-    assert "(chosen with --baseline)" in markdown_report(flipped, [])
+    assert flipped.table.set_index("group").loc["default", "effect"] == pytest.approx(-30.0)
+    assert "(named by --baseline or the plan)" in markdown_report(flipped, [])
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "out"), "--baseline", "nope"]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "out").exists()
-
-
-def test_each_group_is_stated_as_a_share_of_the_baseline(tmp_path: Path) -> None:
-    """Targets such as "80% of PID" are read off the IQM / baseline column: the group's IQM and its interval over
-    the baseline's IQM; the baseline's own cell is empty."""
-    from av_td3.analysis.report import _cells
-
-    write_run(tmp_path / "pid", ["agent=pid"], seed=0, summary={"final_eval": {"return": 200.0}})
-    for seed, ret in enumerate([100.0, 180.0, 260.0]):
-        write_run(tmp_path / f"td3_{seed}", [], seed, summary={"final_eval": {"return": ret}})
-    summary = summarize(find_runs(tmp_path), baseline="agent=pid")
-    row = summary.table.set_index("group").loc["default"]
-    assert row["return_vs_baseline"] == pytest.approx(row["return_iqm"] / 200.0)
-    assert row["return_vs_baseline_low"] == pytest.approx(row["return_ci_low"] / 200.0)
-    assert row["return_vs_baseline_high"] == pytest.approx(row["return_ci_high"] / 200.0)
-    cells = {s["group"]: _cells(s) for s in summary.table.to_dict("records")}
-    low, high = row["return_ci_low"] / 2.0, row["return_ci_high"] / 2.0
-    assert cells["default"]["IQM / baseline"] == f"{row['return_iqm'] / 2.0:.0f}% [{low:.0f}%, {high:.0f}%]"
-    assert cells["agent=pid"]["IQM / baseline"] == "-"
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "out"), "--metric", "nope"]) == 2
+    assert "--metric 'nope' is not a metric" in capsys.readouterr().err
 
 
 def test_the_report_names_the_machines_its_wall_times_come_from(tmp_path: Path) -> None:
@@ -334,3 +362,38 @@ def test_a_run_made_under_an_older_default_is_labelled_with_it(tmp_path: Path, m
     monkeypatch.setitem(rundir.DEFAULTS_CHANGED, "agent.clip.critic", "2026-12-02")
     labels = {g.label for g in group_runs(find_runs(tmp_path))[0]}
     assert labels == {"agent.clip.critic=5.0,env.lead_vehicle=false", "arm=td3_noclip"}
+
+
+# ---------------------------------------------------------------------------------------------- run verdicts
+def test_a_run_that_never_learns_is_labelled_failed(tmp_path: Path) -> None:
+    """The stressed runs' pattern (results/clip_stress): every evaluation at the crash return."""
+    from av_td3.analysis.verdicts import judge
+
+    crashed = healthy_scalars(make_config())
+    crashed["eval/return"] = [(step, -9.86) for step, _ in crashed["eval/return"]]
+    verdict = judge(find_runs(write_run(tmp_path / "crash", scalars=crashed))[0])
+    assert verdict.failed == ("its best level -9.86 (mean of 2 evaluation(s)) never rose more than "
+                              "monitor.learn_min_gain = 50 above its first evaluation, -9.86 at step 50")
+    assert judge(find_runs(write_run(tmp_path / "learned", []))[0]).failed is None  # gains 75 over its first
+    lenient = write_run(tmp_path / "lenient", ["monitor.learn_min_gain=5"], scalars=crashed)
+    assert judge(find_runs(lenient)[0]).failed is not None
+    crashed["eval/return"][-2:] = [(250, 0.0), (300, 0.0)]  # +9.86: learned for a threshold of 5, not 50
+    assert judge(find_runs(write_run(tmp_path / "small", ["monitor.learn_min_gain=5"], scalars=crashed))[0]).failed \
+        is None
+    summary = summarize(find_runs(tmp_path / "crash"))
+    assert "failed to learn" in markdown_report(summary, []) and summary.table.iloc[0]["failed"] == 1
+
+
+def test_q_far_above_the_returns_the_run_played_is_divergence(tmp_path: Path) -> None:
+    """The reward bound (max|r| / (1 - gamma) x 2 = 4,960 at the defaults) is never reached by a Q that runs away
+    from returns of ~100: |Q| = 400 is 4x the largest return played, beyond monitor.q_return_factor = 3."""
+    from av_td3.analysis.verdicts import judge
+
+    inflated = healthy_scalars(make_config())
+    inflated["train/q_abs_max"] = [(step, 400.0 if step >= 200 else 8.0) for step, _ in inflated["train/q_abs_max"]]
+    verdict = judge(find_runs(write_run(tmp_path / "run", scalars=inflated))[0])
+    assert verdict.diverged == ("|train/q_abs_max| = 400 at step 200, more than monitor.q_return_factor = 3 x the "
+                                "largest |return| the run played (100)")
+    assert verdict.diverged_step == 200
+    assert judge(find_runs(write_run(tmp_path / "loose", ["monitor.q_return_factor=5"],
+                                     scalars=inflated))[0]).diverged is None

@@ -1,7 +1,9 @@
-"""``av-td3 compare``, the numbers: group runs by configuration (seeds pooled), aggregate final evaluation returns
-with IQM and bootstrap intervals, the comparison with a baseline group, divergence, collapse, gradient spikes
-and the scale of the gradient norms next to the clip limits. :mod:`av_td3.analysis.report` puts them into
-words, tables and plots (``comparison.md``, ``comparison.csv``, ``plots/*.png``).
+"""``av-td3 compare``, the numbers: group runs by configuration (seeds pooled), each group's primary metric (the
+declared plan's, :mod:`av_td3.analysis.plan`) with its spread, each group's effect against the baseline with a
+family-adjusted interval and a verdict the interval supports, the power of the comparison (the smallest effect
+these runs detect, the seeds a plan's effect needs), run verdicts (diverged, collapsed, failed to learn),
+gradient spikes and the scale of the gradient norms next to the clip limits. :mod:`av_td3.analysis.report` puts them
+into words, tables and plots (``comparison.md``, ``comparison.csv``, ``plots/*.png``).
 
 Runs are grouped by their configuration, not by the folder or sitting they come from: live run folders and
 archived runs (``av-td3 archive``) from several machines pool into one group when their configurations match,
@@ -17,8 +19,10 @@ import pandas as pd
 
 from av_td3.analysis import stats
 from av_td3.analysis.events import series
+from av_td3.analysis.metrics import METRICS, late_evaluations
+from av_td3.analysis.plan import Plan, departures, study_plan
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import NETS, judge
+from av_td3.analysis.verdicts import NETS, collapse_rule, judge
 from av_td3.config import ClipConfig
 from av_td3.rundir import DEFAULTS_CHANGED, RUN_ONLY_KEYS, flatten, is_experiment_key, schema_default
 
@@ -26,11 +30,12 @@ from av_td3.rundir import DEFAULTS_CHANGED, RUN_ONLY_KEYS, flatten, is_experimen
 # keys that change how a job runs but not what it computes, and the seed (pooled by the statistics).
 IGNORED_OVERRIDES = frozenset({"seed", "experiment", "debug", "launcher", "hydra/launcher", "hparams_search"}
                               | RUN_ONLY_KEYS)
-EVAL_FIELDS = ("return", "success_rate", "collisions", "lane_invasions")
 NORM_PERCENTILES = (50, 90, 99)
 # A limit that binds on at most / at least this share of updates "never binds" / "binds on every update".
 NEVER_BINDS, ALWAYS_BINDS = 0.001, 0.99
-MIN_RUNS_FOR_VERDICT = 3
+# Fewer finished runs than this in a group or its baseline: no better / worse / equivalent verdict, however
+# narrow the interval looks (at n=3 a t interval rests on a spread estimated from 2 degrees of freedom).
+MIN_RUNS_FOR_VERDICT = 5
 NAN = float("nan")
 
 
@@ -150,20 +155,21 @@ def _last(df: pd.DataFrame, tag: str) -> float:
     return float(s.iloc[-1]) if len(s) else NAN
 
 
-def run_metrics(run: Run) -> dict[str, Any]:
-    """One run's numbers for the comparison (NaN where the run never logged the quantity)."""
+def run_metrics(run: Run, late_fraction: float) -> dict[str, Any]:
+    """One run's numbers for the comparison (NaN where the run never logged the quantity); every metric of
+    :data:`av_td3.analysis.metrics.METRICS` under its name."""
     df = run.scalars
     summary = run.summary or {}
-    final_eval = summary.get("final_eval") or {}
     verdict = judge(run)
     m: dict[str, Any] = {"run": run.name, "state": run.state, "finished": run.finished, "seed": run.seed,
                          "steps": summary.get("steps"), "total_steps": summary.get("total_steps"),
                          "reason": summary.get("reason"), "wall_s": summary.get("wall_s"),
                          "code_version": run.code_version,
                          "machine": (summary.get("provenance") or {}).get("machine")}
-    for name in EVAL_FIELDS:
-        value = final_eval.get(name)
-        m[name] = float(value) if value is not None else _last(df, f"eval/{name}")
+    for name, metric in METRICS.items():
+        m[name] = metric.compute(run, late_fraction)
+    m["late_evaluations"] = late_evaluations(run, late_fraction)
+    m["eval_episodes"] = int(run.config.trainer.eval_episodes)  # type: ignore[union-attr]
     for net in NETS:
         fraction = series(df, f"grad/{net}/clip_fraction")
         after = series(df, f"grad/{net}/total/after_clip_max")
@@ -182,22 +188,30 @@ def run_metrics(run: Run) -> dict[str, Any]:
     m["diverged_why"] = verdict.diverged
     m["collapsed"] = verdict.collapsed is not None
     m["collapsed_why"] = verdict.collapsed
+    m["failed"] = verdict.failed is not None
+    m["failed_why"] = verdict.failed
+    # the collapse rule of verdict rules v1 (window 1), for runs made before the window existed (see notes)
+    m["predates_collapse_window"] = "monitor.collapse_window" not in run.recorded_keys
+    m["collapsed_v1"] = collapse_rule(df, run, window=1) is not None
     return m
 
 
-def _seed_returns(rows: pd.DataFrame) -> pd.Series:
-    return rows.dropna(subset=["return"]).set_index("seed")["return"]
+def _by_seed(rows: pd.DataFrame, metric: str) -> pd.Series:
+    return rows.dropna(subset=[metric]).set_index("seed")[metric]
 
 
-def improvement(rows: pd.DataFrame, base: pd.DataFrame) -> dict[str, Any]:
-    """P(a run of one group beats a baseline run) with its interval; runs are paired by seed when both groups
-    have exactly the same seeds, each once."""
-    x, y = _seed_returns(rows), _seed_returns(base)
-    paired = (len(x) > 0 and x.index.is_unique and y.index.is_unique
-              and set(x.index) == set(y.index))
+def _same_seeds(x: pd.Series, y: pd.Series) -> bool:
+    return len(x) > 0 and x.index.is_unique and y.index.is_unique and set(x.index) == set(y.index)
+
+
+def improvement(rows: pd.DataFrame, base: pd.DataFrame, metric: str = "final_return") -> dict[str, Any]:
+    """P(a run of one group beats a baseline run on ``metric``) with its bootstrap interval (comparison.csv);
+    runs are paired by seed when both groups have exactly the same seeds, each once."""
+    x, y = _by_seed(rows, metric), _by_seed(base, metric)
+    paired = _same_seeds(x, y)
     if paired:
         y = y.loc[x.index]
-    out = {"p_improvement": NAN, "p_ci_low": NAN, "p_ci_high": NAN, "paired": paired}
+    out = {"p_improvement": NAN, "p_ci_low": NAN, "p_ci_high": NAN, "p_paired": paired}
     if len(x) and len(y):
         out["p_improvement"] = stats.probability_of_improvement(x.to_numpy(), y.to_numpy(), paired=paired)
         if min(len(x), len(y)) >= 2:
@@ -213,30 +227,35 @@ def _median(values: pd.Series) -> float:
     return float(finite.median()) if len(finite) else NAN
 
 
-def summarize_group(group: Group, rows: pd.DataFrame) -> dict[str, Any]:
-    """One group's row of comparison.csv (without the comparison to the baseline); ``rows``: its runs' metrics."""
+def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """One group's row of comparison.csv (without the comparison to the baseline); ``rows``: its runs' metrics,
+    ``metric``: the primary metric's name."""
     fin = rows[rows["finished"]]
-    returns = fin["return"].dropna().to_numpy()
+    values = fin[metric].dropna().to_numpy()
     cfg = group.runs[0].config
+    n = len(values)
     s: dict[str, Any] = {
         "group": group.label, "runs": len(rows), "completed": int((rows["state"] == "completed").sum()),
         "stopped": int((rows["state"] == "stopped").sum()), "incomplete": int((~rows["finished"]).sum()),
-        "n_return": len(returns),
-        "return_iqm": stats.iqm(returns) if len(returns) else NAN,
-        "return_ci_low": NAN, "return_ci_high": NAN,
-        "return_mean": float(np.mean(returns)) if len(returns) else NAN,
-        "return_std": float(np.std(returns, ddof=1)) if len(returns) >= 2 else NAN,
-        "returns_by_seed": "; ".join(f"{int(sd)}: {r:.4g}" for sd, r in zip(fin["seed"], fin["return"])
-                                     if pd.notna(sd) and pd.notna(r)),
+        "seeds": sorted(int(x) for x in fin["seed"].dropna()),
+        "metric": metric, "n": n,
+        "mean": float(np.mean(values)) if n else NAN,
+        "sd": float(np.std(values, ddof=1)) if n >= 2 else NAN,
+        "ci_low": NAN, "ci_high": NAN,
+        "values_by_seed": "; ".join(f"{int(sd)}: {v:.4g}" for sd, v in zip(fin["seed"], fin[metric])
+                                    if pd.notna(sd) and pd.notna(v)),
+        "late_evaluations": _median(fin["late_evaluations"].astype(float)),
+        "eval_episodes": "/".join(str(e) for e in sorted(set(fin["eval_episodes"]))),
         "wall_h_mean": float(fin["wall_s"].dropna().mean() / 3600) if fin["wall_s"].notna().any() else NAN,
         "clip_mode": str(cfg.agent.clip.mode),  # type: ignore[union-attr]
         # the machines its finished runs recorded (summary.json provenance; runs before the record: "not recorded")
         "machines": "; ".join(sorted({m if isinstance(m, str) else "not recorded" for m in fin["machine"]})),
     }
-    if len(returns) >= 2:
-        s["return_ci_low"], s["return_ci_high"] = stats.iqm_ci(returns)
-    for name in EVAL_FIELDS[1:]:
-        s[name] = float(fin[name].mean()) if fin[name].notna().any() else NAN
+    s["cv"] = s["sd"] / abs(s["mean"]) if n >= 2 and s["mean"] != 0 else NAN
+    if n >= 2:
+        s["ci_low"], s["ci_high"] = stats.mean_ci(values)
+    for name in METRICS:
+        s[f"{name}_mean"] = float(fin[name].mean()) if fin[name].notna().any() else NAN
     for net in NETS:
         limit = cfg.agent.clip[net]  # type: ignore[union-attr]
         s[f"{net}_clip_limit"] = NAN if limit is None else float(limit)
@@ -255,11 +274,90 @@ def summarize_group(group: Group, rows: pd.DataFrame) -> dict[str, Any]:
     s["alerts"] = sum(alerts.values())
     s["alerts_by_name"] = "; ".join(f"{k}: {v}" for k, v in sorted(alerts.items()))
     s["nan_guard_stops"] = int(fin["nan_guard"].sum())
-    s["diverged"] = int(fin["diverged"].sum())
-    s["divergence_rate"] = s["diverged"] / len(fin) if len(fin) else NAN
-    s["collapsed"] = int(fin["collapsed"].sum())
-    s["collapse_rate"] = s["collapsed"] / len(fin) if len(fin) else NAN
+    for verdict in ("diverged", "collapsed", "failed"):
+        s[verdict] = int(fin[verdict].sum())
+    s["finished"] = len(fin)
     return s
+
+
+# ------------------------------------------------------------------------------------------------ effects
+VERDICTS = ("better", "worse", "equivalent", "inconclusive")
+
+
+@dataclass
+class Power:
+    """What the runs can detect: the within-group SD pooled over all groups, the smallest difference a
+    comparison at the runs' n detects with the plan's power at the family-adjusted alpha, and the runs per group
+    the plan's smallest effect of interest needs."""
+    sd: float             # pooled within-group SD of the primary metric
+    base_mean: float      # the baseline's mean primary metric (the unit of the % figures)
+    n: int                # the fewest finished runs with the metric among the compared groups
+    comparisons: int      # groups compared with the baseline (the family the alpha is shared by)
+    alpha: float          # per comparison: plan.alpha / comparisons (Bonferroni)
+    detectable: float     # smallest detectable difference at n, in metric units
+    runs_for_effect: int  # runs per group to detect plan.effect x base_mean (-1: unknown)
+
+    @property
+    def detectable_share(self) -> float:
+        return self.detectable / self.base_mean if self.base_mean > 0 else NAN
+
+
+def power_of(rows: list[dict[str, Any]], metrics: dict[str, pd.DataFrame], base_label: str | None, plan: Plan,
+             metric: str) -> Power | None:
+    """What the comparison of ``rows``' groups with the baseline can detect (None without a baseline)."""
+    if base_label is None:
+        return None
+    base = next(s for s in rows if s["group"] == base_label)
+    others = [s for s in rows if s is not base and s["n"] >= 2]
+    sd = stats.pooled_sd([metrics[s["group"]].query("finished")[metric].dropna() for s in rows])
+    k = max(1, len(others))
+    alpha = plan.alpha / k
+    n = min(s["n"] for s in others + [base])
+    return Power(sd, base["mean"], n, k, alpha, stats.detectable_difference(n, sd, alpha, plan.power),
+                 stats.runs_needed(plan.effect * base["mean"], sd, alpha, plan.power) if base["mean"] > 0 else -1)
+
+
+def effects_against_baseline(rows: list[dict[str, Any]], metrics: dict[str, pd.DataFrame], base_label: str | None,
+                             plan: Plan, metric: str) -> None:
+    """Fill each group's row with its effect against the baseline (difference of means, % of the baseline's
+    mean, the family-adjusted interval, Holm-adjusted p) and its verdict."""
+    for s in rows:
+        s.update(effect=NAN, effect_low=NAN, effect_high=NAN, effect_pct=NAN, effect_pct_low=NAN,
+                 effect_pct_high=NAN, p_value=NAN, p_holm=NAN, paired=False, verdict="", is_baseline=False)
+    if base_label is None:
+        return
+    base = next(s for s in rows if s["group"] == base_label)
+    base["is_baseline"] = True
+    others = [s for s in rows if s is not base and s["n"] >= 2]
+    y_all = _by_seed(metrics[base_label].query("finished"), metric)
+    alpha = plan.alpha / max(1, len(others))
+    if base["n"] < 2:
+        return
+    pvalues = []
+    for s in others:
+        x = _by_seed(metrics[s["group"]].query("finished"), metric)
+        y = y_all
+        paired = _same_seeds(x, y) and stats.pairs_correlate(x.to_numpy(), y.loc[x.index].to_numpy())
+        if paired:
+            y = y.loc[x.index]
+        d = stats.difference(x.to_numpy(), y.to_numpy(), confidence=1 - alpha, paired=paired)
+        s.update(effect=d.diff, effect_low=d.low, effect_high=d.high, p_value=d.p, paired=paired)
+        if base["mean"] > 0:
+            s.update(effect_pct=d.diff / base["mean"], effect_pct_low=d.low / base["mean"],
+                     effect_pct_high=d.high / base["mean"])
+        pvalues.append(d.p)
+        enough = min(s["n"], base["n"]) >= MIN_RUNS_FOR_VERDICT
+        margin = plan.effect * base["mean"]
+        if enough and d.low > 0:
+            s["verdict"] = "better"
+        elif enough and d.high < 0:
+            s["verdict"] = "worse"
+        elif enough and base["mean"] > 0 and -margin <= d.low and d.high <= margin:
+            s["verdict"] = "equivalent"
+        else:
+            s["verdict"] = "inconclusive"
+    for s, p in zip(others, stats.holm(pvalues)):
+        s["p_holm"] = p
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -267,42 +365,49 @@ def summarize_group(group: Group, rows: pd.DataFrame) -> dict[str, Any]:
 class Report:
     groups: list[Group]
     baseline: Group | None
-    chosen: bool                        # the baseline was named with --baseline
+    chosen: bool                        # the baseline was named with --baseline or by the plan
     metrics: dict[str, pd.DataFrame]    # per group label: one row of run_metrics per run
     table: pd.DataFrame                 # per group: the numbers of comparison.csv
     warnings: list[str]
     ungrouped: list[Run]                # runs without a config (bare event files)
     common: list[str]                   # overrides every run shares, left out of the group labels
+    plan: Plan                          # the plan the runs declare (or the schema's default plan)
+    metric: str                         # the primary metric analysed
+    plan_notes: list[str]               # runs that declare another plan, or none
+    departures: list[str]               # every way this analysis departs from the plan
+    power: Power | None                 # None: no baseline
 
 
-def summarize(runs: list[Run], baseline: str | None = None) -> Report:
+def summarize(runs: list[Run], baseline: str | None = None, metric: str | None = None) -> Report:
     """Group ``runs`` and compute every group's numbers and its comparison with the baseline group.
 
-    ``baseline`` is a group label; None picks :func:`default_baseline`. Raises ValueError for an unknown label.
+    ``baseline`` is a group label; None takes the plan's, else :func:`default_baseline`. ``metric`` overrides the
+    plan's primary metric (a departure the report names). Raises ValueError for an unknown label or metric.
     """
-    groups, warnings, common = group_runs([r for r in runs if r.config is not None])
-    if baseline is None:
+    grouped = [r for r in runs if r.config is not None]
+    groups, warnings, common = group_runs(grouped)
+    plan, plan_notes = study_plan(grouped)
+    metric = metric or plan.metric
+    if metric not in METRICS:
+        raise ValueError(f"--metric {metric!r} is not a metric; choose from {', '.join(METRICS)}")
+    label = baseline or plan.baseline
+    if label is None:
         base = default_baseline(groups)
     else:
-        base = next((g for g in groups if g.label == baseline), None)
+        base = next((g for g in groups if g.label == label), None)
         if base is None:
-            raise ValueError(f"--baseline {baseline!r} is not a group; the groups are: "
+            where = "--baseline" if baseline else "the plan's baseline (plan.baseline)"
+            raise ValueError(f"{where} {label!r} is not a group; the groups are: "
                              + ", ".join(g.label for g in groups))
-    metrics = {g.label: pd.DataFrame([run_metrics(r) for r in g.runs]) for g in groups}
-    rows = [summarize_group(g, metrics[g.label]) for g in groups]
-    n_base = 0 if base is None else int(metrics[base.label].query("finished")["return"].notna().sum())
-    base_iqm = NAN if base is None else rows[groups.index(base)]["return_iqm"]
+    metrics = {g.label: pd.DataFrame([run_metrics(r, plan.late_fraction) for r in g.runs]) for g in groups}
+    rows = [summarize_group(g, metrics[g.label], metric) for g in groups]
+    base_label = None if base is None else base.label
+    effects_against_baseline(rows, metrics, base_label, plan, metric)
+    power = power_of(rows, metrics, base_label, plan, metric)
     for g, s in zip(groups, rows):
-        s["is_baseline"] = g is base
-        s["n_base"] = n_base
-        # the group's IQM and its interval as shares of the baseline's IQM (the baseline's own spread is not in
-        # the interval): how targets such as "80% of PID" are stated
-        s["return_vs_baseline"], s["return_vs_baseline_low"], s["return_vs_baseline_high"] = (
-            (s[k] / base_iqm if np.isfinite(base_iqm) and base_iqm > 0 else NAN)
-            for k in ("return_iqm", "return_ci_low", "return_ci_high"))
-        if base is None or g is base:
-            s.update(p_improvement=NAN, p_ci_low=NAN, p_ci_high=NAN, paired=False)
-        else:
-            s.update(improvement(metrics[g.label].query("finished"), metrics[base.label].query("finished")))
-    return Report(groups, base, baseline is not None, metrics, pd.DataFrame(rows), warnings,
-                   [r for r in runs if r.config is None], common)
+        if base is not None and g is not base:
+            s.update(improvement(metrics[g.label].query("finished"), metrics[base.label].query("finished"), metric))
+    away = departures(plan, metric, None if base is None else base.label,
+                      {s["group"]: s["seeds"] for s in rows})
+    return Report(groups, base, label is not None, metrics, pd.DataFrame(rows), warnings,
+                  [r for r in runs if r.config is None], common, plan, metric, plan_notes, away, power)

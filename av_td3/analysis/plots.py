@@ -134,8 +134,34 @@ def plot_alerts(groups: dict[str, list[Run]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def plot_effects(table: pd.DataFrame, margin: float, metric: str, confidence: float, path: Path) -> None:
+    """Each group's effect on the primary metric against the baseline, in % of the baseline's mean, with its
+    family-adjusted interval; the plan's equivalence margin +-``margin`` shaded, 0 marked."""
+    rows = table[~table["is_baseline"]].reset_index(drop=True)
+    fig = Figure(figsize=(8, 0.6 * max(len(rows), 1) + 1.6), layout="constrained")
+    ax = fig.add_subplot()
+    shown = rows[np.isfinite(rows["effect_pct"].to_numpy(dtype=float))] if len(rows) else rows
+    if shown.empty:
+        _empty(ax, "no effect to draw (no baseline, or fewer than 2 runs with the metric)")
+        fig.savefig(path, dpi=100)
+        return
+    y = np.arange(len(shown))
+    mid = 100 * shown["effect_pct"].to_numpy(dtype=float)
+    lo, hi = 100 * shown["effect_pct_low"].to_numpy(dtype=float), 100 * shown["effect_pct_high"].to_numpy(dtype=float)
+    ax.axvspan(-100 * margin, 100 * margin, color="0.9",
+               label=f"±{margin:.0%}: the plan's smallest effect of interest")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.errorbar(mid, y, xerr=[mid - lo, hi - mid], fmt="o", color="C0", capsize=4,
+                label=f"effect, {confidence:.1%} interval (adjusted for {len(rows)} comparison(s))")
+    ax.set_yticks(y, [f"{g} (n={n})" for g, n in zip(shown["group"], shown["n"])], fontsize="small")
+    ax.set_xlabel(f"{metric}: difference from the baseline, % of the baseline's mean")
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.legend(fontsize="x-small", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
+    fig.savefig(path, dpi=100)
+
+
 def write_plots(groups: dict[str, list[Run]], folder: Path) -> list[Path]:
-    """Write every comparison plot into ``folder``; ``groups`` maps a group label to the runs to draw."""
+    """Write every per-run comparison plot into ``folder``; ``groups`` maps a group label to the runs to draw."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "eval_return.png", folder / "grad_norms.png", folder / "alerts.png"]
     for plot, path in zip((plot_eval_return, plot_grad_norms, plot_alerts), paths):

@@ -1,6 +1,7 @@
-"""``av-td3 compare``, the report: the numbers of :mod:`av_td3.analysis.compare` as ``comparison.md`` (table,
-what its columns mean, verdicts, divergence and collapse with their rules, alerts, left-out runs, notes and
-warnings, plots), ``comparison.csv`` and ``plots/*.png``; the CLI prints the table, verdicts and notes."""
+"""``av-td3 compare``, the report: the numbers of :mod:`av_td3.analysis.compare` as ``comparison.md`` (the plan and
+its departures, table, what its columns mean, power, verdicts, run verdicts with their rules, alerts, left-out
+runs, notes and warnings, plots), ``comparison.csv`` and ``plots/*.png``; the CLI prints the plan, the table,
+power, verdicts and notes."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from av_td3.analysis import stats
-from av_td3.analysis.compare import (ALWAYS_BINDS, MIN_RUNS_FOR_VERDICT, NEVER_BINDS, NORM_PERCENTILES, Report,
-                                     summarize)
-from av_td3.analysis.plots import write_plots
+from av_td3.analysis.compare import ALWAYS_BINDS, MIN_RUNS_FOR_VERDICT, NEVER_BINDS, NORM_PERCENTILES, Report, summarize
+from av_td3.analysis.metrics import METRICS
+from av_td3.analysis.plots import plot_effects, write_plots
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import NETS
+from av_td3.analysis.verdicts import NETS, RULES, RULES_VERSION
 
 
 # ------------------------------------------------------------------------------------------------------ words
@@ -49,10 +51,6 @@ def _pct(x: float) -> str:
     return "-" if not np.isfinite(x) else f"{100 * x:.0f}%"
 
 
-def _interval(lo: float, hi: float) -> str:
-    return f"[{_num(lo)}, {_num(hi)}]"
-
-
 def _limit_text(s: dict[str, Any], net: str) -> str:
     limit, mode = s[f"{net}_clip_limit"], s["clip_mode"]
     if mode == "norm":
@@ -60,19 +58,41 @@ def _limit_text(s: dict[str, Any], net: str) -> str:
     return f"{mode}, limit used ~{_num(s[f'{net}_clip_limit_used'])}"
 
 
+def _metric_cell(s: dict[str, Any], percent: bool) -> str:
+    fmt = _pct if percent else _num
+    if s["n"] >= 2:
+        return f"{fmt(s['mean'])} [{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]"
+    if s["n"] == 1:
+        return f"{fmt(s['mean'])} (n=1, no interval)"
+    return "no finished run with it"
+
+
+def _effect_cell(s: dict[str, Any]) -> str:
+    if s["is_baseline"]:
+        return "baseline"
+    if not np.isfinite(s["effect"]):
+        return "-"
+    if np.isfinite(s["effect_pct"]):
+        low, high = _signed_pct(s["effect_pct_low"]), _signed_pct(s["effect_pct_high"])
+        return f"{_signed_pct(s['effect_pct'])} [{low}, {high}]"
+    return f"{s['effect']:+.4g} [{s['effect_low']:+.4g}, {s['effect_high']:+.4g}]"
+
+
+def _signed_pct(x: float) -> str:
+    return "-" if not np.isfinite(x) else f"{100 * x:+.0f}%"
+
+
 def _cells(s: dict[str, Any]) -> dict[str, str]:
-    n = s["n_return"]
-    if n >= 2:
-        iqm = f"{_num(s['return_iqm'])} {_interval(s['return_ci_low'], s['return_ci_high'])}"
-        mean = f"{_num(s['return_mean'])} ± {_num(s['return_std'])}"
-    elif n == 1:
-        iqm, mean = f"{_num(s['return_iqm'])} (n=1, no interval)", f"{_num(s['return_mean'])} (n=1)"
-    else:
-        iqm, mean = "no finished run with a return", "-"
+    metric = METRICS[s["metric"]]
     runs = f"{s['runs']} ({s['completed']} completed / {s['stopped']} stopped"
     runs += f", {s['incomplete']} incomplete)" if s["incomplete"] else ")"
-    cells = {"group": f"`{s['group']}`", "runs": runs, "return IQM [95% CI]": iqm, "return mean ± std": mean,
-             "success": _pct(s["success_rate"]), "collisions/ep": _num(s["collisions"], 3)}
+    cells = {"group": f"`{s['group']}`", "runs": runs,
+             f"{metric.title} mean [95% CI]": _metric_cell(s, metric.percent),
+             "CV": _pct(s["cv"]),
+             "effect vs baseline [adj. CI]": _effect_cell(s),
+             "verdict": "baseline" if s["is_baseline"] else (s["verdict"] or "-"),
+             "late success": _pct(s["late_success_mean"]),
+             "late collisions/ep": _num(s["late_collisions_mean"], 3)}
     for net in NETS:
         limit, top = s[f"{net}_clip_limit"], _num(s[f"{net}_after_clip_max"])
         if not np.isfinite(s[f"{net}_clip_fraction"]) and not np.isfinite(s[f"{net}_after_clip_max"]):
@@ -84,60 +104,77 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
                                     f"{_pct(s[f'{net}_clip_fraction'])} clipped ({_limit_text(s, net)})")
         cells[f"{net} norm p50/p90/p99"] = "/".join(_num(s[f"{net}_norm_p{q}"], 3) for q in NORM_PERCENTILES)
         cells[f"{net} spikes /1k upd."] = _num(s[f"{net}_spikes_per_1k"], 2)
-    finished = s["runs"] - s["incomplete"]
-    cells["diverged"] = f"{s['diverged']}/{finished}"
-    cells["collapsed"] = f"{s['collapsed']}/{finished}"
+    for verdict, title in (("diverged", "diverged"), ("collapsed", "collapsed"), ("failed", "failed to learn")):
+        cells[title] = f"{s[verdict]}/{s['finished']}"
     cells["wall h/run"] = _num(s["wall_h_mean"], 2)
-    if s["is_baseline"] or not np.isfinite(s["return_vs_baseline"]):
-        cells["IQM / baseline"] = "-"
-    else:
-        cells["IQM / baseline"] = _pct(s["return_vs_baseline"]) + (
-            f" [{_pct(s['return_vs_baseline_low'])}, {_pct(s['return_vs_baseline_high'])}]"
-            if np.isfinite(s["return_vs_baseline_low"]) else "")
-    if s["is_baseline"]:
-        cells["P(> baseline)"] = "baseline"
-    elif not np.isfinite(s["p_improvement"]):
-        cells["P(> baseline)"] = "-"
-    else:
-        how = "paired by seed" if s["paired"] else "unpaired"
-        interval = (f"[{s['p_ci_low']:.2f}, {s['p_ci_high']:.2f}]" if np.isfinite(s["p_ci_low"])
-                    else "(n=1, no interval)")
-        cells["P(> baseline)"] = f"{s['p_improvement']:.2f} {interval} {how}"
-        if s["n_return"] < MIN_RUNS_FOR_VERDICT or s["n_base"] < MIN_RUNS_FOR_VERDICT:
-            cells["P(> baseline)"] += f" (n={min(s['n_return'], s['n_base'])}: no conclusion)"
     return cells
 
 
-def verdict_line(s: dict[str, Any], baseline: str | None) -> str:
-    """One sentence per group against the baseline, read off P(improvement)'s interval."""
-    head = f"`{s['group']}`: return IQM {_num(s['return_iqm'])} (n={s['n_return']})"
+def power_lines(summary: Report) -> list[str]:
+    """What these runs can detect, and how many a plan's smallest effect of interest needs."""
+    pw, plan = summary.power, summary.plan
+    if pw is None:
+        return ["no baseline: no effects, no power"]
+    if not np.isfinite(pw.sd) or not np.isfinite(pw.base_mean):
+        return [f"{summary.metric}: too few runs with the metric to estimate its spread"]
+    unit = f"{pw.sd / pw.base_mean:.1%} of the baseline's mean {_num(pw.base_mean)}" if pw.base_mean > 0 else \
+        f"the baseline's mean is {_num(pw.base_mean)}"
+    lines = [f"within-group SD of {summary.metric}, pooled over the groups: {_num(pw.sd)} ({unit})"]
+    shown = (f"{pw.detectable_share:.0%} of the baseline" if pw.base_mean > 0 else
+             f"a difference of {_num(pw.detectable)} (in {summary.metric}'s units: the baseline's mean is not "
+             f"positive, so no share of it)")
+    lines.append(f"with n={pw.n} per group and {pw.comparisons} comparison(s) with the baseline (alpha "
+                 f"{plan.alpha:g} / {pw.comparisons} = {pw.alpha:.3g} each, two-sided), these runs detect a "
+                 f"difference with {plan.power:.0%} power only from {shown}" if pw.n >= 2 else
+                 "fewer than 2 runs per group: nothing can be detected")
+    if pw.runs_for_effect > 0:
+        lines.append(f"the plan's smallest effect of interest, ±{plan.effect:.0%}, needs about {pw.runs_for_effect} "
+                     f"seeds per group (two-sample t-test, same alpha and power)")
+    return lines
+
+
+def verdict_line(s: dict[str, Any], summary: Report) -> str:
+    """One sentence per group against the baseline, read off its effect's family-adjusted interval."""
+    metric, plan, pw = summary.metric, summary.plan, summary.power
+    spread = f", CV {_pct(s['cv'])}" if np.isfinite(s["cv"]) else ""
+    head = f"`{s['group']}`: {metric} {_num(s['mean'])} (n={s['n']}{spread})"
     if s["is_baseline"]:
         return f"{head}: the baseline"
-    if baseline is None or not np.isfinite(s["p_improvement"]):
+    if summary.baseline is None:
         return f"{head}: no baseline to compare with"
-    n = min(s["n_return"], s["n_base"])
+    base = summary.baseline.label
+    if not np.isfinite(s["effect"]):
+        return f"{head}: fewer than 2 runs here or in `{base}`, no comparison"
+    how = "paired by seed" if s["paired"] else "Welch"
+    effect = f"{_effect_cell(s)}, {1 - pw.alpha:.1%} interval ({how})" if pw else _effect_cell(s)
+    if s["verdict"] == "better":
+        return f"{head}: better than `{base}` by {effect}"
+    if s["verdict"] == "worse":
+        return f"{head}: worse than `{base}` by {effect}"
+    if s["verdict"] == "equivalent":
+        return f"{head}: equivalent to `{base}` within ±{plan.effect:.0%} ({effect})"
+    line = f"{head}: inconclusive against `{base}` (effect {effect})"
+    n = min(s["n"], int(summary.table.loc[summary.table["is_baseline"], "n"].iloc[0]))
     if n < MIN_RUNS_FOR_VERDICT:
-        return f"{head}: n={n} against `{baseline}`, no conclusion (run at least {MIN_RUNS_FOR_VERDICT} seeds each)"
-    lo, hi = s["p_ci_low"], s["p_ci_high"]
-    p = f"P(> baseline) {s['p_improvement']:.2f} [{lo:.2f}, {hi:.2f}]"
-    if lo > 0.5:
-        return f"{head}: better than `{baseline}` ({p})"
-    if hi < 0.5:
-        return f"{head}: worse than `{baseline}` ({p})"
-    return f"{head}: no clear difference from `{baseline}` ({p}, the interval spans 0.5)"
+        line += f"; n={n}, fewer than the {MIN_RUNS_FOR_VERDICT} runs per group a verdict needs"
+    if pw is not None and np.isfinite(pw.detectable_share):
+        line += f"; these runs detect only differences >= {pw.detectable_share:.0%}"
+    if pw is not None and pw.runs_for_effect > 0:
+        line += f"; about {pw.runs_for_effect} seeds per group for ±{plan.effect:.0%}"
+    return line
 
 
 def identical_groups(summary_rows: list[dict[str, Any]]) -> list[str]:
-    """Pairs of groups whose runs ended with exactly the same final return for every seed: usually a setting
-    that never takes effect (a clip limit that never binds)."""
+    """Pairs of groups whose runs have exactly the same primary metric for every seed: usually a setting that
+    never takes effect (a clip limit that never binds)."""
     notes = []
     seen: dict[str, str] = {}
     for s in summary_rows:
-        key = s["returns_by_seed"]
+        key = s["values_by_seed"]
         if not key:
             continue
         if key in seen:
-            notes.append(f"`{s['group']}` and `{seen[key]}` have identical final returns on every seed "
+            notes.append(f"`{s['group']}` and `{seen[key]}` have identical {s['metric']} on every seed "
                          f"({key}): what tells them apart did not change the runs")
         else:
             seen[key] = s["group"]
@@ -163,55 +200,97 @@ def _left_out_line(m: dict[str, Any]) -> str:
     return line + (f" ({m['reason']})" if pd.notna(m["reason"]) else "")
 
 
+def rule_change_notes(summary: Report) -> list[str]:
+    """Runs made before a verdict rule changed, and what the earlier rule says of them: the collapse window
+    (rules v1 -> v2) changed during the clip study, after one of its runs tripped the v1 rule."""
+    rows = [m for df in summary.metrics.values() for m in df.to_dict("records") if m["finished"]]
+    before = [m for m in rows if m["predates_collapse_window"]]
+    if not before:
+        return []
+    v1 = [m["run"] for m in rows if m["collapsed_v1"]]
+    return [f"verdict rules changed under these runs: {len(before)} of the {len(rows)} were made before rules v2 "
+            f"(collapse judged on levels of monitor.collapse_window evaluations; v1 judged single evaluations). "
+            f"Under v1, {len(v1)} of the {len(rows)} would be collapsed" + (f": {', '.join(v1)}" if v1 else "")]
+
+
 def notes(summary: Report) -> list[str]:
     """What a reader must know before reading the table: warnings, limits that never or always bind, groups
-    that are identical."""
+    that are identical, verdict rules that changed under the runs."""
     rows = summary.table.to_dict("records")
     out = list(summary.warnings)
     out += [f"`{s['group']}`: {note}" for s in rows for note in binding_notes(s)]
     out += identical_groups(rows)
+    out += rule_change_notes(summary)
     return out
 
 
 def verdicts(summary: Report) -> list[str]:
-    base = None if summary.baseline is None else summary.baseline.label
-    return [verdict_line(s, base) for s in summary.table.to_dict("records")]
+    return [verdict_line(s, summary) for s in summary.table.to_dict("records")]
+
+
+def plan_lines(summary: Report) -> list[str]:
+    """The plan followed (recorded in the runs, or the default), and every departure from it."""
+    plan = summary.plan
+    lines = [("Plan (recorded in the runs when they started): " if plan.recorded else
+              "Plan (none recorded, the runs predate plans; the defaults): ") + plan.text()]
+    lines.append(f"Verdict rules v{RULES_VERSION}: {RULES[RULES_VERSION]}")
+    away = summary.plan_notes + summary.departures
+    lines += [f"Departure: {d}" for d in away] or ["Departures from the plan: none"]
+    return lines
+
+
+def _legend(summary: Report) -> str:
+    metric = METRICS[summary.metric]
+    n_comp = summary.power.comparisons if summary.power else 1
+    return (f"Primary metric `{summary.metric}`: {metric.what}, per run; per group its mean with a 95% Student-t "
+            f"interval and its coefficient of variation (CV = SD / mean over the group's runs). Effect vs baseline: "
+            f"the difference of the group's mean from the baseline's, in % of the baseline's mean, with a "
+            f"{1 - summary.plan.alpha / n_comp:.1%} interval: the plan's alpha shared by the {n_comp} comparison(s) "
+            f"with the baseline (Bonferroni), Welch's t, or the paired t when both groups ran the same seeds and "
+            f"their values correlate (one-sided Pearson test at 0.05). Verdict: better / worse when that interval "
+            f"excludes 0 with at least {MIN_RUNS_FOR_VERDICT} runs in each group; equivalent when it lies within the "
+            f"plan's ±{summary.plan.effect:.0%}; otherwise inconclusive. comparison.csv also holds the Holm-adjusted "
+            f"p-values, every metric per group and P(improvement). Statistics use finished runs (completed or "
+            f"stopped). Late success and collisions: means over the late evaluations. Clipping: share of updates "
+            f"clipped and the limit (for the adaptive modes the median limit used). Norm p50/p90/p99: percentiles of "
+            f"the before-clip global gradient norm within each logging interval, median over the run's intervals and "
+            f"the group's runs. Spikes: updates whose before-clip norm jumped more than monitor.spike_z std above its "
+            f"running log-mean, per 1,000 updates. Diverged: numerical failure (NaN guard, a non-finite logged value, "
+            f"|Q| beyond the reward bound) or |Q| beyond monitor.q_return_factor x the largest |return| the run "
+            f"played. Collapsed: the final level lost more than monitor.collapse_fraction of the gain of the run's "
+            f"best level over its first evaluation; a level is the mean of monitor.collapse_window consecutive "
+            f"evaluations. Failed to learn: the best level never rose more than monitor.learn_min_gain above the "
+            f"first evaluation.")
 
 
 def markdown_report(summary: Report, plots: list[Path]) -> str:
-    """comparison.md: the table, what its columns mean, verdicts, divergence and collapse (each run with its
-    rule and step), alerts, left-out runs, notes and warnings, plots."""
+    """comparison.md: the plan and its departures, the table, what its columns mean, power, verdicts, run
+    verdicts (each run with its rule and step), alerts, left-out runs, notes and warnings, plots."""
     rows = summary.table.to_dict("records")
     n_runs = sum(len(g.runs) for g in summary.groups)
     md = [f"# Comparison: {n_runs} run(s) in {len(summary.groups)} group(s)", ""]
+    md += [f"- {line}" for line in plan_lines(summary)] + [""]
     if summary.baseline is None:
-        md.append("Baseline: none (no group clips at the default limits; pick one with --baseline)")
+        md.append("Baseline: none (no group clips at the default limits; pick one with --baseline or plan.baseline)")
     else:
-        why = "chosen with --baseline" if summary.chosen else "clipping at the default limits"
+        why = "named by --baseline or the plan" if summary.chosen else "clipping at the default limits"
         md.append(f"Baseline: `{summary.baseline.label}` ({why})")
     if summary.common:
         md += ["", f"Every run: `{' '.join(summary.common)}` (left out of the group names)"]
-    md += ["", "Final evaluation return: interquartile mean (IQM) with a 95% percentile-bootstrap interval over "
-           f"runs ({stats.REPS} resamples), and mean ± std. Statistics use finished runs (completed or stopped). "
-           "P(> baseline): probability that a run of the group scores a higher final return than a baseline run "
-           "(ties count half), with a 95% bootstrap interval. IQM / baseline: the group's return IQM and its "
-           "interval as shares of the baseline's IQM (the baseline's own spread is not in the interval). Clipping: share of updates clipped and the limit "
-           "(for the adaptive modes the median limit used). Norm p50/p90/p99: percentiles of the before-clip "
-           "global gradient norm within each logging interval, median over the run's intervals and the group's "
-           "runs. Spikes: updates whose before-clip norm jumped more than monitor.spike_z std above its running "
-           "log-mean, per 1,000 updates. Diverged: numerical failure only (NaN guard, a non-finite logged value, "
-           "|Q| beyond the reward bound). Collapsed: the final level lost more than monitor.collapse_fraction of "
-           "the gain of the run's best level over its first evaluation; a level is the mean of "
-           "monitor.collapse_window consecutive evaluations (the last ones; the best window).", "",
-           results_table(summary), ""]
-    md += ["## Verdicts", ""] + [f"- {line}" for line in verdicts(summary)]
-    md += ["", "## Divergence and collapse", ""]
+    md += ["", _legend(summary), "", results_table(summary), ""]
+    md += ["## Power", ""] + [f"- {line}" for line in power_lines(summary)]
+    md += ["", "## Verdicts", ""] + [f"- {line}" for line in verdicts(summary)]
+    md += ["", "## Diverged, collapsed, failed to learn", ""]
     flagged = [m for df in summary.metrics.values() for m in df.to_dict("records")
-               if m["finished"] and (m["diverged"] or m["collapsed"])]
+               if m["finished"] and (m["diverged"] or m["collapsed"] or m["failed"])]
     md += [f"- {m['run']}: diverged: {m['diverged_why']}" for m in flagged if m["diverged"]]
     md += [f"- {m['run']}: collapsed: {m['collapsed_why']}" for m in flagged if m["collapsed"]]
+    md += [f"- {m['run']}: failed to learn: {m['failed_why']}" for m in flagged if m["failed"]]
     if not flagged:
-        md.append("- none: no run diverged or collapsed")
+        md.append("- none: no run diverged, collapsed or failed to learn")
+    md += ["", "## Evaluations behind the metric", ""]
+    md += [f"- `{s['group']}`: {_num(s['late_evaluations'], 3)} late evaluation(s) per run (median) of "
+           f"{s['eval_episodes']} episodes each" for s in rows]
     md += ["", "## Machines (where the wall times come from)", ""]
     md += [f"- `{s['group']}`: {s['machines'] or '-'}" for s in rows]
     md += ["", "## Alerts fired (flushes where each alert fired, summed over the group's runs)", ""]
@@ -237,12 +316,62 @@ class Comparison:
     plots: list[Path]
 
 
-def write_comparison(runs: list[Run], out: Path, baseline: str | None = None) -> Comparison:
+def write_comparison(runs: list[Run], out: Path, baseline: str | None = None,
+                     metric: str | None = None) -> Comparison:
     """Summarize ``runs`` and write ``comparison.md``, ``comparison.csv`` and ``plots/*.png`` into ``out``."""
-    summary = summarize(runs, baseline)
+    summary = summarize(runs, baseline, metric)
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots({g.label: [r for r in g.runs if r.finished] for g in summary.groups}, out / "plots")
+    if summary.baseline is not None:
+        effects = out / "plots" / "effects.png"
+        confidence = 1 - (summary.power.alpha if summary.power else summary.plan.alpha)
+        plot_effects(summary.table, summary.plan.effect, summary.metric, confidence, effects)
+        plots.insert(0, effects)
     summary.table.to_csv(out / "comparison.csv", index=False)
     markdown = markdown_report(summary, plots)
     (out / "comparison.md").write_text(markdown)
     return Comparison(summary, results_table(summary), markdown, plots)
+
+
+def seeds_table(runs: list[Run], effects: list[float] | None = None, baseline: str | None = None,
+                metric: str | None = None, alpha: float | None = None, power: float | None = None,
+                arms: int | None = None) -> str:
+    """``av-td3 plan``: the seeds per group a study needs to detect each of ``effects`` (shares of the baseline's
+    mean), from the spread of ``runs``' primary metric. The SD is an estimate from few runs, so each row also
+    gives the seeds needed if the true SD is at the upper end of its 80% interval (chi-square)."""
+    summary = summarize(runs, baseline, metric)
+    plan, pw = summary.plan, summary.power
+    if pw is None:
+        raise ValueError("no baseline group: name one with --baseline")
+    alpha = plan.alpha if alpha is None else alpha
+    power = plan.power if power is None else power
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise ValueError(f"--alpha {alpha:g} / --power {power:g}: each must lie between 0 and 1")
+    k = arms if arms is not None else max(1, len(summary.groups) - 1)
+    if k < 1:
+        raise ValueError(f"--arms {k}: give the number of groups compared with the baseline (>= 1)")
+    df = int(sum(max(0, s["n"] - 1) for s in summary.table.to_dict("records")))
+    if not np.isfinite(pw.sd) or df < 1 or not pw.base_mean > 0:
+        raise ValueError(f"{summary.metric}: too few runs with the metric (or a baseline mean <= 0) to plan from; "
+                         "run at least 2 seeds of the baseline and of another group")
+    sd_high = pw.sd * float(np.sqrt(df / scipy_stats.chi2.ppf(0.2, df)))
+    effects = sorted(set(effects or [plan.effect, 0.1, 0.2, 0.3]))
+    n_runs = sum(s["n"] for s in summary.table.to_dict("records"))
+    base = summary.baseline.label  # type: ignore[union-attr]  # a Power exists only with a baseline
+    lines = [f"Spread from {n_runs} runs in {len(summary.groups)} groups: {summary.metric}, within-group SD "
+             f"pooled over the groups {_num(pw.sd)} ({df} degrees of freedom; 80% upper bound {_num(sd_high)}); "
+             f"baseline `{base}` mean {_num(pw.base_mean)}, so CV {pw.sd / pw.base_mean:.1%}.",
+             f"Seeds per group for {power:.0%} power, two-sided alpha {alpha:g} shared by {k} comparison(s) with "
+             f"the baseline ({alpha / k:.3g} each):", ""]
+    rows = []
+    for effect in effects:
+        diff = effect * pw.base_mean
+        n = stats.runs_needed(diff, pw.sd, alpha / k, power)
+        n_high = stats.runs_needed(diff, sd_high, alpha / k, power)
+        rows.append({"effect": f"±{effect:.0%}", "difference": _num(diff), "seeds per group": str(n),
+                     "if the SD is at its upper bound": str(n_high),
+                     f"runs in all ({k + 1} groups)": str(n * (k + 1))})
+    lines.append(markdown_table(rows))
+    lines += ["", "Write the chosen number into the experiment's plan.seeds (and its sweeper's seed list) before "
+              "its runs start; use seeds never used for tuning."]
+    return "\n".join(lines)

@@ -53,6 +53,18 @@ class Run:
     def scalars_file(self) -> Path | None:
         return rundir.scalars_file(self.path, self.config)
 
+    @cached_property
+    def recorded_keys(self) -> frozenset[str]:
+        """The dotted keys the run's own ``.hydra/config.yaml`` holds (today's names), before the keys it predates
+        are filled in: what the run was really configured with."""
+        return rundir.recorded_keys(self.path) if self.config is not None else frozenset()
+
+    @property
+    def records_plan(self) -> bool:
+        """Whether the run recorded the analysis plan in force when it started (``plan.*`` in its config; runs
+        made before plans existed do not)."""
+        return any(k.startswith("plan.") for k in self.recorded_keys)
+
     @property
     def has_scalars(self) -> bool:
         return bool(self.event_files) or self.scalars_file is not None

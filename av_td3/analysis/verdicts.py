@@ -1,17 +1,23 @@
 """Verdicts from evidence, one rule each, shared by ``av-td3 validate`` and ``av-td3 compare``.
 
-* **diverged** means numerical failure and nothing else: the NaN guard stopped the run, a logged quantity went
-  non-finite, or |Q| (or |actor loss|) passed the reward bound ``max|r| / (1 - gamma) * monitor.q_margin``
-  (:func:`av_td3.bounds.q_bound`). A large gradient norm is not divergence: clipping exists for it.
+* **diverged**: numerical failure, or Q values no return of the run supports: the NaN guard stopped the run, a
+  logged quantity went non-finite, |Q| (or |actor loss|) passed the reward bound ``max|r| / (1 - gamma) *
+  monitor.q_margin`` (:func:`av_td3.bounds.q_bound`), or it passed ``monitor.q_return_factor`` times the largest
+  |return| of any episode the run played (training or evaluation): a Q value estimates a discounted return, so
+  one far above every return the run ever collected is over-estimation run away. A large gradient norm is not
+  divergence: clipping exists for it.
 * **collapsed** is a learning outcome, reported apart: the run's final level lost more than
   ``monitor.collapse_fraction`` of what its best level had gained over its first evaluation (the untrained
   policy's). A level is the mean of ``monitor.collapse_window`` consecutive evaluations (final: the last ones;
   best: the best such run of them), so one noisy evaluation of a few episodes neither makes nor hides a
   collapse; a window of 1 compares single evaluations.
+* **failed to learn**: the run's best level never rose more than ``monitor.learn_min_gain`` above its first
+  evaluation (a stressed run that crashes from start to end).
 * **gradient spikes** are counted by the monitor against each net's own norm history (``grad/<net>/spikes``,
   see :class:`av_td3.agent.monitor.SpikeDetector`) and reported per 1,000 updates.
 
-Each verdict carries the rule that fired and the step, so a report can say why.
+Each verdict carries the rule that fired and the step, so a report can say why. The rules carry a version
+(:data:`RULES`): a plan names the version it was written for, and a report names the one it used.
 """
 
 from __future__ import annotations
@@ -25,9 +31,21 @@ from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
 from av_td3.bounds import q_bound
 
+# The versions of the verdict rules: a rule changed during a study must be visible in its report.
+RULES: dict[int, str] = {
+    1: "collapse judged on single evaluations (window 1); better/worse when P(improvement)'s bootstrap interval "
+       "excludes 0.5 with >= 3 runs per group",
+    2: "collapse judged on levels of monitor.collapse_window = 2 evaluations (changed on 2026-12-02 during the clip "
+       "study, after one of its runs, arm=td3 seed 11, tripped rule v1)",
+    3: "v2's collapse rule; diverged also when |Q| passes monitor.q_return_factor x the largest |return| the run "
+       "played; failed to learn; better/worse only when the family-adjusted interval of the effect on the primary "
+       "metric excludes 0 with >= 5 runs per group, equivalent when it lies within the plan's margin (2026-12-06)",
+}
+RULES_VERSION = 3
 NETS = ("actor", "critic")
 # |actor loss| = |mean Q of the policy's actions|, so it is held to the same bound as the critics' Q values.
 Q_TAGS = ("train/q1", "train/q2", "train/q_abs_max", "train/actor_loss", "train/actor_loss_max")
+RETURN_TAGS = ("episode/return", "eval/return")
 
 
 @dataclass
@@ -36,6 +54,7 @@ class Verdict:
     diverged_step: int | None = None
     collapsed: str | None = None        # the rule with its numbers; None: not collapsed (or too few evaluations)
     collapsed_step: int | None = None
+    failed: str | None = None           # failed to learn: the rule with its numbers; None: learned (or too few)
     spikes: dict[str, tuple[int, int]] = field(default_factory=dict)  # net -> (spikes, updates), when logged
     q_abs_max: float = float("nan")     # largest |Q-like| value logged, for tables
 
@@ -74,15 +93,55 @@ def _q_beyond_bound(df: pd.DataFrame, run: Run, verdict: Verdict) -> tuple[str, 
             f"max|r| / (1 - gamma) x q_margin = {bound:.4g}", int(first["step"]))
 
 
-def _collapse(df: pd.DataFrame, run: Run) -> tuple[str, int] | None:
+def _q_beyond_returns(df: pd.DataFrame, run: Run) -> tuple[str, int] | None:
+    q = df[df["tag"].isin(Q_TAGS) & np.isfinite(df["value"].to_numpy())]
+    returns = df[df["tag"].isin(RETURN_TAGS) & np.isfinite(df["value"].to_numpy())]
+    if q.empty or returns.empty or run.config is None:
+        return None
+    factor = float(run.config.monitor.q_return_factor)
+    played = float(returns["value"].abs().max())
+    over = q[q["value"].abs() > factor * played]
+    if over.empty:
+        return None
+    first = over.loc[over["step"].idxmin()]
+    return (f"|{first['tag']}| = {abs(first['value']):.4g} at step {int(first['step'])}, more than "
+            f"monitor.q_return_factor = {factor:g} x the largest |return| the run played ({played:.4g})",
+            int(first["step"]))
+
+
+def _levels(returns: pd.Series, window: int) -> pd.Series:
+    """Mean of ``window`` consecutive evaluations after the first, indexed by each window's last step."""
+    return returns.iloc[1:].rolling(window).mean().dropna()
+
+
+def _failed_to_learn(df: pd.DataFrame, run: Run) -> str | None:
+    returns = series(df, "eval/return").dropna().sort_index()
+    if run.config is None:
+        return None
+    window = int(run.config.monitor.collapse_window)
+    need = float(run.config.monitor.learn_min_gain)
+    levels = _levels(returns, window)
+    if levels.empty:
+        return None
+    first, best = float(returns.iloc[0]), float(levels.max())
+    if best - first > need:
+        return None
+    return (f"its best level {best:.4g} (mean of {window} evaluation(s)) never rose more than "
+            f"monitor.learn_min_gain = {need:g} above its first evaluation, {first:.4g} at step "
+            f"{int(returns.index[0])}")
+
+
+def collapse_rule(df: pd.DataFrame, run: Run, window: int | None = None) -> tuple[str, int] | None:
+    """The collapse rule on a run's evaluations, with its own ``monitor.collapse_window`` or ``window`` (1: the
+    rule of verdict rules v1)."""
     returns = series(df, "eval/return").dropna().sort_index()
     if run.config is None:
         return None
     fraction = float(run.config.monitor.collapse_fraction)
-    window = int(run.config.monitor.collapse_window)
+    window = int(run.config.monitor.collapse_window) if window is None else window
     if len(returns) < window + 2:  # a first evaluation, then a best and a later final level
         return None
-    levels = returns.iloc[1:].rolling(window).mean().dropna()  # indexed by each window's last step
+    levels = _levels(returns, window)
     first, final = float(returns.iloc[0]), float(levels.iloc[-1])
     best_step = int(levels.idxmax())
     best = float(levels.max())
@@ -109,14 +168,15 @@ def judge(run: Run) -> Verdict:
     """The verdicts of one run from its summary and scalars."""
     verdict = Verdict()
     df = run.scalars
-    rules = [_nan_guard(run), _non_finite(df), _q_beyond_bound(df, run, verdict)]
+    rules = [_nan_guard(run), _non_finite(df), _q_beyond_bound(df, run, verdict), _q_beyond_returns(df, run)]
     fired = [r for r in rules if r is not None]
     if fired:
         verdict.diverged, verdict.diverged_step = fired[0]
-    else:  # a diverged run is not also called collapsed: its evaluations predate the failure
-        collapse = _collapse(df, run)
+    else:  # a diverged run is not also called collapsed or failed: its evaluations predate the failure
+        collapse = collapse_rule(df, run)
         if collapse is not None:
             verdict.collapsed, verdict.collapsed_step = collapse
+        verdict.failed = _failed_to_learn(df, run)
     for net in NETS:
         spikes, updates = series(df, f"grad/{net}/spikes"), series(df, f"grad/{net}/updates")
         if len(spikes):

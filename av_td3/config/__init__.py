@@ -6,12 +6,13 @@ from av_td3.config.checks import (CONF_DIR, NULL_MEANS, check_group_overrides, c
                                   to_config, validate)
 from av_td3.config.schema import (RENAMED_KEYS, AgentConfig, BevConfig, CameraConfig, CarlaConfig, ClipConfig,
                                   Config, ConfigError, CsvConfig, EnvConfig, ImageConfig, LoggerConfig, LrConfig,
-                                  MlflowConfig, MonitorConfig, PidConfig, RewardConfig, RouteConfig,
+                                  MlflowConfig, MonitorConfig, PidConfig, PlanConfig, RewardConfig, RouteConfig,
                                   TensorboardConfig, TrainerConfig, WandbConfig, one_of, register_configs,
                                   renamed_key, rng)
 
 __all__ = ["CONF_DIR", "NULL_MEANS", "RENAMED_KEYS", "AgentConfig", "BevConfig", "CameraConfig", "CarlaConfig",
            "ClipConfig", "Config", "ConfigError", "CsvConfig", "EnvConfig", "ImageConfig", "LoggerConfig", "LrConfig",
-           "MlflowConfig", "MonitorConfig", "PidConfig", "RewardConfig", "RouteConfig", "TensorboardConfig",
+           "MlflowConfig", "MonitorConfig", "PidConfig", "PlanConfig", "RewardConfig", "RouteConfig",
+           "TensorboardConfig",
            "TrainerConfig", "WandbConfig", "check_group_overrides", "check_output_dir", "one_of", "register_configs",
            "renamed_key", "rng", "schema_keys", "to_config", "validate"]
