@@ -97,7 +97,7 @@ class ClipConfig:
     z: float = rng(2.5, 0, lo_open=True)
     ema: float = rng(0.97, 0, 1, lo_open=True, hi_open=True)
     # zscore: what a norm with z-score z > `z` is clipped to. adaptive (the official ZClip default): mean +
-    # (z_thresh^2 / z) std, harder the further out; threshold (this project's rule until 2026-12-07, the runs in
+    # (z_thresh^2 / z) std, harder the further out; threshold (this project's rule until 2026-12-06, the runs in
     # results/): mean + z_thresh std.
     zscore_scaling: str = one_of("adaptive", "adaptive", "threshold")
     # adaptive and zscore: updates of a net before its own history sets the limit (zscore: non-zero norms).
