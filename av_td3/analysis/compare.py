@@ -150,11 +150,6 @@ def default_baseline(groups: list[Group]) -> Group | None:
 
 
 # ----------------------------------------------------------------------------------------------------- metrics
-def _last(df: pd.DataFrame, tag: str) -> float:
-    s = series(df, tag)
-    return float(s.iloc[-1]) if len(s) else NAN
-
-
 def run_metrics(run: Run, late_fraction: float) -> dict[str, Any]:
     """One run's numbers for the comparison (NaN where the run never logged the quantity); every metric of
     :data:`av_td3.analysis.metrics.METRICS` under its name."""
