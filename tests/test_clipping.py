@@ -236,7 +236,7 @@ def test_a_clip_state_that_does_not_fit_is_refused_naming_the_key(saved: dict, l
 
 
 def test_zscore_reads_the_state_checkpoints_held_before_the_fix() -> None:
-    """Checkpoints written before 2026-12-07 kept the ZClip state in the monitor, counted norms on the host."""
+    """Checkpoints written until 2026-12-06 kept the ZClip state in the monitor, counted norms on the host."""
     a = make_agent(policy_freq=1, **{"clip.mode": "zscore", "clip.warmup": 2})
     for i in range(4):
         a.update(make_batch(i), step=i)

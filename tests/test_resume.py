@@ -180,7 +180,7 @@ def test_resume_refuses_another_clip_mode_or_optimizer(tmp_path: Path, saved, re
 
 
 def test_a_checkpoint_from_before_the_clip_mode_was_recorded_resumes_when_its_state_fits(tmp_path: Path) -> None:
-    """Checkpoints written before 2026-12-07 lack agent.optimizer and agent.clip.mode in their compat and keep the
+    """Checkpoints written until 2026-12-06 lack agent.optimizer and agent.clip.mode in their compat and keep the
     clip state in the monitor's: they resume when that state fits, and are refused naming the key when not."""
     import numpy as np
 

@@ -208,7 +208,7 @@ def test_agc_and_sgd_updates_match_the_loop_reference(mode: str, optimizer: str)
     cfg = AgentConfig(batch_size=16, encoder="separate", features_dim=16, hidden_dim=32, policy_freq=2,
                       augment="none", optimizer=optimizer, momentum=0.8,
                       clip=ClipConfig(mode=mode, actor=0.005, critic=0.5, agc=0.01),
-                      lr=LrConfig(actor=1e-3, critic=2e-3) if optimizer == "adam" else LrConfig(actor=0.05, critic=0.05))
+                      lr=LrConfig(1e-3, 2e-3) if optimizer == "adam" else LrConfig(0.05, 0.05))
     agent = TD3(cfg, MonitorConfig(), SPEC, torch.device("cpu"), q_bound=1e6, seed=3)
     ref = ReferenceTD3(agent)
     before = {name: [p.detach().clone() for p in getattr(agent, name).parameters()]

@@ -192,7 +192,7 @@ class ZScore(GlobalNorm):
 
     * ``adaptive`` (the official code's default ``clip_option="adaptive_scaling"``): mean + (z_thresh^2 / z) * std,
       the further out the norm, the harder the clip;
-    * ``threshold`` (what this project ran before 2026-12-07; the official code's ``mode="percentile"``): the
+    * ``threshold`` (what this project ran until 2026-12-06; the official code's ``mode="percentile"``): the
       threshold itself, mean + z_thresh * std.
 
     The limit logged on an update that is not clipped is the threshold mean + z_thresh * std, which the norm is
@@ -247,7 +247,7 @@ class ZScore(GlobalNorm):
         return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": self.count.cpu()}
 
     def load_state_dict(self, d: dict) -> None:
-        if set(d) == {"mean", "var", "seen"}:  # written before 2026-12-07: every norm counted, on the host
+        if set(d) == {"mean", "var", "seen"}:  # written until 2026-12-06: every norm counted, on the host
             d = {"mean": d["mean"], "var": d["var"], "count": torch.tensor(float(min(d["seen"], self.warmup)))}
         self._check_fits(d)
         device = self.mean.device

@@ -252,7 +252,7 @@ class TD3:
         self._noise_gen.set_state(d["noise_gen"])
         if self._augment is not None and d.get("augment") is not None:  # absent from checkpoints without it
             self._augment.load_state_dict(d["augment"])
-        # the clip state, checked to fit this run's clip settings; before 2026-12-07 the monitor kept it
+        # the clip state, checked to fit this run's clip settings; until 2026-12-06 the monitor kept it
         clip = d["clip"] if "clip" in d else d["monitor"]["clip"]
         for net, clipper in self.clippers.items():
             clipper.load_state_dict(clip[net])

@@ -31,7 +31,7 @@ def compat(cfg: Config, spec: Spec) -> dict[str, Any]:
             "num_envs": e.num_envs, "agent.optimizer": a.optimizer, "agent.clip.mode": a.clip.mode}
 
 
-# compat() keys added on 2026-12-07, for checkpoints written before: the value all of them had, or None where it
+# compat() keys added on 2026-12-06, for checkpoints written before them: the value all of them had, or None where it
 # cannot be known (the clip mode: then the clip strategies' own check of their state decides).
 PREDATED: dict[str, Any] = {"agent.optimizer": "adam", "agent.clip.mode": None}
 
