@@ -200,7 +200,10 @@ class ZScore(GlobalNorm):
     so a spike does not raise the limit for the next one; they start from the plain mean and variance of the
     first ``warmup`` norms (Welford), during which the fixed limit applies. Unlike the official code, a zero or
     non-finite norm is not recorded (a dead net's zeros would drag the statistics to nothing) and the limit never
-    falls below ``ZSCORE_FLOOR`` x the fixed limit. All of it on the device, phase included (``torch.where``).
+    falls below ``ZSCORE_FLOOR`` x the fixed limit; and the variance is the standard exponentially weighted one,
+    ema * (var + (1 - ema) * d^2) with d the fed norm minus the old mean, where the official code's
+    ema * var + (1 - ema) * (norm - new mean)^2 weighs d^2 by a further factor ema (kept as this project ran it).
+    All of it on the device, phase included (``torch.where``).
     """
 
     mode = "zscore"
