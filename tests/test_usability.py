@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from av_td3.config import Config, ConfigError, validate
-from av_td3.progress import Progress, eta_s
+from av_td3.progress import Progress, eta_s, format_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ("debug=smoke", "trainer.torch_threads=1")
@@ -54,10 +54,15 @@ def test_progress_says_warm_up_then_an_eta_at_the_learning_rate(caplog) -> None:
         now[0] += 0.1
         progress.update(step, warmup=False)
     # 600 steps left at the learning rate (10/s) = 60 s; the whole run's average rate would say ~17 s
-    assert progress.describe(now[0]).startswith("ETA 0:01:00"), progress.describe(now[0])
-    # without a terminal: a line every 30 s (the run lasted 50 s), with the ETA once learning has started
+    assert progress.describe(now[0]).startswith("learning, 1 min 0 s left"), progress.describe(now[0])
+    # without a terminal: a line every 30 s (the run lasted 50 s), with the time left once learning has started,
+    # and the rate of the learning phase (10 steps/s), not the warm-up's 100
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
-    assert len(lines) == 1 and "ETA" in lines[0], lines
+    assert len(lines) == 1 and "left | 10.0 steps/s" in lines[0], lines
+
+
+def test_durations_read_as_durations() -> None:
+    assert [format_duration(s) for s in (45, 725, 4200, 36000)] == ["45 s", "12 min 5 s", "1 h 10 min", "10 h 0 min"]
 
 
 # ------------------------------------------------------------------------------------------- config mistakes
@@ -208,3 +213,13 @@ def test_a_rerun_of_an_interrupted_command_is_pointed_to_the_run_it_can_resume(t
     # run-only keys (trainer.progress, trainer.torch_threads, ...) do not make another configuration
     assert interrupted_run(tmp_path / "runs", ["seed=1", "debug=smoke", "trainer.progress=false"]) == (wanted, 1234)
     assert interrupted_run(tmp_path / "runs", ["debug=smoke", "seed=3"]) is None
+
+
+def test_the_run_folder_is_printed_before_the_first_step(tmp_path: Path) -> None:
+    proc = launch("debug=smoke", "trainer.total_steps=120", "trainer.learning_starts=60", "trainer.eval_every=120",
+                  "trainer.checkpoint_every=120", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()  # Hydra logs to stdout
+    start = next(i for i, line in enumerate(lines) if f"training 120 env steps into {tmp_path / 'run'}" in line)
+    first_eval = next(i for i, line in enumerate(lines) if "eval at step" in line)
+    assert start < first_eval

@@ -216,6 +216,7 @@ class Trainer:
         self.logger.log_run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), summary.flat_hparams(cfg),
                                  {"seed": str(cfg.seed), **self.summary.provenance})
         self.signals.install()
+        log.info("training %d env steps into %s", cfg.trainer.total_steps, self.run_dir)
         start, wall0 = time.perf_counter(), self.summary.wall_s
         try:
             self._loop()
@@ -330,8 +331,8 @@ class Trainer:
 
     def _report(self, bar: Progress, scalars: dict[str, float]) -> None:
         alerts = sum(self.agent.health().alerts.values())
-        bar.set_stats(f"last episode return {self.episode_stats.last_return:.1f} | "
-                      f"{scalars['perf/steps_per_s']:.1f} steps/s | alerts {alerts}")
+        # the interval's steps/s is not shown: an interval may straddle the warm-up; the bar measures its own rate
+        bar.set_stats(f"last episode return {self.episode_stats.last_return:.1f} | alerts {alerts}")
 
 
 def run(cfg: Config, run_dir: Path) -> Summary:
