@@ -243,3 +243,25 @@ def test_csv_resume_into_an_empty_file_writes_the_header(tmp_path: Path, purge_s
     exercise(CsvBackend(CsvConfig(), tmp_path, purge_step), range(0, 20, 10))
     assert csv_rows(tmp_path / "scalars.csv") == [["step", "tag", "value"], ["0", "train/loss", "0.0"],
                                                   ["10", "train/loss", "1.0"]]
+
+
+def test_tensorboard_resume_leaves_each_step_once_in_the_event_files(tmp_path: Path) -> None:
+    """A killed run logged steps 0..50 (checkpoint at 20); the resumed one logs 20..70 again: the event files
+    then hold each (tag, step) once, read by TensorBoard's own loader, and the resumed values win."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    from av_td3.config import TensorboardConfig
+    from av_td3.loggers.tensorboard import TensorboardBackend
+
+    first = TensorboardBackend(TensorboardConfig(), tmp_path, purge_step=None)
+    for step in range(0, 60, 10):
+        first.log_scalars({"train/loss": 1.0}, step)
+    first.close()
+    second = TensorboardBackend(TensorboardConfig(), tmp_path, purge_step=20)
+    for step in range(20, 80, 10):
+        second.log_scalars({"train/loss": 2.0}, step)
+    second.close()
+    points = [(e.step, v.tensor.float_val[0] if v.HasField("tensor") else v.simple_value)
+              for f in sorted((tmp_path / "tb").glob("events.out.tfevents.*"))
+              for e in EventFileLoader(str(f)).Load() for v in e.summary.value if v.tag == "train/loss"]
+    assert sorted(points) == [(0, 1.0), (10, 1.0)] + [(s, 2.0) for s in range(20, 80, 10)]

@@ -2,18 +2,55 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from av_td3.config import TensorboardConfig
 
+EVENT_PREFIX = "events.out.tfevents."
+
+
+def purge_event_files(tb_dir: Path, purge_step: int) -> int:
+    """Drop every event at or after ``purge_step`` from the event files in ``tb_dir`` (a resumed run logs those
+    steps again), keeping the rest in order; each file is rewritten to a temporary one and renamed over it.
+    SummaryWriter's own ``purge_step`` only writes a marker that some TensorBoard loaders ignore, which left the
+    purged steps there twice. Returns the number of events dropped."""
+    dropped = 0
+    for path in sorted(tb_dir.glob(EVENT_PREFIX + "*")):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if not _at_or_after(r, purge_step)]
+        if len(kept) == len(records):
+            continue
+        dropped += len(records) - len(kept)
+        tmp = path.with_name(f".{path.name}.purge")
+        with open(tmp, "wb") as f:
+            writer = RecordWriter(f)
+            for record in kept:
+                writer.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
+def _at_or_after(record: bytes, step: int) -> bool:
+    event = Event.FromString(record)
+    # the file header (file_version) and run info sit at step 0 and stay
+    return event.step >= step and not event.HasField("file_version")
+
 
 class TensorboardBackend:
     def __init__(self, cfg: TensorboardConfig, run_dir: Path, purge_step: int | None) -> None:
-        # purge_step: a resumed run hides the points the killed process logged after its last checkpoint.
+        # purge_step: a resumed run drops the points the killed process logged after its last checkpoint.
+        if purge_step is not None and (run_dir / "tb").is_dir():
+            purge_event_files(run_dir / "tb", purge_step)
         self.writer = SummaryWriter(str(run_dir / "tb"), flush_secs=cfg.flush_secs, purge_step=purge_step)
         self.max_images = cfg.eval_images
 
