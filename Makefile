@@ -9,12 +9,18 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev train test bench clean-venv
+.PHONY: setup setup-dev train test bench clean-venv FORCE
 
 setup: $(VENV)/.installed-train
 setup-dev: $(VENV)/.installed-dev
 
-$(VENV)/.installed-train: pyproject.toml Makefile
+# The torch spec last installed: a TORCH= different from it re-runs the set-up (TORCH="torch==2.5.1" on an existing
+# .venv installs that build instead of silently keeping the old one).
+$(VENV)/.torch: FORCE
+	@mkdir -p $(VENV)
+	@[ "$$(cat $@ 2>/dev/null)" = "$(TORCH)" ] || echo "$(TORCH)" > $@
+
+$(VENV)/.installed-train: pyproject.toml Makefile $(VENV)/.torch
 	python3 -m venv $(VENV)
 	$(PIP) "$(TORCH)"
 	$(PIP) -e .

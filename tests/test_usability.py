@@ -223,3 +223,29 @@ def test_the_run_folder_is_printed_before_the_first_step(tmp_path: Path) -> None
     start = next(i for i, line in enumerate(lines) if f"training 120 env steps into {tmp_path / 'run'}" in line)
     first_eval = next(i for i, line in enumerate(lines) if "eval at step" in line)
     assert start < first_eval
+
+
+def test_make_reinstalls_torch_when_torch_changes_on_an_existing_venv(tmp_path: Path) -> None:
+    """`make train TORCH="torch==X"` on an existing .venv installs X (it used to keep the old build silently);
+    the same TORCH again installs nothing. pip is replaced by echo: only what make decides is checked."""
+    def setup(torch: str) -> str:
+        proc = subprocess.run(["make", "-s", "-C", str(ROOT), f"VENV={tmp_path / 'venv'}", "PIP=echo INSTALL",
+                               f"TORCH={torch}", "setup"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "INSTALL torch==2.13.0" in setup("torch==2.13.0")
+    assert "INSTALL" not in setup("torch==2.13.0")
+    assert "INSTALL torch==2.5.1" in setup("torch==2.5.1")
+
+
+def test_the_optuna_ranges_in_sweeps_md_are_the_config_s() -> None:
+    import re
+
+    params = (ROOT / "conf" / "hparams_search" / "optuna.yaml").read_text()
+    doc = re.sub(r"\s+", " ", (ROOT / "docs" / "sweeps.md").read_text())
+    ranges = re.findall(r"(agent\.[\w.]+): tag\(log, interval\(([\d.e-]+), ([\d.e-]+)\)\)", params)
+    assert len(ranges) == 4
+    for key, lo, hi in ranges:
+        shown = {f"[{lo}, {hi}]", f"[{float(lo):g}, {float(hi):g}]"}  # as written in the YAML, or shortened
+        assert f"`{key}`" in doc and any(s in doc for s in shown), f"docs/sweeps.md lacks {key}'s range {shown}"
