@@ -75,7 +75,9 @@ def test_compare_pools_archives_from_several_sittings(tmp_path: Path, capsys: py
     assert main(["compare", str(tmp_path / "results"), "--out", str(tmp_path / "out")]) == 0
     csv = pd.read_csv(tmp_path / "out" / "comparison.csv").set_index("group")
     assert csv.loc["default", "runs"] == 3 and csv.loc["agent.clip.actor=null,agent.clip.critic=null", "runs"] == 3
-    assert bool(csv.loc["agent.clip.actor=null,agent.clip.critic=null", "paired"])
+    # the seeds of both sittings pool, so the groups hold the same seeds (the pairing P(improvement) uses)
+    assert csv.loc["default", "seeds"] == csv.loc["agent.clip.actor=null,agent.clip.critic=null", "seeds"] == "[0, 1, 2]"
+    assert bool(csv.loc["agent.clip.actor=null,agent.clip.critic=null", "p_paired"])
 
 
 def test_archive_refuses_to_overwrite_another_runs_archive(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

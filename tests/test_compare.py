@@ -397,3 +397,14 @@ def test_q_far_above_the_returns_the_run_played_is_divergence(tmp_path: Path) ->
     assert verdict.diverged_step == 200
     assert judge(find_runs(write_run(tmp_path / "loose", ["monitor.q_return_factor=5"],
                                      scalars=inflated))[0]).diverged is None
+
+
+def test_agc_is_reported_per_unit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """AGC clips unit by unit: its share is of units, its limit moves with each unit's weights (none is shown)."""
+    from av_td3.analysis.report import _cells
+
+    agc = ["agent.clip.mode=agc", "agent.clip.agc=0.1"]
+    write_run(tmp_path / "agc", agc, seed=0)
+    summary = summarize(find_runs(tmp_path))
+    cells = _cells(summary.table.iloc[0].to_dict())
+    assert cells["critic clipping"] == "50% of units clipped (agc, lambda 0.1)"  # the fixture's clip fraction

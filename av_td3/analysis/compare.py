@@ -243,6 +243,7 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
         "eval_episodes": "/".join(str(e) for e in sorted(set(fin["eval_episodes"]))),
         "wall_h_mean": float(fin["wall_s"].dropna().mean() / 3600) if fin["wall_s"].notna().any() else NAN,
         "clip_mode": str(cfg.agent.clip.mode),  # type: ignore[union-attr]
+        "clip_agc": float(cfg.agent.clip.agc),  # type: ignore[union-attr]
         # the machines its finished runs recorded (summary.json provenance; runs before the record: "not recorded")
         "machines": "; ".join(sorted({m if isinstance(m, str) else "not recorded" for m in fin["machine"]})),
     }

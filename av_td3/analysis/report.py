@@ -29,9 +29,14 @@ def binding_notes(s: dict[str, Any]) -> list[str]:
         fraction = s[f"{net}_clip_fraction"]
         if not np.isfinite(fraction) or not np.isfinite(s[f"{net}_clip_limit"]):
             continue
+        what = "units" if s["clip_mode"] == "agc" else "updates"  # AGC clips unit by unit
         if fraction <= NEVER_BINDS:
-            notes.append(f"the {net}'s limit never binds ({_pct(fraction)} of updates clipped): clipping the "
+            notes.append(f"the {net}'s limit never binds ({_pct(fraction)} of {what} clipped): clipping the "
                          f"{net} changes nothing here")
+        elif s["clip_mode"] == "agc":
+            if fraction >= ALWAYS_BINDS:
+                notes.append(f"AGC clips {_pct(fraction)} of the {net}'s units: it rescales nearly every unit's "
+                             "gradient to lambda x its weight norm")
         elif fraction >= ALWAYS_BINDS:
             notes.append(f"the {net}'s limit binds on {_pct(fraction)} of updates: its clipping acts as gradient "
                          f"normalisation (norm p50 {_num(s[f'{net}_norm_p50'])} vs limit "
@@ -51,11 +56,15 @@ def _pct(x: float) -> str:
     return "-" if not np.isfinite(x) else f"{100 * x:.0f}%"
 
 
-def _limit_text(s: dict[str, Any], net: str) -> str:
-    limit, mode = s[f"{net}_clip_limit"], s["clip_mode"]
+def _clipping_text(s: dict[str, Any], net: str) -> str:
+    """How often a net's clip bound, and its limit: per update for the global-norm modes, per unit for AGC (whose
+    limit moves with each unit's weight norm, so no single limit is shown)."""
+    fraction, mode = _pct(s[f"{net}_clip_fraction"]), s["clip_mode"]
+    if mode == "agc":
+        return f"{fraction} of units clipped (agc, lambda {_num(s['clip_agc'])})"
     if mode == "norm":
-        return f"limit {_num(limit)}"
-    return f"{mode}, limit used ~{_num(s[f'{net}_clip_limit_used'])}"
+        return f"{fraction} clipped (limit {_num(s[f'{net}_clip_limit'])})"
+    return f"{fraction} clipped ({mode}, limit used ~{_num(s[f'{net}_clip_limit_used'])})"
 
 
 def _metric_cell(s: dict[str, Any], percent: bool) -> str:
@@ -101,7 +110,7 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
             cells[f"{net} spikes /1k upd."] = "-"
             continue
         cells[f"{net} clipping"] = (f"unclipped, max norm {top}" if not np.isfinite(limit) else
-                                    f"{_pct(s[f'{net}_clip_fraction'])} clipped ({_limit_text(s, net)})")
+                                    _clipping_text(s, net))
         cells[f"{net} norm p50/p90/p99"] = "/".join(_num(s[f"{net}_norm_p{q}"], 3) for q in NORM_PERCENTILES)
         cells[f"{net} spikes /1k upd."] = _num(s[f"{net}_spikes_per_1k"], 2)
     for verdict, title in (("diverged", "diverged"), ("collapsed", "collapsed"), ("failed", "failed to learn")):
