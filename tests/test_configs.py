@@ -28,9 +28,17 @@ def _compose(*overrides: str, hydra: bool = False):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
-@pytest.mark.parametrize("override", [f"{g}={p}" for g in ("experiment", "arm") for p in _presets(g)])
-def test_every_experiment_and_arm_composes_and_validates(override: str) -> None:
+@pytest.mark.parametrize("override", [f"{g}={p}" for g in ("experiment", "arm", "stress") for p in _presets(g)])
+def test_every_experiment_arm_and_stress_composes_and_validates(override: str) -> None:
     to_config(_compose(override))
+
+
+def test_a_stress_preset_changes_what_it_names() -> None:
+    default = to_config(_compose())
+    assert to_config(_compose("stress=penalty100")).env.reward.collision_penalty == 100.0 != \
+        default.env.reward.collision_penalty
+    assert to_config(_compose("stress=no_target")).agent.tau == 1.0 != default.agent.tau
+    assert to_config(_compose("stress=sgd", "arm=td3_noclip")).agent.optimizer == "sgd"
 
 
 @pytest.mark.parametrize("name", _presets("launcher"))
