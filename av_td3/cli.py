@@ -7,6 +7,7 @@ writing that function and listing it in ``SUBCOMMANDS``. Exit status: 0 success,
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +143,8 @@ def _bench(args: argparse.Namespace) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from av_td3.bench import default_config, default_out, markdown, preset, run_bench
+    from av_td3.bench.config import ALL_SECTIONS
+    from av_td3.bench.regression import RegressionError, check_overrides, resolve_ref
     from av_td3.config import ConfigError
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -155,17 +158,37 @@ def _bench(args: argparse.Namespace) -> int:
     cfg.device, cfg.threads = args.device, args.threads
     if args.only:
         sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
-        unknown = [s for s in sections if s not in cfg.sections]
+        unknown = [s for s in sections if s not in ALL_SECTIONS]
         if unknown:
             return _usage_error("bench", f"--only {args.only}: unknown section(s) {', '.join(unknown)}; choose from "
-                                         f"{', '.join(cfg.sections)}")
+                                         f"{', '.join(ALL_SECTIONS)}")
         cfg.sections = sections
     cfg.overrides = tuple(args.overrides)
     try:
         default_config(cfg.overrides)
     except (HydraException, OmegaConfBaseException, ConfigError) as err:  # each message names the key
         return _usage_error("bench", f"{' '.join(args.overrides)}: {err}")
-    result = run_bench(cfg, out, quick=args.quick)
+    if args.against is None:
+        if "regression" in cfg.sections or args.against_overrides is not None:
+            return _usage_error("bench", "the regression rows compare with an earlier commit: give it with "
+                                         "--against REF (e.g. --against HEAD~1)")
+    else:
+        cfg.against = args.against
+        cfg.against_overrides = tuple(shlex.split(args.against_overrides or ""))
+        if "regression" not in cfg.sections:
+            cfg.sections = ("regression", *cfg.sections)
+        try:  # fail now, not after the other sections: a ref that names no commit, an override either code lacks
+            resolve_ref(args.against)
+            check_overrides(cfg.against_overrides)
+            default_config(cfg.against_overrides)
+        except RegressionError as err:
+            return _usage_error("bench", str(err))
+        except (HydraException, OmegaConfBaseException, ConfigError) as err:
+            return _usage_error("bench", f"--against-overrides {args.against_overrides}: {err}")
+    try:
+        result = run_bench(cfg, out, quick=args.quick)
+    except RegressionError as err:  # the earlier code could not run with these settings; the message says why
+        return _usage_error("bench", str(err))
     print()
     print(markdown(result))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
@@ -236,7 +259,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                    "SB3's TD3.learn() and where a training step's time goes; at the fixed sizes "
                                    "of the older rows, TD3 updates/s (ours separate/shared, monitor on/off, SB3 "
                                    "TD3.train() if installed: pip install '.[bench]'), replay bytes per "
-                                   "transition, embedded env steps/s and end-to-end training steps/s. Writes "
+                                   "transition, embedded env steps/s and end-to-end training steps/s. With --against "
+                                   "REF, also training env steps/s of today's code vs that earlier commit, run "
+                                   "side by side (regression rows, ratios today / REF). Writes "
                                    "bench.json and bench.md into --out and prints the table. See "
                                    "benchmarks/README.md.")
     p.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs (~1 min on an idle 2-core CPU)")
@@ -245,7 +270,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="output folder (default: a new outputs/bench/<timestamp>/)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
     p.add_argument("--only", default=None, metavar="SECTIONS",
-                   help="comma-separated subset of update,replay,env,e2e,checkpoint (default: all)")
+                   help="comma-separated subset of update,replay,env,e2e,checkpoint (default: all) and regression "
+                        "(with --against)")
+    p.add_argument("--against", default=None, metavar="REF",
+                   help="add the regression rows: training env steps/s of today's code (this checkout) vs the "
+                        "commit REF (hash, tag, branch, HEAD~1) of this repository, checked out into a temporary "
+                        "git worktree; short runs of both, interleaved A B B A, at 1 torch thread and torch's "
+                        "default, printed as ratios today / REF")
+    p.add_argument("--against-overrides", default=None, metavar="'KEY=VALUE ...'",
+                   help="with --against: the same config overrides for both codes, in one quoted string (e.g. "
+                        "'env.view=world agent.augment=none'; only keys both codes know). Default: each code at "
+                        "its own shipped default")
     p.add_argument("overrides", nargs="*", metavar="OVERRIDES",
                    help="config overrides for the default-configuration rows, as for training (e.g. "
                         "agent.batch_size=64 env.image.height=84)")

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from av_td3 import bench
-from av_td3.bench import updates
+from av_td3.bench import regression, updates
 from av_td3.cli import main as cli
 from av_td3.config import Config, to_config
 from av_td3.envs.base import state_dim
@@ -365,3 +366,105 @@ def test_cli_bench_usage_errors(tmp_path: Path, capsys) -> None:
     if not torch.cuda.is_available():
         assert cli(["bench", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- regression section
+def head_or_skip() -> str:
+    """HEAD's full hash: the regression tests check out HEAD, which resolves in any clone, shallow ones too."""
+    try:
+        return regression.resolve_ref("HEAD")
+    except regression.RegressionError as err:
+        pytest.skip(f"the regression rows need a git checkout of av-td3: {err}")
+
+
+def our_worktrees() -> list[str]:
+    """Worktrees the regression section left registered (its folders are named av-td3-bench-*)."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list", "--porcelain"], capture_output=True,
+                            text=True, check=True).stdout
+    return [line for line in listed.splitlines() if "av-td3-bench-" in line]
+
+
+def tiny_regression(**kw) -> bench.BenchConfig:
+    """Runs of 16 env steps at the tiny sizes of the default rows (keys both codes know: HEAD is today's code)."""
+    return tiny(sections=("regression",), against="HEAD", against_overrides=TINY_DEFAULT, regression_total_steps=16,
+                regression_learning_starts=8, regression_log_every=4, **kw)
+
+
+def test_cli_bench_prints_the_regression_rows_against_head(tmp_path: Path, monkeypatch, capsys) -> None:
+    """For real: a git worktree of HEAD and today's code each train once, in child processes (~20 s)."""
+    label = head_or_skip()[:7]
+    monkeypatch.setattr(bench, "preset", lambda quick: tiny_regression(regression_pairs=1,
+                                                                       regression_threads=(1,)))
+    out = tmp_path / "out"
+    assert cli(["bench", "--only", "regression", "--against", "HEAD", "--against-overrides", " ".join(TINY_DEFAULT),
+                "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    ratio = f"regression_vs_{label}_threads1"
+    for name in ("regression/today_threads1", f"regression/{label}_threads1", ratio):
+        assert f"| {name} |" in printed, name
+    data = json.loads((out / "bench.json").read_text())
+    assert math.isfinite(data["ratios"][ratio]) and data["ratios"][ratio] > 0
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {"regression/today_threads1", f"regression/{label}_threads1"}
+    assert all(r["reps"] == 1 and r["values"][0] > 0 for r in rows.values())
+    assert "today's code" in rows["regression/today_threads1"]["note"]
+    assert data["config"]["regression"]["commit"].startswith(label)
+    # each code ran from its own folder, in the order A B; the worktree is gone
+    assert data["config"]["regression"]["runs_in_order"] == [f"{label}_threads1_0", "today_threads1_0"]
+    for run in data["config"]["regression"]["runs_in_order"]:
+        assert (out / "regression" / run / "scalars.csv").is_file()
+    assert not our_worktrees()
+
+
+def test_regression_interleaves_a_b_b_a_and_pairs_the_runs(tmp_path: Path, monkeypatch) -> None:
+    """The order of the runs and the ratios, with each run's rate stubbed (the checkout and import checks are
+    real): at each thread setting old, today, today, old; the ratio is the median of today / old per pair."""
+    label = head_or_skip()[:7]
+    ran: list[tuple[str, int, str, Path]] = []
+    rate = {regression.TODAY: [10.0, 12.0, 9.0], label: [5.0, 8.0, 9.0]}  # pairs: 2, 1.5, 1
+
+    def fake_rate(code, cfg, threads, run_dir) -> float:
+        ran.append((code.label, threads, run_dir.name, code.root))
+        assert (code.root / "launch.py").is_file()
+        return rate[code.label][sum(1 for c, t, *_ in ran if c == code.label and t == threads) - 1]
+
+    monkeypatch.setattr(regression, "learning_rate", fake_rate)
+    result = bench.run_bench(tiny_regression(regression_pairs=3), tmp_path / "out", say=lambda s: None)
+    assert [(c, t) for c, t, *_ in ran] == [(label, 1), ("today", 1), ("today", 1), (label, 1), (label, 1),
+                                            ("today", 1), (label, 0), ("today", 0), ("today", 0), (label, 0),
+                                            (label, 0), ("today", 0)]
+    assert [d for *_, d, _ in ran][:3] == [f"{label}_threads1_0", "today_threads1_0", "today_threads1_1"]
+    assert {r for *_, r in ran} == {regression.code_root(), next(r for c, *_, r in ran if c == label)}
+    assert next(r for c, *_, r in ran if c == label) != regression.code_root()
+    for suffix in ("threads1", "threads_default"):
+        assert result.ratios[f"regression_vs_{label}_{suffix}"] == pytest.approx(1.5)
+        assert result.row(f"regression/today_{suffix}").values == rate["today"]
+    assert not our_worktrees()
+
+
+def test_regression_runs_only_code_that_imports_itself(tmp_path: Path) -> None:
+    """A folder whose Python would import another av_td3 (here: none of its own, so the installed one) is refused:
+    its runs would measure other code."""
+    with pytest.raises(regression.RegressionError, match="imports av_td3 from"):
+        regression.check_imports_itself(regression.Code("old", tmp_path, "a folder without av_td3"))
+    regression.check_imports_itself(regression.Code("today", regression.code_root(), "today's code"))
+
+
+def test_cli_bench_regression_usage_errors(tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "o")
+    assert cli(["bench", "--only", "regression", "--against", "no-such-ref-1f3", "--out", out]) == 2
+    assert "--against no-such-ref-1f3: no commit 'no-such-ref-1f3'" in capsys.readouterr().err
+    assert cli(["bench", "--only", "regression", "--out", out]) == 2
+    assert "--against REF" in capsys.readouterr().err
+    assert cli(["bench", "--only", "regression", "--against", "HEAD", "--against-overrides",
+                "trainer.total_steps=10", "--out", out]) == 2
+    assert "trainer.total_steps is set by the bench" in capsys.readouterr().err
+    assert cli(["bench", "--only", "regression", "--against", "HEAD", "--against-overrides", "agent.no_such_key=1",
+                "--out", out]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_regression_ref_outside_a_git_checkout_names_the_ref(tmp_path: Path) -> None:
+    with pytest.raises(regression.RegressionError, match="--against 7a659b0: .* is not a git checkout"):
+        regression.resolve_ref("7a659b0", tmp_path)

@@ -14,7 +14,10 @@ it (plus ``BenchConfig.overrides``), so they follow the defaults when those chan
 * the phase breakdown of ``e2e/default``'s training steps (act, env step, store, sample, critic, actor, target,
   monitor, log, ...), timed by an :class:`av_td3.timing.PhaseTimer` the trainer and the agent lap;
 * ``checkpoint/default_stall``, ``_write``, ``_size``: what a checkpoint with a full default-size replay buffer
-  costs: the time ``Trainer.save_checkpoint`` holds the loop, the time until the file is complete, its size.
+  costs: the time ``Trainer.save_checkpoint`` holds the loop, the time until the file is complete, its size;
+* ``regression/<code>_threads<N>`` (only with ``BenchConfig.against``, ``av-td3 bench --against REF``): training
+  env steps/s of today's code and of an earlier commit, each run by its own ``launch.py`` in child processes,
+  interleaved A B B A, at 1 torch thread and torch's default; ratios today / that commit.
 
 Secondary rows keep the fixed sizes of the earlier issue (``BenchConfig.height`` ... ``batch_size``), written as a
 training config of those sizes; every agent is built from a config by the trainer's own builders. Each row is
@@ -24,6 +27,7 @@ processes, thermal state) hit every contender alike; medians are reported with t
 Modules, one concern each (imports point down the list):
 
 * :mod:`~av_td3.bench.run`: :func:`run_bench`, the entry: runs the sections, writes the files;
+* :mod:`~av_td3.bench.regression`: ``regression/*`` (a git worktree of the earlier commit, runs of both codes);
 * :mod:`~av_td3.bench.updates`: ``update/*`` and ``matmul/*``; :mod:`~av_td3.bench.replay`: ``replay/*``;
   :mod:`~av_td3.bench.env`: ``env/*``; :mod:`~av_td3.bench.e2e`: ``e2e/*`` and the phase breakdown;
   :mod:`~av_td3.bench.checkpoint`: ``checkpoint/*``;
@@ -32,7 +36,8 @@ Modules, one concern each (imports point down the list):
 * :mod:`~av_td3.bench.config`: :class:`BenchConfig`, presets, the training configs rows are built from;
   :mod:`~av_td3.bench.result`: rows, results, targets; :mod:`~av_td3.bench.machine`: the machine and process.
 
-Everything goes into ``out`` (``bench.json``, ``bench.md``, the e2e runs' folders); nothing is written elsewhere.
+Everything goes into ``out`` (``bench.json``, ``bench.md``, the e2e and regression runs' folders); nothing else is
+written elsewhere but the regression section's temporary git worktree, removed when it ends.
 See benchmarks/README.md for what each row measures and the recorded runs.
 """
 

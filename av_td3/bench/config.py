@@ -64,7 +64,23 @@ class BenchConfig:
     checkpoint_buffer_size: int | None = None
     checkpoint_env_steps: int = 200
     checkpoint_reps: int = 3
+    # regression rows (section "regression", only with a ref): today's code vs the commit `against` resolves to,
+    # each in real training runs of regression_total_steps env steps launched by its own launch.py, learning from
+    # regression_learning_starts, logged every regression_log_every; regression_pairs pairs interleaved A B B A ...
+    # at each trainer.torch_threads of regression_threads (0: torch's default). against_overrides: the same
+    # overrides for both codes; none: each code at its own shipped default
+    against: str | None = None
+    against_overrides: tuple[str, ...] = ()
+    regression_total_steps: int = 2000
+    regression_learning_starts: int = 1000
+    regression_log_every: int = 100
+    regression_pairs: int = 2
+    regression_threads: tuple[int, ...] = (1, 0)
     sections: tuple[str, ...] = ("update", "replay", "env", "e2e", "checkpoint")
+
+
+# Every section, in the order run_bench runs them; "regression" runs only when asked for (it needs a ref).
+ALL_SECTIONS = ("regression", "update", "replay", "env", "e2e", "checkpoint")
 
 
 def preset(quick: bool) -> BenchConfig:
@@ -76,7 +92,8 @@ def preset(quick: bool) -> BenchConfig:
                        update_rows=("default", "default_bf16", "ours_separate", "ours_separate_monitor_off",
                                     "ours_shared", "sb3"),
                        env_steps_per_rep=150, e2e_total_steps=120, e2e_learning_starts=40, e2e_log_every=40,
-                       e2e_max_episode_steps=100, e2e_num_envs=(1,), checkpoint_reps=2)
+                       e2e_max_episode_steps=100, e2e_num_envs=(1,), checkpoint_reps=2,
+                       regression_total_steps=300, regression_learning_starts=150, regression_log_every=50)
 
 
 # ---------------------------------------------------------------------------------------------- the default rows

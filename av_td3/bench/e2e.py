@@ -21,6 +21,7 @@ from av_td3.bench.config import (BenchConfig, bench_trainer, default_config, def
 from av_td3.bench.machine import quiet
 from av_td3.bench.result import SB3_MISSING, BenchResult, Row
 from av_td3.bench.sb3 import sb3_learn
+from av_td3.rundir import DEFAULT_SCALARS_FILE
 
 if TYPE_CHECKING:
     from av_td3.config import Config
@@ -76,15 +77,29 @@ def train_run(conf: Config, run_dir: Path, timer: PhaseTimer | None = None) -> t
             trainer.time_phases(timer)
         trainer.train()
     wall = time.perf_counter() - start
-    rates = []
-    with open(run_dir / "scalars.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            # An interval ending after learning_starts + log_every lies wholly in the updating phase.
-            if row["tag"] == "perf/steps_per_s" and int(row["step"]) >= t.learning_starts + t.log_every:
-                rates.append(float(row["value"]))
-    if not rates:
-        raise RuntimeError(f"e2e run logged no perf/steps_per_s after learning_starts in {run_dir}")
+    rates = [rate for _, rate in learning_intervals(run_dir / DEFAULT_SCALARS_FILE, t.learning_starts, t.log_every)]
     return rates, wall
+
+
+def learning_intervals(scalars_csv: Path, learning_starts: int, log_every: int) -> list[tuple[int, float]]:
+    """The log intervals of a run's ``scalars.csv`` (format ``step,tag,value``) that lie wholly after
+    ``learning_starts``: (env steps in the interval, the trainer's ``perf/steps_per_s`` over it), in step order.
+    Raises RuntimeError when there are none."""
+    logged = []
+    with open(scalars_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["tag"] == "perf/steps_per_s":
+                logged.append((int(row["step"]), float(row["value"])))
+    logged.sort()
+    intervals = []
+    for (prev, _), (step, rate) in zip([(0, 0.0)] + logged, logged):
+        # An interval ending after learning_starts + log_every lies wholly in the updating phase.
+        if step >= learning_starts + log_every:
+            intervals.append((step - prev, rate))
+    if not intervals:
+        raise RuntimeError(f"{scalars_csv}: no perf/steps_per_s logged after learning_starts={learning_starts} + "
+                           f"log_every={log_every}")
+    return intervals
 
 
 def phase_breakdown(timer: PhaseTimer) -> dict[str, Any]:

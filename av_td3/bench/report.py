@@ -9,12 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 from av_td3.bench.machine import busy_warning
-from av_td3.bench.result import BenchResult, paired_ratio, targets
+from av_td3.bench.result import REGRESSION_PREFIX, TODAY, BenchResult, paired_ratio, targets
 
 
 def compute_ratios(result: BenchResult) -> dict[str, float]:
     """Update ratios are medians of per-repetition ratios (wall time; ``*_cpu``: process CPU time); the
-    monitor overhead is the extra time per update with monitoring on, in %."""
+    monitor overhead is the extra time per update with monitoring on, in %; ``regression_vs_<commit>_threads<N>``
+    is today's code over the commit's, the median of the ratios of runs paired back to back."""
     rows = {r.name: r for r in result.rows}
     ratios: dict[str, float] = {}
 
@@ -57,6 +58,13 @@ def compute_ratios(result: BenchResult) -> dict[str, float]:
     if "env/steps_per_s_stock_road" in rows:
         ratios["env_vectorised_road_speedup"] = paired_ratio(rows["env/steps_per_s"].values,
                                                              rows["env/steps_per_s_stock_road"].values)
+    # today / the earlier commit, paired by A/B repetition (the two runs of a pair ran back to back)
+    today = f"{REGRESSION_PREFIX}{TODAY}_"
+    for name, row in rows.items():
+        if name.startswith(REGRESSION_PREFIX) and not name.startswith(today):
+            code, threads = name.removeprefix(REGRESSION_PREFIX).split("_", 1)
+            if today + threads in rows:
+                ratios[f"regression_vs_{code}_{threads}"] = paired_ratio(rows[today + threads].values, row.values)
     return ratios
 
 

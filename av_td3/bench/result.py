@@ -26,6 +26,17 @@ TARGETS = {
 }
 
 
+# The regression section's rows: regression/<code>_<threads>, <code> = TODAY (this checkout) or a commit's short hash
+REGRESSION_PREFIX = "regression/"
+TODAY = "today"
+
+
+def regression_row(code: str, threads: int) -> str:
+    """The row of ``code`` (:data:`TODAY` or a short commit hash) run with ``trainer.torch_threads=threads``
+    (0: torch's default)."""
+    return f"{REGRESSION_PREFIX}{code}_threads{threads if threads > 0 else '_default'}"
+
+
 class RowSkipped(Exception):
     """Raised by a row's builder when the row cannot run here; the message says why (it lands in ``skipped``)."""
 

@@ -15,6 +15,7 @@ from av_td3.bench.config import BenchConfig
 from av_td3.bench.e2e import bench_e2e
 from av_td3.bench.env import bench_env
 from av_td3.bench.machine import load_avg, machine_info
+from av_td3.bench.regression import bench_regression
 from av_td3.bench.replay import bench_replay
 from av_td3.bench.report import compute_ratios, markdown
 from av_td3.bench.result import BenchResult
@@ -28,9 +29,10 @@ def default_out() -> Path:
 
 def run_bench(cfg: BenchConfig, out: Path, quick: bool = False,
               say: Callable[[str], None] = lambda s: print(s, flush=True)) -> BenchResult:
-    """Run the sections of ``cfg.sections`` (update, replay, env, e2e, checkpoint, in that order), write
-    ``out/bench.json`` and ``out/bench.md``, return the result. ``quick`` is recorded only (``cfg`` already holds
-    the preset); ``say`` receives one line per finished section."""
+    """Run the sections of ``cfg.sections`` (regression, update, replay, env, e2e, checkpoint, in that order, so a
+    regression run that cannot start fails first), write ``out/bench.json`` and ``out/bench.md``, return the
+    result. ``quick`` is recorded only (``cfg`` already holds the preset); ``say`` receives one line per finished
+    section. The regression section raises :class:`av_td3.bench.regression.RegressionError` when it cannot run."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -39,6 +41,8 @@ def run_bench(cfg: BenchConfig, out: Path, quick: bool = False,
                          {**dataclasses.asdict(cfg), "quick": quick,
                           "timestamp": _dt.datetime.now().isoformat(timespec="seconds")})
     torch.manual_seed(cfg.seed)
+    if "regression" in cfg.sections:
+        bench_regression(cfg, out, result, say)
     if "update" in cfg.sections:
         bench_updates(cfg, device, result, say)
     if "replay" in cfg.sections:
