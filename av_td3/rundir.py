@@ -38,6 +38,7 @@ DEFAULT_SCALARS_FILE = "scalars.csv"       # logger.csv.filename's default
 ARCHIVED_SCALARS_FILE = "scalars.csv.gz"   # what an archived run holds instead of scalars.csv and tb/
 ARCHIVE_FILE = "archive.json"              # marks an archived run: source, code version, when
 TB_DIR = "tb"
+EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's event files in TB_DIR (one more per resume)
 CHECKPOINT_DIR = "checkpoints"
 
 # summary.json's status. running: in progress (or its process died: readers tell by the age of the files);

@@ -16,17 +16,19 @@ import pandas as pd
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.util import tensor_util
 
-EVENT_GLOB = "events.out.tfevents.*"
+from av_td3.rundir import EVENT_FILE_PREFIX, TB_DIR
+
+EVENT_GLOB = f"{EVENT_FILE_PREFIX}*"
 COLUMNS = ["step", "tag", "value"]
 
 
 def is_event_file(path: Path) -> bool:
-    return path.is_file() and path.name.startswith("events.out.tfevents.")
+    return path.is_file() and path.name.startswith(EVENT_FILE_PREFIX)
 
 
 def find_event_files(run_dir: Path) -> list[Path]:
     """All TensorBoard event files of a run (a resumed run adds a file next to the first)."""
-    return sorted((run_dir / "tb").rglob(EVENT_GLOB))
+    return sorted((run_dir / TB_DIR).rglob(EVENT_GLOB))
 
 
 def _scalar(value) -> float | None:  # value: a tensorboard Summary.Value proto

@@ -13,8 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from av_td3.config import TensorboardConfig
-
-EVENT_PREFIX = "events.out.tfevents."
+from av_td3.rundir import EVENT_FILE_PREFIX, TB_DIR
 
 
 def purge_event_files(tb_dir: Path, purge_step: int) -> int:
@@ -23,7 +22,7 @@ def purge_event_files(tb_dir: Path, purge_step: int) -> int:
     SummaryWriter's own ``purge_step`` only writes a marker that some TensorBoard loaders ignore, which left the
     purged steps there twice. Returns the number of events dropped."""
     dropped = 0
-    for path in sorted(tb_dir.glob(EVENT_PREFIX + "*")):
+    for path in sorted(tb_dir.glob(EVENT_FILE_PREFIX + "*")):
         records = list(RawEventFileLoader(str(path)).Load())
         kept = [r for r in records if not _at_or_after(r, purge_step)]
         if len(kept) == len(records):
@@ -49,9 +48,9 @@ def _at_or_after(record: bytes, step: int) -> bool:
 class TensorboardBackend:
     def __init__(self, cfg: TensorboardConfig, run_dir: Path, purge_step: int | None) -> None:
         # purge_step: a resumed run drops the points the killed process logged after its last checkpoint.
-        if purge_step is not None and (run_dir / "tb").is_dir():
-            purge_event_files(run_dir / "tb", purge_step)
-        self.writer = SummaryWriter(str(run_dir / "tb"), flush_secs=cfg.flush_secs, purge_step=purge_step)
+        if purge_step is not None and (run_dir / TB_DIR).is_dir():
+            purge_event_files(run_dir / TB_DIR, purge_step)
+        self.writer = SummaryWriter(str(run_dir / TB_DIR), flush_secs=cfg.flush_secs, purge_step=purge_step)
         self.max_images = cfg.eval_images
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
