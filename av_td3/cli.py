@@ -169,22 +169,26 @@ def _bench(args: argparse.Namespace) -> int:
     except (HydraException, OmegaConfBaseException, ConfigError) as err:  # each message names the key
         return _usage_error("bench", f"{' '.join(args.overrides)}: {err}")
     if args.against is None:
-        if "regression" in cfg.sections or args.against_overrides is not None:
+        if "regression" in cfg.sections or args.against_overrides is not None or args.today_overrides is not None:
             return _usage_error("bench", "the regression rows compare with an earlier commit: give it with "
                                          "--against REF (e.g. --against HEAD~1)")
     else:
         cfg.against = args.against
         cfg.against_overrides = tuple(shlex.split(args.against_overrides or ""))
+        cfg.today_overrides = tuple(shlex.split(args.today_overrides or ""))
         if "regression" not in cfg.sections:
             cfg.sections = ("regression", *cfg.sections)
         try:  # fail now, not after the other sections: a ref that names no commit, an override either code lacks
             resolve_ref(args.against)
-            check_overrides(cfg.against_overrides)
-            default_config(cfg.against_overrides)
+            check_overrides(cfg.against_overrides, "--against-overrides")
+            check_overrides(cfg.today_overrides, "--today-overrides")
+            default_config(cfg.against_overrides + cfg.today_overrides)
         except RegressionError as err:
             return _usage_error("bench", str(err))
-        except (HydraException, OmegaConfBaseException, ConfigError) as err:
-            return _usage_error("bench", f"--against-overrides {args.against_overrides}: {err}")
+        except (HydraException, OmegaConfBaseException, ConfigError) as err:  # today's config: the key is named
+            given = " ".join(f"{o} {v}" for o, v in (("--against-overrides", args.against_overrides),
+                                                     ("--today-overrides", args.today_overrides)) if v)
+            return _usage_error("bench", f"{given}: {err}")
     try:
         result = run_bench(cfg, out, quick=args.quick)
     except RegressionError as err:  # the earlier code could not run with these settings; the message says why
@@ -279,8 +283,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "default, printed as ratios today / REF")
     p.add_argument("--against-overrides", default=None, metavar="'KEY=VALUE ...'",
                    help="with --against: the same config overrides for both codes, in one quoted string (e.g. "
-                        "'env.view=world agent.augment=none'; only keys both codes know). Default: each code at "
-                        "its own shipped default")
+                        "'trainer.updates_per_step=2'; only keys both codes know). Default: each code at its own "
+                        "shipped default")
+    p.add_argument("--today-overrides", default=None, metavar="'KEY=VALUE ...'",
+                   help="with --against: config overrides for today's code only, e.g. the earlier default's "
+                        "settings where today's default differs, so both run the same workload: "
+                        "'env.view=world agent.augment=none agent.clip.actor=1.0 agent.clip.critic=10.0' against "
+                        "7a659b0")
     p.add_argument("overrides", nargs="*", metavar="OVERRIDES",
                    help="config overrides for the default-configuration rows, as for training (e.g. "
                         "agent.batch_size=64 env.image.height=84)")

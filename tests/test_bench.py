@@ -377,11 +377,11 @@ def head_or_skip() -> str:
         pytest.skip(f"the regression rows need a git checkout of av-td3: {err}")
 
 
-def our_worktrees() -> list[str]:
-    """Worktrees the regression section left registered (its folders are named av-td3-bench-*)."""
+def bench_worktrees() -> set[str]:
+    """The regression section's worktrees now registered (folders av-td3-bench-*; another bench may be running)."""
     listed = subprocess.run(["git", "-C", str(ROOT), "worktree", "list", "--porcelain"], capture_output=True,
                             text=True, check=True).stdout
-    return [line for line in listed.splitlines() if "av-td3-bench-" in line]
+    return {line for line in listed.splitlines() if "av-td3-bench-" in line}
 
 
 def tiny_regression(**kw) -> bench.BenchConfig:
@@ -393,6 +393,7 @@ def tiny_regression(**kw) -> bench.BenchConfig:
 def test_cli_bench_prints_the_regression_rows_against_head(tmp_path: Path, monkeypatch, capsys) -> None:
     """For real: a git worktree of HEAD and today's code each train once, in child processes (~20 s)."""
     label = head_or_skip()[:7]
+    before = bench_worktrees()
     monkeypatch.setattr(bench, "preset", lambda quick: tiny_regression(regression_pairs=1,
                                                                        regression_threads=(1,)))
     out = tmp_path / "out"
@@ -413,41 +414,47 @@ def test_cli_bench_prints_the_regression_rows_against_head(tmp_path: Path, monke
     assert data["config"]["regression"]["runs_in_order"] == [f"{label}_threads1_0", "today_threads1_0"]
     for run in data["config"]["regression"]["runs_in_order"]:
         assert (out / "regression" / run / "scalars.csv").is_file()
-    assert not our_worktrees()
+    assert bench_worktrees() <= before
 
 
 def test_regression_interleaves_a_b_b_a_and_pairs_the_runs(tmp_path: Path, monkeypatch) -> None:
     """The order of the runs and the ratios, with each run's rate stubbed (the checkout and import checks are
-    real): at each thread setting old, today, today, old; the ratio is the median of today / old per pair."""
+    real): at each thread setting old, today, today, old; the ratio is the median of today / old per pair.
+    --against-overrides reach both codes, --today-overrides today's only."""
     label = head_or_skip()[:7]
     ran: list[tuple[str, int, str, Path]] = []
+    overrides: dict[str, tuple[str, ...]] = {}
     rate = {regression.TODAY: [10.0, 12.0, 9.0], label: [5.0, 8.0, 9.0]}  # pairs: 2, 1.5, 1
 
     def fake_rate(code, cfg, threads, run_dir) -> float:
         ran.append((code.label, threads, run_dir.name, code.root))
+        overrides[code.label] = code.overrides
         assert (code.root / "launch.py").is_file()
         return rate[code.label][sum(1 for c, t, *_ in ran if c == code.label and t == threads) - 1]
 
     monkeypatch.setattr(regression, "learning_rate", fake_rate)
-    result = bench.run_bench(tiny_regression(regression_pairs=3), tmp_path / "out", say=lambda s: None)
+    cfg = tiny_regression(regression_pairs=3, today_overrides=("monitor.enabled=false",))
+    result = bench.run_bench(cfg, tmp_path / "out", say=lambda s: None)
+    assert overrides == {"today": (*TINY_DEFAULT, "monitor.enabled=false"), label: TINY_DEFAULT}
     assert [(c, t) for c, t, *_ in ran] == [(label, 1), ("today", 1), ("today", 1), (label, 1), (label, 1),
                                             ("today", 1), (label, 0), ("today", 0), ("today", 0), (label, 0),
                                             (label, 0), ("today", 0)]
     assert [d for *_, d, _ in ran][:3] == [f"{label}_threads1_0", "today_threads1_0", "today_threads1_1"]
     assert {r for *_, r in ran} == {regression.code_root(), next(r for c, *_, r in ran if c == label)}
-    assert next(r for c, *_, r in ran if c == label) != regression.code_root()
+    old_root = next(r for c, *_, r in ran if c == label)
+    assert old_root != regression.code_root() and not old_root.exists()
+    assert not any(str(old_root) in line for line in bench_worktrees())
     for suffix in ("threads1", "threads_default"):
         assert result.ratios[f"regression_vs_{label}_{suffix}"] == pytest.approx(1.5)
         assert result.row(f"regression/today_{suffix}").values == rate["today"]
-    assert not our_worktrees()
 
 
 def test_regression_runs_only_code_that_imports_itself(tmp_path: Path) -> None:
     """A folder whose Python would import another av_td3 (here: none of its own, so the installed one) is refused:
     its runs would measure other code."""
     with pytest.raises(regression.RegressionError, match="imports av_td3 from"):
-        regression.check_imports_itself(regression.Code("old", tmp_path, "a folder without av_td3"))
-    regression.check_imports_itself(regression.Code("today", regression.code_root(), "today's code"))
+        regression.check_imports_itself(regression.Code("old", tmp_path, "a folder without av_td3", ()))
+    regression.check_imports_itself(regression.Code("today", regression.code_root(), "today's code", ()))
 
 
 def test_cli_bench_regression_usage_errors(tmp_path: Path, capsys) -> None:
@@ -459,6 +466,11 @@ def test_cli_bench_regression_usage_errors(tmp_path: Path, capsys) -> None:
     assert cli(["bench", "--only", "regression", "--against", "HEAD", "--against-overrides",
                 "trainer.total_steps=10", "--out", out]) == 2
     assert "trainer.total_steps is set by the bench" in capsys.readouterr().err
+    assert cli(["bench", "--only", "regression", "--against", "HEAD", "--today-overrides", "hydra.run.dir=x",
+                "--out", out]) == 2
+    assert "--today-overrides hydra.run.dir=x: hydra.run.dir is set by the bench" in capsys.readouterr().err
+    assert cli(["bench", "--only", "update", "--today-overrides", "env.view=world", "--out", out]) == 2
+    assert "--against REF" in capsys.readouterr().err
     assert cli(["bench", "--only", "regression", "--against", "HEAD", "--against-overrides", "agent.no_such_key=1",
                 "--out", out]) == 2
     assert "no_such_key" in capsys.readouterr().err

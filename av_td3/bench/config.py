@@ -67,10 +67,12 @@ class BenchConfig:
     # regression rows (section "regression", only with a ref): today's code vs the commit `against` resolves to,
     # each in real training runs of regression_total_steps env steps launched by its own launch.py, learning from
     # regression_learning_starts, logged every regression_log_every; regression_pairs pairs interleaved A B B A ...
-    # at each trainer.torch_threads of regression_threads (0: torch's default). against_overrides: the same
-    # overrides for both codes; none: each code at its own shipped default
+    # at each trainer.torch_threads of regression_threads (0: torch's default). Each code at its own shipped
+    # default, plus against_overrides (both codes) and today_overrides (today's code only, e.g. the earlier
+    # default's settings where today's default differs)
     against: str | None = None
     against_overrides: tuple[str, ...] = ()
+    today_overrides: tuple[str, ...] = ()
     regression_total_steps: int = 2000
     regression_learning_starts: int = 1000
     regression_log_every: int = 100

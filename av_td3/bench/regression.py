@@ -40,10 +40,16 @@ class RegressionError(Exception):
 @dataclass(frozen=True)
 class Code:
     """One side of the comparison: ``label`` names its rows (:data:`TODAY` or the commit's short hash), ``root``
-    holds its ``launch.py``, ``what`` describes it in the notes and errors."""
+    holds its ``launch.py``, ``what`` describes it in the notes and errors, ``overrides`` go on its command line
+    (none: its own shipped default)."""
     label: str
     root: Path
     what: str
+    overrides: tuple[str, ...]
+
+    @property
+    def config(self) -> str:
+        return " ".join(self.overrides) if self.overrides else "its own shipped default"
 
 
 def code_root() -> Path:
@@ -65,14 +71,15 @@ def bench_settings(cfg: BenchConfig, threads: int, run_dir: Path) -> dict[str, s
             "trainer.device": cfg.device, "hydra.run.dir": str(run_dir)}
 
 
-def check_overrides(overrides: tuple[str, ...] | list[str]) -> None:
-    """``--against-overrides`` may not set a key the bench sets itself (:func:`bench_settings`)."""
+def check_overrides(overrides: tuple[str, ...] | list[str], option: str) -> None:
+    """The overrides of ``option`` (``--against-overrides``, ``--today-overrides``) may not set a key the bench
+    sets itself (:func:`bench_settings`)."""
     reserved = bench_settings(BenchConfig(), 0, Path(".")).keys()
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if key in reserved:
-            raise RegressionError(f"--against-overrides {item}: {key} is set by the bench itself (the run's length, "
-                                  "threads and folder; see BenchConfig.regression_*); leave it out")
+            raise RegressionError(f"{option} {item}: {key} is set by the bench itself (the run's length, threads "
+                                  "and folder; see BenchConfig.regression_*); leave it out")
 
 
 def _git(root: Path, *args: str) -> str:
@@ -145,17 +152,17 @@ def check_imports_itself(code: Code) -> None:
 
 
 def learning_rate(code: Code, cfg: BenchConfig, threads: int, run_dir: Path) -> float:
-    """Train ``code`` once with ``cfg.against_overrides`` and :func:`bench_settings` (its own ``launch.py``, its
+    """Train ``code`` once with its overrides and :func:`bench_settings` (its own ``launch.py``, its
     root as the working directory) into ``run_dir``; return its learning-phase rate in env steps/s: the env steps
     of the log intervals wholly after ``learning_starts`` over their seconds."""
     settings = bench_settings(cfg, threads, run_dir)
-    cmd = [sys.executable, "launch.py", *cfg.against_overrides, *(f"{k}={v}" for k, v in settings.items())]
+    cmd = [sys.executable, "launch.py", *code.overrides, *(f"{k}={v}" for k, v in settings.items())]
     done = subprocess.run(cmd, cwd=code.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           check=False)
     if done.returncode != 0:
         tail = "\n".join(done.stdout.splitlines()[-OUTPUT_TAIL_LINES:])
-        hint = ("\n--against-overrides go to both codes: give only keys both configurations know"
-                if cfg.against_overrides else "")
+        hint = ("\n--against-overrides go to both codes: give only keys both configurations know (--today-overrides "
+                "go to today's code only)" if cfg.against_overrides else "")
         raise RegressionError(f"{code.what}: the training run failed (exit status {done.returncode}), run in "
                               f"{code.root} as\n  {' '.join(cmd)}\nthe end of its output:\n{tail}{hint}")
     scalars = run_dir / DEFAULT_SCALARS_FILE
@@ -171,21 +178,23 @@ def bench_regression(cfg: BenchConfig, out: Path, result: BenchResult, say: Call
     env steps/s, one value per run, the runs' folders in ``out/regression/``."""
     if cfg.against is None:
         raise RegressionError("the regression section compares with an earlier commit: give it with --against REF")
-    check_overrides(cfg.against_overrides)
+    check_overrides(cfg.against_overrides, "--against-overrides")
+    check_overrides(cfg.today_overrides, "--today-overrides")
     root = code_root()
     commit = resolve_ref(cfg.against, root)
     head = _git(root, "rev-parse", "--short=7", "HEAD")
     dirty = bool(_git(root, "status", "--porcelain"))
     folder = out.resolve() / "regression"
     label = commit[:7]
-    today = Code(TODAY, root, f"today's code ({root}, HEAD {head}{' with uncommitted changes' if dirty else ''})")
-    config = "each code's own shipped default" if not cfg.against_overrides else " ".join(cfg.against_overrides)
+    today = Code(TODAY, root, f"today's code ({root}, HEAD {head}{' with uncommitted changes' if dirty else ''})",
+                 cfg.against_overrides + cfg.today_overrides)
     rates: dict[str, list[float]] = {}
     order: list[str] = []
-    say(f"regression: today's code vs {label} (--against {cfg.against}), {config}: {cfg.regression_pairs} pairs of "
-        f"{cfg.regression_total_steps}-step runs at trainer.torch_threads in {list(cfg.regression_threads)}")
     with worktree(root, commit) as old_root:
-        old = Code(label, old_root, f"commit {label} (--against {cfg.against}, a git worktree)")
+        old = Code(label, old_root, f"commit {label} (--against {cfg.against}, a git worktree)",
+                   cfg.against_overrides)
+        say(f"regression: today's code ({today.config}) vs {label} ({old.config}): {cfg.regression_pairs} pairs of "
+            f"{cfg.regression_total_steps}-step runs at trainer.torch_threads in {list(cfg.regression_threads)}")
         for code in (old, today):
             check_imports_itself(code)
         for threads in cfg.regression_threads:
@@ -207,6 +216,7 @@ def bench_regression(cfg: BenchConfig, out: Path, result: BenchResult, say: Call
             name = regression_row(code.label, threads)
             threads_text = f"trainer.torch_threads={threads}" + (" (torch's default)" if threads == 0 else "")
             result.rows.append(Row(name, "env steps/s", rates[name],
-                                   f"{code.what}, {config}, {threads_text}; {window}"))
+                                   f"{code.what}, {code.config}, {threads_text}; {window}"))
     result.config["regression"] = {"ref": cfg.against, "commit": commit, "today_head": head, "today_dirty": dirty,
-                                   "overrides": list(cfg.against_overrides), "runs_in_order": order}
+                                   "overrides": {TODAY: list(today.overrides), label: list(old.overrides)},
+                                   "runs_in_order": order}
