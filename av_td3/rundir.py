@@ -53,7 +53,10 @@ FAILED_OBJECTIVE = -1e9
 RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress", "trainer.trust_checkpoint"})
 # Keys that never make two runs different experiments: the seed is pooled by the statistics, the device and
 # the loggers and the analysis plan (plan.*) do not change what is computed, the experiment's name is a label.
-NOT_EXPERIMENT_KEYS = frozenset({"seed", "trainer.device", "experiment_name"}) | RUN_ONLY_KEYS
+# trainer.eval_episodes changes how precisely a run is measured, not how it trains (on the embedded simulator the
+# training is identical, tests/test_config_effects.py; with CARLA evaluation restarts the training episode either
+# way), so runs evaluated on 5 and on 10 episodes pool; compare names such a group.
+NOT_EXPERIMENT_KEYS = frozenset({"seed", "trainer.device", "experiment_name", "trainer.eval_episodes"}) | RUN_ONLY_KEYS
 NOT_EXPERIMENT_PREFIXES = ("logger.", "plan.")
 
 # Keys added after runs were archived, with the value that reproduces what a run made before the key existed
@@ -64,8 +67,7 @@ LEGACY_VALUES: dict[str, Any] = {"agent.clip.mode": "norm", "agent.augment": "no
 # value without asking for it (no override of the key, no config-group choice such as arm=) ran with an older
 # default: `compare` adds the key to its group's label (env.view=world), so it is never read as today's default.
 DEFAULTS_CHANGED: dict[str, str] = {"env.view": "2026-12-02", "agent.augment": "2026-12-02",
-                                    "agent.clip.actor": "2026-12-02", "agent.clip.critic": "2026-12-02",
-                                    "trainer.eval_episodes": "2026-12-06"}
+                                    "agent.clip.actor": "2026-12-02", "agent.clip.critic": "2026-12-02"}
 # Keys older runs have that the schema no longer knows and that never changed what a run computed (alert
 # thresholds of the monitor before the spike detector): dropped on reading, so such runs pool with newer ones.
 RETIRED_KEYS = ("monitor.warn_factor", "monitor.critical_factor", "monitor.reference_limit_actor",

@@ -408,3 +408,12 @@ def test_agc_is_reported_per_unit(tmp_path: Path, capsys: pytest.CaptureFixture[
     summary = summarize(find_runs(tmp_path))
     cells = _cells(summary.table.iloc[0].to_dict())
     assert cells["critic clipping"] == "50% of units clipped (agc, lambda 0.1)"  # the fixture's clip fraction
+
+
+def test_runs_evaluated_on_more_episodes_pool_with_a_note(tmp_path: Path) -> None:
+    write_run(tmp_path / "old", ["trainer.eval_episodes=5"], seed=0)
+    (tmp_path / "old" / ".hydra" / "overrides.yaml").write_text("- seed=0\n")  # ran when 5 was the default
+    write_run(tmp_path / "new", [], seed=1)
+    groups, warnings, _ = group_runs(find_runs(tmp_path))
+    assert [g.label for g in groups] == ["default"] and len(groups[0].runs) == 2
+    assert "group `default` pools runs evaluated on 5 and 10 episodes per evaluation" in " ".join(warnings)

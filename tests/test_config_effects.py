@@ -80,6 +80,16 @@ def test_eval_every_eval_episodes_log_every(tmp_path: Path, monkeypatch) -> None
     assert [step for step, _ in s["grad/critic/updates"]] == [40, 50, 60]
 
 
+def test_eval_episodes_changes_the_measurement_not_the_training(tmp_path: Path) -> None:
+    """Why compare pools runs evaluated on different numbers of episodes (rundir.NOT_EXPERIMENT_KEYS): the same
+    seed trains the same episodes and weights whether each evaluation plays 1 episode or 3."""
+    a, sa = train(tmp_path / "a", "trainer.eval_every=30", "trainer.eval_episodes=1")
+    b, sb = train(tmp_path / "b", "trainer.eval_every=30", "trainer.eval_episodes=3")
+    assert sa["episode/return"] == sb["episode/return"]
+    assert all(torch.equal(x, y) for x, y in zip(params(a.agent.critic), params(b.agent.critic)))
+    assert sa["eval/return"] != sb["eval/return"]  # measured on other episodes
+
+
 def test_checkpoint_every(tmp_path: Path, monkeypatch) -> None:
     saved: list[int] = []
     monkeypatch.setattr(Trainer, "save_checkpoint", lambda self: saved.append(self.step))

@@ -131,6 +131,10 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
         versions = sorted({r.code_version for r in group.runs if r.code_version})
         if len(versions) > 1:
             warnings.append(f"group `{label}` pools runs from {len(versions)} code versions: {', '.join(versions)}")
+        episodes = sorted({int(r.config.trainer.eval_episodes) for r in group.runs})  # type: ignore[union-attr]
+        if len(episodes) > 1:
+            warnings.append(f"group `{label}` pools runs evaluated on {' and '.join(map(str, episodes))} episodes per "
+                            "evaluation: the same training, measured with different precision")
         seeds = [r.seed for r in group.runs]
         twice = sorted({s for s in seeds if seeds.count(s) > 1 and s is not None})
         if twice:
