@@ -291,7 +291,7 @@ def test_compare_reads_the_sweep_one_row_per_configuration(ablation) -> None:
     assert all("2 (2 completed / 0 stopped)" in row for row in rows)
     with open(sweep_dir / "comparison.csv") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 4 and all(row["n_return"] == "2" for row in table)
+    assert len(table) == 4 and all(row["n"] == "2" for row in table)
 
 
 @pytest.mark.slow
