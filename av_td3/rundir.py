@@ -51,6 +51,9 @@ FAILED_OBJECTIVE = -1e9
 # Keys that change how a job runs, not what it computes: a sweep rerun that differs only in these still skips,
 # and `compare` never splits a group on them.
 RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress", "trainer.trust_checkpoint"})
+# Config-group choices that select presets rather than name an experiment: a sweep's job folder and compare's group
+# labels leave them out, like the run-only keys (conf/config.yaml's exclude_keys is these two lists, tested).
+PRESET_CHOICES = frozenset({"experiment", "debug", "launcher", "hydra/launcher", "hparams_search"})
 # Keys that never make two runs different experiments: the seed is pooled by the statistics, the device and
 # the loggers and the analysis plan (plan.*) do not change what is computed, the experiment's name is a label.
 # trainer.eval_episodes changes how precisely a run is measured, not how it trains (on the embedded simulator the

@@ -24,12 +24,13 @@ from av_td3.analysis.plan import Plan, departures, study_plan
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import NETS, collapse_rule, judge
 from av_td3.config import ClipConfig
-from av_td3.rundir import DEFAULTS_CHANGED, RUN_ONLY_KEYS, flatten, is_experiment_key, schema_default
+from av_td3.rundir import (DEFAULTS_CHANGED, PRESET_CHOICES, RUN_ONLY_KEYS, flatten, is_experiment_key,
+                           schema_default)
 
-# Overrides that leave the experiment unchanged, so runs differing only in these belong together: presets,
-# keys that change how a job runs but not what it computes, and the seed (pooled by the statistics).
-IGNORED_OVERRIDES = frozenset({"seed", "experiment", "debug", "launcher", "hydra/launcher", "hparams_search"}
-                              | RUN_ONLY_KEYS)
+# Overrides that leave the experiment unchanged, so runs differing only in these belong together: presets and
+# keys that change how a job runs but not what it computes; the seed and the other keys that are no experiment
+# key (rundir.is_experiment_key) are left out of labels too.
+IGNORED_OVERRIDES = PRESET_CHOICES | RUN_ONLY_KEYS
 NORM_PERCENTILES = (50, 90, 99)
 # A limit that binds on at most / at least this share of updates "never binds" / "binds on every update".
 NEVER_BINDS, ALWAYS_BINDS = 0.001, 0.99
@@ -63,7 +64,7 @@ def _override_items(overrides: list[str], flat: dict[str, Any]) -> list[str]:
     for override in overrides:
         override = override.lstrip("+")
         key = override.partition("=")[0]
-        if key in IGNORED_OVERRIDES or key.startswith(("hydra.", "hydra/")):
+        if key in IGNORED_OVERRIDES or not is_experiment_key(key) or key.startswith(("hydra.", "hydra/")):
             continue
         items.append(f"{key}={_value_text(flat[key])}" if key in flat else override)
     chosen = {item.partition("=")[0] for item in items}
