@@ -68,7 +68,7 @@ def bench_settings(cfg: BenchConfig, threads: int, run_dir: Path) -> dict[str, s
             "trainer.log_every": str(cfg.regression_log_every), "trainer.torch_threads": str(threads),
             "trainer.progress": "false", "trainer.eval_every": str(big), "trainer.eval_episodes": "1",
             "trainer.checkpoint_every": str(big), "trainer.checkpoint_buffer": "false", "trainer.resume": "none",
-            "trainer.device": cfg.device, "hydra.run.dir": str(run_dir)}
+            "trainer.device": cfg.device, "hydra.run.dir": f"'{run_dir}'"}  # quoted: a path may hold spaces
 
 
 def check_overrides(overrides: tuple[str, ...] | list[str], option: str) -> None:
@@ -168,7 +168,7 @@ def learning_rate(code: Code, cfg: BenchConfig, threads: int, run_dir: Path) -> 
     scalars = run_dir / DEFAULT_SCALARS_FILE
     if not scalars.is_file():
         raise RegressionError(f"{code.what}: the run wrote no {scalars}; the rates are read from the CSV logger's "
-                              "file: keep logger csv (a default) and its file name in --against-overrides")
+                              "file: keep the csv logger (a default of both codes) and its file name")
     intervals = learning_intervals(scalars, cfg.regression_learning_starts, cfg.regression_log_every)
     return sum(n for n, _ in intervals) / sum(n / rate for n, rate in intervals)
 
