@@ -181,3 +181,18 @@ def test_archived_runs_in_results_read_their_carla_keys_under_env_carla() -> Non
     for config in (flat[0], configs[-1]):  # one written before the move, and the newest in sort order
         cfg = rundir.read_config(config.parent.parent)
         assert cfg.env.carla.host == "localhost" and "host" not in cfg.env and "fixed_delta_s" not in cfg.env
+
+
+def test_archiving_a_smoke_run_into_a_study_of_full_runs_warns(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    study = tmp_path / "results" / "study"
+    write_sweep(tmp_path / "full", [([], 0), (UNCLIPPED, 0)])  # the arms vary the clip keys: not a warning
+    assert main(["archive", str(tmp_path / "full"), str(study / "full")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    write_sweep(tmp_path / "more", [(UNCLIPPED, 1)])
+    assert main(["archive", str(tmp_path / "more"), str(study / "more")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    write_sweep(tmp_path / "smoke", [(["debug=smoke", "agent.batch_size=16"], 2)])
+    assert main(["archive", str(tmp_path / "smoke"), str(study / "smoke")]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "agent.batch_size=16 (they: 128)" in out and "a debug=smoke run?" in out

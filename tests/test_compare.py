@@ -114,9 +114,13 @@ def test_runs_launched_alike_but_configured_differently_are_split_and_named(tmp_
     write_run(tmp_path / "b", ["trainer.total_steps=50000"], seed=1)
     (tmp_path / "b" / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
     groups, warnings, _ = group_runs(find_runs(tmp_path))
-    assert sorted(g.label for g in groups) == ["[trainer.total_steps=300]", "[trainer.total_steps=50000]"]
+    assert sorted(g.label for g in groups) == ["[debug=smoke]", "default"]  # the preset says why, in a word
     assert warnings == ["runs launched as `default` differ in their configs (trainer.total_steps): split into 2 "
                         "groups"]
+    # no preset explains it: the keys that differ name the groups
+    (tmp_path / "a" / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    groups, _, _ = group_runs(find_runs(tmp_path))
+    assert sorted(g.label for g in groups) == ["[trainer.total_steps=300]", "[trainer.total_steps=50000]"]
 
 
 def test_runs_with_the_same_config_pool_across_folders_and_spellings(tmp_path: Path) -> None:
@@ -214,7 +218,8 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     md = (out / "comparison.md").read_text()
     assert printed.startswith("Plan (recorded in the runs when they started): primary metric late_return")
     table = printed[printed.index("| group |"):printed.index("\n\nPower:")]
-    assert table.startswith("| group | runs | late return mean [95% CI] | CV | effect vs baseline [adj. CI] |")
+    assert table.startswith("| group | runs | steps/run | late return mean [95% CI] | CV | effect vs baseline "
+                            "[adj. CI] |")
     assert table in md
 
     csv = pd.read_csv(out / "comparison.csv").set_index("group")
@@ -417,3 +422,11 @@ def test_runs_evaluated_on_more_episodes_pool_with_a_note(tmp_path: Path) -> Non
     groups, warnings, _ = group_runs(find_runs(tmp_path))
     assert [g.label for g in groups] == ["default"] and len(groups[0].runs) == 2
     assert "group `default` pools runs evaluated on 5 and 10 episodes per evaluation" in " ".join(warnings)
+
+
+def test_short_runs_are_said_to_be_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path / "smoke", ["debug=smoke"], seed=0)  # the fixture's 300 steps
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "| 300 |" in printed  # steps/run
+    assert "300-step runs, the default run is 50,000 steps: their returns and verdicts say little" in printed

@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from tensorboard.util import tensor_util
 
 from av_td3 import rundir
-from av_td3.analysis.runs import Run, find_runs
+from av_td3.analysis.runs import Run, RunDiscoveryError, find_runs
 
 SIZE_WARNING_BYTES = 1_000_000
 
@@ -73,12 +73,43 @@ def archive_run(run: Run, target: Path) -> int:
     return sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
 
 
+def _study_settings(study: Path) -> tuple[dict[str, Any], int]:
+    """The experiment keys every run already archived under ``study`` holds at one value (the study's settings, as
+    opposed to the keys its arms and seeds vary), and how many runs there are."""
+    try:
+        runs = [r for r in find_runs(study) if r.config is not None]
+    except RunDiscoveryError:
+        return {}, 0
+    flats = [rundir.flatten(r.config) for r in runs]
+    if not flats:
+        return {}, 0
+    keys = set.intersection(*(set(f) for f in flats))
+    return {k: flats[0][k] for k in keys if rundir.is_experiment_key(k)
+            and all(repr(f[k]) == repr(flats[0][k]) for f in flats)}, len(flats)
+
+
+def _differs_from_study(run: Run, settings: dict[str, Any], n: int, study: Path) -> str | None:
+    flat = rundir.flatten(run.config)  # type: ignore[arg-type]
+    differ = sorted(k for k, v in settings.items() if k in flat and repr(flat[k]) != repr(v))
+    if not differ:
+        return None
+    shown = ", ".join(f"{k}={flat[k]} (they: {settings[k]})" for k in differ[:4])
+    more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+    return (f"{run.name}: differs from all {n} run(s) already in {study} in {shown}{more}: "
+            f"{'a debug=smoke run? ' if 'debug=smoke' in (run.overrides or []) else ''}compare will show it as a "
+            "group of its own; archive it elsewhere unless it belongs to this study")
+
+
 def archive(source: Path, dest: Path) -> ArchiveResult:
     """Archive every finished run found at ``source`` (a run folder or a sweep folder) into ``dest``, each under
     its name relative to ``source``. Unfinished runs (running, crashed, failed) are skipped and named; a run whose
-    target already holds the archive of another run is refused (choose another ``dest``).
+    target already holds the archive of another run is refused (choose another ``dest``). A run whose settings
+    differ from those every run already in the study holds (``dest``'s parent, e.g. results/<study>, or ``dest``;
+    a smoke run next to full ones) is archived with a warning naming the keys.
     Raises :class:`~av_td3.analysis.runs.RunDiscoveryError` when ``source`` holds nothing readable."""
     result = ArchiveResult()
+    study = dest.parent if dest.parent.is_dir() and any(dest.parent.iterdir()) else dest
+    settings, n_study = _study_settings(study) if study.is_dir() else ({}, 0)
     for run in find_runs(source):
         if run.config is None:
             result.skipped.append(f"{run.name}: no {rundir.CONFIG_FILE}, nothing to group it by")
@@ -100,6 +131,10 @@ def archive(source: Path, dest: Path) -> ArchiveResult:
         if target.exists() and earlier is None:
             result.skipped.append(f"{run.name}: {target} exists and is not an archived run; choose another DEST")
             continue
+        if n_study:
+            differs = _differs_from_study(run, settings, n_study, study)
+            if differs:
+                result.warnings.append(differs)
         size = archive_run(run, target)
         result.archived.append(target)
         if size > SIZE_WARNING_BYTES:

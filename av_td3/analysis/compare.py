@@ -74,6 +74,13 @@ def _override_items(overrides: list[str], flat: dict[str, Any]) -> list[str]:
     return sorted(items)
 
 
+def _preset_items(runs: list[Run]) -> list[str]:
+    """The preset choices (debug=smoke, ...) other than the experiment every one of ``runs`` was launched with."""
+    chosen = [{o.lstrip("+") for o in (r.overrides or []) if o.partition("=")[0] in PRESET_CHOICES - {"experiment"}}
+              for r in runs]
+    return sorted(set.intersection(*chosen)) if chosen else []
+
+
 def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
     """Group runs (each with a config) whose configurations match, the seed and keys that do not change what is
     computed aside, wherever and whenever they ran. A group is labelled by its runs' overrides minus the seed and
@@ -120,9 +127,14 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
         if len(clashing) < 2:
             continue
         differ = [k for k in varying if len({repr(flats[named[n][1][0]].get(k)) for n in clashing}) > 1]
-        for n in clashing:
+        # a preset that explains the difference (debug=smoke) names it in a word; else the keys themselves
+        presets = [_preset_items([runs[i] for i in named[n][1]]) for n in clashing]
+        by_preset = len({tuple(p) for p in presets}) == len(clashing)
+        for n, preset in zip(clashing, presets):
             flat = flats[named[n][1][0]]
-            named[n] = (named[n][0] + [f"[{k}={_value_text(flat.get(k))}]" for k in differ], named[n][1])
+            marks = ([f"[{p}]" for p in preset] if by_preset else
+                     [f"[{k}={_value_text(flat.get(k))}]" for k in differ])
+            named[n] = (named[n][0] + marks, named[n][1])
         warnings.append(f"runs launched as `{label or 'default'}` differ in their configs ({', '.join(differ)}): "
                         f"split into {len(clashing)} groups")
     groups = {}
@@ -238,6 +250,8 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
         "group": group.label, "runs": len(rows), "completed": int((rows["state"] == "completed").sum()),
         "stopped": int((rows["state"] == "stopped").sum()), "incomplete": int((~rows["finished"]).sum()),
         "seeds": sorted(int(x) for x in fin["seed"].dropna()),
+        "total_steps": int(np.median([int(r.config.trainer.total_steps)  # type: ignore[union-attr]
+                                      for r in group.runs])),
         "metric": metric, "n": n,
         "mean": float(np.mean(values)) if n else NAN,
         "sd": float(np.std(values, ddof=1)) if n >= 2 else NAN,

@@ -19,6 +19,7 @@ from av_td3.analysis.metrics import METRICS
 from av_td3.analysis.plots import plot_effects, write_plots
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import NETS, RULES, RULES_VERSION
+from av_td3.rundir import schema_default
 
 
 # ------------------------------------------------------------------------------------------------------ words
@@ -95,7 +96,7 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
     metric = METRICS[s["metric"]]
     runs = f"{s['runs']} ({s['completed']} completed / {s['stopped']} stopped"
     runs += f", {s['incomplete']} incomplete)" if s["incomplete"] else ")"
-    cells = {"group": f"`{s['group']}`", "runs": runs,
+    cells = {"group": f"`{s['group']}`", "runs": runs, "steps/run": f"{s['total_steps']:,}",
              f"{metric.title} mean [95% CI]": _metric_cell(s, metric.percent),
              "CV": _pct(s["cv"]),
              "effect vs baseline [adj. CI]": _effect_cell(s),
@@ -209,6 +210,13 @@ def _left_out_line(m: dict[str, Any]) -> str:
     return line + (f" ({m['reason']})" if pd.notna(m["reason"]) else "")
 
 
+def short_run_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Groups of runs shorter than the default run (smoke runs): their verdicts say little about a full run."""
+    full = int(schema_default("trainer.total_steps"))
+    return [f"`{s['group']}`: {s['total_steps']:,}-step runs, the default run is {full:,} steps: their returns and "
+            "verdicts say little about a full run" for s in rows if s["total_steps"] < full]
+
+
 def rule_change_notes(summary: Report) -> list[str]:
     """Runs made before a verdict rule changed, and what the earlier rule says of them: the collapse window
     (rules v1 -> v2) changed during the clip study, after one of its runs tripped the v1 rule."""
@@ -229,6 +237,7 @@ def notes(summary: Report) -> list[str]:
     out = list(summary.warnings)
     out += [f"`{s['group']}`: {note}" for s in rows for note in binding_notes(s)]
     out += identical_groups(rows)
+    out += short_run_notes(rows)
     out += rule_change_notes(summary)
     return out
 
