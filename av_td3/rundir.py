@@ -108,8 +108,12 @@ def write_summary(run_dir: Path, summary: Summary) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder, then rename."""
+    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder, then rename. The file
+    gets the permissions any new file gets here (mkstemp's are 0600, unlike every other file of a run)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

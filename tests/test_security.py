@@ -190,3 +190,14 @@ def test_the_csv_purge_on_resume_never_writes_through_a_planted_file(tmp_path: P
     with pytest.raises(FileExistsError):
         csv_logger.CsvBackend(CsvConfig(), tmp_path, purge_step=5)
     assert victim.read_text() == "precious"
+
+
+def test_summary_json_follows_the_umask_like_every_other_file_of_a_run(tmp_path: Path) -> None:
+    from av_td3.rundir import Summary, write_summary
+
+    old = os.umask(0o022)
+    try:
+        write_summary(tmp_path, Summary())
+    finally:
+        os.umask(old)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644  # mkstemp alone would leave 0600

@@ -108,7 +108,13 @@ def plot_grad_norms(groups: dict[str, list[Run]], path: Path) -> None:
 
 def plot_alerts(groups: dict[str, list[Run]], path: Path) -> None:
     """When each alert fired, one panel per group over the group's whole step range; a mark is darker the more
-    seeds fired it at that step; divergence and broken-clip alerts in red."""
+    seeds fired it at that step; divergence and broken-clip alerts in red. When no run fired any, one panel says
+    so (not a blank panel per group)."""
+    if not any(_fired(r.scalars).shape[0] for runs in groups.values() for r in runs):
+        fig = Figure(figsize=(8, 1.5), layout="constrained")
+        _empty(fig.add_subplot(), f"no alert fired in any run of the {len(groups)} group(s)")
+        fig.savefig(path, dpi=100)
+        return
     fig = Figure(figsize=(12, 2.5 * len(groups) + 0.5), layout="constrained")
     axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
     for ax, (label, runs) in zip(axes, groups.items()):
@@ -117,7 +123,7 @@ def plot_alerts(groups: dict[str, list[Run]], path: Path) -> None:
             _empty(ax, "no finished runs")
             continue
         frames = [r.scalars for r in runs]
-        fired = pd.concat([df[df["tag"].str.startswith("alert/") & (df["value"] > 0)] for df in frames])
+        fired = pd.concat([_fired(df) for df in frames])
         if fired.empty:
             _empty(ax, "no alerts fired")
             continue
@@ -158,6 +164,11 @@ def plot_effects(table: pd.DataFrame, margin: float, metric: str, confidence: fl
     ax.set_ylim(len(shown) - 0.5, -0.5)
     ax.legend(fontsize="x-small", loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
     fig.savefig(path, dpi=100)
+
+
+def _fired(df: pd.DataFrame) -> pd.DataFrame:
+    """The alert flushes where an alert fired."""
+    return df[df["tag"].str.startswith("alert/") & (df["value"] > 0)]
 
 
 def write_plots(groups: dict[str, list[Run]], folder: Path) -> list[Path]:

@@ -89,7 +89,8 @@ def make_agent(cfg: Config, spec: Spec, device: torch.device, q_bound: float) ->
     agent = TD3(a, cfg.monitor, spec, device, q_bound, seed=cfg.seed)
     for net, parts in agent.parts().items():
         for part, names in parts.items():
-            log.info("%s optimizer owns %s params: %s", net, part, ", ".join(names) if names else "(none)")
+            # every parameter's name: for debugging (one line per optimizer part, too long for every start)
+            log.debug("%s optimizer owns %s params: %s", net, part, ", ".join(names) if names else "(none)")
     return agent, buffer
 
 
