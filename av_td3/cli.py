@@ -1,7 +1,8 @@
 """``av-td3`` command line: ``validate``, ``compare``, ``plan``, ``archive`` and ``bench`` (``python -m av_td3.cli`` works too).
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments and sets ``run``; adding one means
-writing that function and listing it in ``SUBCOMMANDS``. Exit status: 0 success, 1 a check failed, 2 bad usage.
+writing that function and listing it in ``SUBCOMMANDS``. Exit status: 0 success, 1 a check failed, 2 bad usage,
+130 interrupted (``bench``, Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 OK, FAILED, USAGE = 0, 1, 2
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -137,6 +139,15 @@ def _archive(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    try:
+        return _bench_checked(args)
+    except KeyboardInterrupt:  # before the first section or between two: run_bench handles Ctrl-C within one
+        print("av-td3 bench: interrupted outside a section (bench.json and bench.md, if any, hold the finished "
+              "sections)", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _bench_checked(args: argparse.Namespace) -> int:
     import torch
 
     from hydra.errors import HydraException
@@ -145,6 +156,7 @@ def _bench(args: argparse.Namespace) -> int:
     from av_td3.bench import default_config, default_out, markdown, preset, run_bench
     from av_td3.bench.config import ALL_SECTIONS
     from av_td3.bench.regression import RegressionError, check_overrides, resolve_ref
+    from av_td3.bench.run import BenchInterrupted
     from av_td3.config import ConfigError
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -193,6 +205,9 @@ def _bench(args: argparse.Namespace) -> int:
         result = run_bench(cfg, out, quick=args.quick)
     except RegressionError as err:  # the earlier code could not run with these settings; the message says why
         return _usage_error("bench", str(err))
+    except BenchInterrupted as err:  # one line instead of a traceback: what stopped, what is kept
+        print(f"av-td3 bench: {err}", file=sys.stderr)
+        return err.exit_code
     print()
     print(markdown(result))
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
@@ -268,7 +283,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                    "side by side (regression rows, ratios today / REF). Writes "
                                    "bench.json and bench.md into --out and prints the table. See "
                                    "benchmarks/README.md.")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs (~1 min on an idle 2-core CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer repetitions and shorter runs: about 1.5 min on an idle 2-core CPU instead of about "
+                        "7 min (estimates; the bench prints its own before each section)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default: cpu)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: a new outputs/bench/<timestamp>/)")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import re
+import signal
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,8 @@ from hydra import compose, initialize_config_dir
 
 from av_td3 import bench
 from av_td3.bench import regression, updates
+from av_td3.bench import run as bench_run
+from av_td3.bench.progress import about, estimate_s
 from av_td3.cli import main as cli
 from av_td3.config import Config, to_config
 from av_td3.envs.base import state_dim
@@ -366,6 +370,80 @@ def test_cli_bench_usage_errors(tmp_path: Path, capsys) -> None:
     if not torch.cuda.is_available():
         assert cli(["bench", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- progress and Ctrl-C
+def test_progress_says_each_section_k_of_n_with_an_estimate_then_its_time(tmp_path: Path) -> None:
+    lines: list[str] = []
+    bench.run_bench(tiny(sections=("replay", "env")), tmp_path / "out", say=lines.append)
+    assert lines[0].startswith("bench: 2 section(s), replay, env: about ") and "estimate" in lines[0]
+    starts = [i for i, line in enumerate(lines) if re.fullmatch(r"\[\d/2\] \w+: running, about \d+ s \(estimate\)",
+                                                                 line)]
+    dones = [i for i, line in enumerate(lines) if re.fullmatch(r"\[\d/2\] \w+: done in \d+ s", line)]
+    assert [lines[i][:11] for i in starts] == ["[1/2] repla", "[2/2] env: "]
+    # each section's own lines come between its start and its end
+    assert starts[0] < dones[0] < starts[1] < dones[1] == len(lines) - 1
+    assert any(line.startswith("env: ") for line in lines[starts[1]:dones[1]])
+
+
+def test_estimates_follow_the_presets_sizes() -> None:
+    """Estimates, not timings: each section's grows with its sizes; whole runs land near the README's figures."""
+    quick, full = bench.preset(True), bench.preset(False)
+    for section in ("update", "env", "e2e", "regression"):
+        assert estimate_s(section, quick) < estimate_s(section, full), section
+    total = {q: sum(estimate_s(s, c) for s in c.sections) for q, c in (("quick", quick), ("full", full))}
+    assert 30 < total["quick"] < 180 and 180 < total["full"] < 900, total
+    assert about(total["quick"]).startswith("about ") and about(4000) == "about 1 h 7 min"
+
+
+def interrupt_in(monkeypatch, section: str, error: BaseException, writes: str | None = None) -> None:
+    """Make ``section`` of run_bench raise ``error`` (after writing the file ``writes`` into the out folder)."""
+    def stopped(cfg, *args) -> None:
+        out = next((a for a in args if isinstance(a, Path)), None)
+        if writes is not None:
+            (out / writes).parent.mkdir(parents=True, exist_ok=True)
+            (out / writes).write_text("partial")
+        raise error
+
+    monkeypatch.setattr(bench_run, f"bench_{section}", stopped)
+
+
+def test_ctrl_c_in_the_first_section_says_so_in_one_line_exits_130_and_leaves_no_folder(
+        tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "preset", lambda quick: tiny())
+    interrupt_in(monkeypatch, "e2e", KeyboardInterrupt(), writes="e2e_default/scalars.csv")
+    assert cli(["bench", "--only", "e2e"]) == 130
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("av-td3 bench: interrupted during section e2e (1 of 1); no section had finished")
+    assert "Traceback" not in captured.err + captured.out
+    assert not (tmp_path / "outputs").exists()  # outputs/bench/<timestamp>/ and the folders made for it
+
+
+def test_ctrl_c_after_a_finished_section_keeps_its_results(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A training run turns Ctrl-C into Interrupted (after its checkpoint): the same one line, the finished
+    section's results kept, the interrupted section's files removed, a folder that was there before kept."""
+    from av_td3.train import Interrupted
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("was here before")
+    monkeypatch.setattr(bench, "preset", lambda quick: tiny())
+    interrupt_in(monkeypatch, "e2e", Interrupted(signal.SIGINT), writes="e2e_default/scalars.csv")
+    assert cli(["bench", "--only", "replay,e2e", "--out", str(out)]) == 130
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"av-td3 bench: interrupted during section e2e (2 of 2); the finished section(s) replay are in "
+                    f"{out / 'bench.json'} and {out / 'bench.md'}")
+    assert {p.name for p in out.iterdir()} == {"mine.txt", "bench.json", "bench.md"}
+    data = json.loads((out / "bench.json").read_text())
+    assert data["config"]["sections_finished"] == ["replay"] and "replay/ours" in {r["name"] for r in data["rows"]}
+    # nothing finished, into a folder that was there: left as it was
+    interrupt_in(monkeypatch, "replay", KeyboardInterrupt())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(["bench", "--only", "replay", "--out", str(empty)]) == 130
+    assert "nothing was written into" in capsys.readouterr().err and empty.is_dir() and not any(empty.iterdir())
 
 
 # ------------------------------------------------------------------------------------------- regression section

@@ -26,7 +26,9 @@ processes, thermal state) hit every contender alike; medians are reported with t
 
 Modules, one concern each (imports point down the list):
 
-* :mod:`~av_td3.bench.run`: :func:`run_bench`, the entry: runs the sections, writes the files;
+* :mod:`~av_td3.bench.run`: :func:`run_bench`, the entry: runs the sections, writes the files after each, keeps
+  the finished sections' results on Ctrl-C; :mod:`~av_td3.bench.progress`: the line before each section (k of n,
+  an estimate of its duration from the sizes);
 * :mod:`~av_td3.bench.regression`: ``regression/*`` (a git worktree of the earlier commit, runs of both codes);
 * :mod:`~av_td3.bench.updates`: ``update/*`` and ``matmul/*``; :mod:`~av_td3.bench.replay`: ``replay/*``;
   :mod:`~av_td3.bench.env`: ``env/*``; :mod:`~av_td3.bench.e2e`: ``e2e/*`` and the phase breakdown;
