@@ -1,8 +1,9 @@
 """Entry point: ``python launch.py [overrides]`` trains one run; ``python launch.py -m ...`` runs a sweep.
 
 Returns the objective (final evaluation return) for Hydra sweepers such as Optuna. Mistakes on the command line
-(an unknown key, a group given a number, ``experiment=`` without ``-m``, ...) are caught here before Hydra creates
-an output dir, and every configuration mistake exits with code 2.
+(an unknown key, a group option that does not exist, a value of the wrong type, ``experiment=`` without ``-m``,
+...) are caught here before Hydra creates an output dir, each named in one paragraph with its fix, and every
+configuration mistake exits with code 2.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 import av_td3.config  # noqa: E402  (registers the config schema)
 from av_td3 import commands  # noqa: E402
 from av_td3.config import CONF_DIR, NULL_MEANS, ConfigError, renamed_key, schema_keys  # noqa: E402
+from av_td3.config.checks import check_override_types, override_values  # noqa: E402
 from av_td3.rundir import OVERRIDES_FILE, RUN_ONLY_KEYS, SUMMARY_FILE, read_json  # noqa: E402
 from av_td3.sweep import SweepIncomplete  # noqa: E402
 
@@ -118,11 +120,6 @@ def _parse(arg: str):  # -> hydra Override, or None for what only Hydra can judg
         return None
 
 
-def _values(override) -> list:
-    value = override.value()
-    return list(value.list) if hasattr(value, "list") else [value]  # a sweep (a,b,c) or one value
-
-
 def check_override_keys(args: list[str], conf_dir: Path = CONF_DIR) -> None:
     """A moved key names its new name (``env.host`` -> ``env.carla.host``), an unknown key the nearest valid one
     (Hydra's own advice, ``+key=value``, adds the typo instead), and
@@ -141,7 +138,7 @@ def check_override_keys(args: list[str], conf_dir: Path = CONF_DIR) -> None:
             raise ConfigError(f"{key} is now {new}: write `{new}={value}`.")
         if key not in keys:
             raise ConfigError(f"{key} is not a config key: {_nearest(key, value, keys)}")
-        if keys[key] and any(isinstance(v, str) and v in ("None", "none") for v in _values(o)):
+        if keys[key] and any(isinstance(v, str) and v in ("None", "none") for v in override_values(o)):
             means = NULL_MEANS.get(key, "leaves it unset")
             raise ConfigError(f"{arg}: write `{key}=null` ({means}); `None` is read as the text 'None'.")
 
@@ -177,6 +174,7 @@ if __name__ == "__main__":
     try:
         av_td3.config.check_group_overrides(args)
         check_override_keys(args)
+        check_override_types(args)
         check_sweep_presets(args)
         av_td3.config.check_output_dir(args)
     except ConfigError as e:

@@ -1,11 +1,12 @@
 """Checks of a configuration: :func:`validate` (ranges, choices and cross-field rules of the schema in
 :mod:`av_td3.config.schema`, each error naming the full key and the fix), :func:`to_config`, and the command-line
-pre-checks ``launch.py`` runs before Hydra composes anything (config-group choices, the output dir, the nearest
-valid key for a typo)."""
+pre-checks ``launch.py`` runs before Hydra composes anything (config-group choices, values of the wrong type, the
+output dir; the nearest valid key for a typo is launch.py's own)."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 from pathlib import Path
@@ -83,29 +84,98 @@ def to_config(cfg: DictConfig | Config) -> Config:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
-    """Catch ``group=<not a name>`` (e.g. ``trainer=0``) before Hydra, which answers it with a traceback.
+def override_values(override: Any) -> list[Any]:
+    """The values a parsed Hydra override gives its key: one, or each of a sweep's list (``a,b,c``); none for a
+    range or interval sweep, whose values only the sweeper knows."""
+    from hydra.core.override_parser.types import ChoiceSweep, Sweep
 
-    Only overrides of config groups (folders of ``conf/``) are checked; everything else is left to Hydra.
-    """
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return list(value.list)
+    return [] if isinstance(value, Sweep) else [value]
+
+
+def _parse_overrides(args: list[str]) -> list[Any]:
+    """Hydra's parse of the ``key=value`` arguments; [] on a syntax error, which Hydra's own message places."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
-    candidates = [a for a in args if not a.startswith("-") and "=" in a]
     try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
+        return OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-") and "=" in a])
     except HydraException:
-        return  # a syntax error: Hydra's own message says where
-    for o in overrides:
+        return []
+
+
+def check_group_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Catch ``group=<not an option>`` before Hydra, which answers ``trainer=0`` with a traceback and ``env=carla2``
+    with its config search path: name the group, its options (the nearest one first) and the fix.
+
+    Only overrides of config groups (folders of ``conf/``) are checked; everything else is left to Hydra.
+    """
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for o in _parse_overrides(args):
         key = o.key_or_group.lstrip("+~")
-        value = o.value()
-        names = value if isinstance(value, list) else [value]  # logger=[tensorboard,csv]: several of one group
-        if key in groups and not o.is_delete() and not all(isinstance(v, str) for v in names):
-            choices = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
-            raise ConfigError(f"{key}={value!r}: '{key}' is a config group; choose one of "
-                              f"{', '.join(choices)} (e.g. `{key}={choices[0] if choices else 'NAME'}`), or set "
-                              f"one of its keys (e.g. `{key}.<key>=<value>`).")
+        if key not in groups or o.is_delete():
+            continue
+        choices = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        group = f"'{key}' is a config group; choose one of {', '.join(choices)}"
+        for value in override_values(o):
+            names = value if isinstance(value, list) else [value]  # logger=[tensorboard,csv]: several of one group
+            if value is None:  # Hydra answers a null group choice with a traceback
+                raise ConfigError(f"{key}=null: {group}, or leave `{key}=` out to use the default.")
+            if not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"{key}={value!r}: {group} (e.g. `{key}={choices[0] if choices else 'NAME'}`), or "
+                                  f"set one of its keys (e.g. `{key}.<key>=<value>`).")
+            for name in names:
+                if name not in choices:
+                    near = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+                    chosen = near[0] if near else choices[0]
+                    if isinstance(value, list):  # the fix keeps the rest of the list
+                        chosen = f"[{','.join(chosen if n == name else str(n) for n in names)}]"
+                    fix = f"did you mean `{key}={chosen}`?" if near else f"e.g. `{key}={chosen}`."
+                    raise ConfigError(f"{key}={name}: there is no conf/{key}/{name}.yaml. {group}: {fix}")
+
+
+def check_override_types(args: list[str]) -> None:
+    """Catch a value Hydra cannot convert to its key's type (``seed=abc``, ``trainer.total_steps=1e4``) before
+    Hydra, whose message quotes OmegaConf's internals: name the key, the type it takes and the fix. Each value of a
+    sweep (``seed=0,1,abc``) is checked; keys the schema does not have are left to :func:`launch.check_override_keys`
+    and Hydra, interpolations (``${...}``) to Hydra."""
+    from omegaconf.errors import ValidationError
+    from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
+
+    nodes = {int: IntegerNode, float: FloatNode, bool: BooleanNode}
+    types = schema_types()
+    for o in _parse_overrides(args):
+        if o.is_hydra_override() or o.is_delete() or o.key_or_group not in types:
+            continue
+        key = o.key_or_group
+        kind, nullable = types[key]
+        if kind not in nodes:
+            continue
+        values = override_values(o)
+        # as typed (1e4, not Hydra's 10000.0) where the override gives one value
+        typed = o.input_line.split("=", 1)[1] if len(values) == 1 and not o.is_sweep_override() else None
+        for value in values:
+            if isinstance(value, str) and "${" in value:
+                continue
+            try:
+                nodes[kind](value=value, is_optional=nullable)
+            except ValidationError:
+                raise ConfigError(_type_fix(key, typed or str(value), value, kind)) from None
+
+
+def _type_fix(key: str, typed: str, value: Any, kind: type) -> str:
+    """The message for ``key=typed`` (``value`` as Hydra parsed it), which is not a ``kind``."""
+    default = OmegaConf.select(OmegaConf.structured(Config), key)
+    example = f"`{key}={str(default).lower() if isinstance(default, bool) else default}` (the default)"
+    if value is None:
+        return f"{key}=null: {key} cannot be null; give a value, e.g. {example}."
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return (f"{key}={typed}: {key} takes an integer, and {typed} is read as the decimal number {value}: write "
+                f"`{key}={int(value)}`.")
+    what = {int: "an integer (a whole number)", float: "a number", bool: "true or false"}[kind]
+    return f"{key}={typed}: {key} takes {what}, and {typed!r} is not one: give one, e.g. {example}."
 
 
 def check_output_dir(args: list[str], cwd: Path | None = None) -> None:
@@ -133,17 +203,28 @@ def check_output_dir(args: list[str], cwd: Path | None = None) -> None:
                           f"be created there. Fix its permissions or choose another dir with {key}=PATH.")
 
 
-def schema_keys(cls: type = Config, prefix: str = "") -> dict[str, bool]:
-    """Every key of the schema, dotted (sections too, e.g. ``agent.clip`` and ``agent.clip.actor``), mapped to
-    whether it accepts null. The command-line pre-checks use it to name the nearest valid key for a typo."""
+def _schema_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, bool]]:
+    """(dotted key, type, accepts null) of every key of the schema, sections too (``Optional[X]`` gives ``X``)."""
     import typing
 
-    keys: dict[str, bool] = {}
+    fields = []
     for name, hint in typing.get_type_hints(cls).items():
         args = typing.get_args(hint)
         nullable = type(None) in args
         inner = next((t for t in args if t is not type(None)), hint) if nullable else hint
-        keys[prefix + name] = nullable
+        fields.append((prefix + name, inner, nullable))
         if dataclasses.is_dataclass(inner):
-            keys.update(schema_keys(inner, f"{prefix}{name}."))
-    return keys
+            fields += _schema_fields(inner, f"{prefix}{name}.")
+    return fields
+
+
+def schema_types(cls: type = Config) -> dict[str, tuple[Any, bool]]:
+    """Every leaf key of the schema, dotted, mapped to its type (``int``, ``float``, ``str``, ``list[int]``, ...)
+    and whether it accepts null."""
+    return {key: (kind, nullable) for key, kind, nullable in _schema_fields(cls) if not dataclasses.is_dataclass(kind)}
+
+
+def schema_keys(cls: type = Config) -> dict[str, bool]:
+    """Every key of the schema, dotted (sections too, e.g. ``agent.clip`` and ``agent.clip.actor``), mapped to
+    whether it accepts null. The command-line pre-checks use it to name the nearest valid key for a typo."""
+    return {key: nullable for key, _, nullable in _schema_fields(cls)}
