@@ -97,13 +97,40 @@ class Summary:
     divergence_alerts: int = 0             # flushes where a DIVERGENCE_ALERTS alert fired
     nan_guard: dict[str, Any] = field(default_factory=lambda: {"triggered": False, "quantity": None, "step": None})
     skipped_updates: int = 0
-    objective: float = 0.0
+    objective: float = 0.0                 # what a sweeper (Optuna) maximises: see objective_is
+    objective_is: str | None = None        # what objective is, in words (objective_in_words); absent in older files
     wall_s: float = 0.0
     provenance: dict[str, str] = field(default_factory=dict)  # git commit, package versions, host
 
 
+def objective_in_words(summary: Summary) -> str:
+    """What ``summary.objective`` is: the final evaluation return, the last evaluation's return of a run that
+    stopped early, or a penalty (the worst possible return, or FAILED_OBJECTIVE) and why, so that -12400.0 is
+    never read as a return a policy achieved."""
+    if summary.status == "running":
+        return "not yet set: the run is in progress"
+    why = f": {summary.reason}" if summary.reason else ""
+    last = (summary.final_eval or {}).get("return")
+    triggered = summary.nan_guard.get("triggered")
+    if last is not None and summary.objective == last and not triggered:  # a NaN return never equals itself
+        if summary.status == "completed":
+            return "final evaluation return"
+        return (f"return of the last evaluation; the run {summary.status} at env step {summary.steps} of "
+                f"{summary.total_steps}{why}")
+    amount = f"{FAILED_OBJECTIVE:,.0f}" if summary.objective == FAILED_OBJECTIVE else "the worst possible return"
+    if triggered:
+        cause = f"stopped by the NaN guard{why} (its last evaluation predates the divergence)"
+    elif last is None:
+        cause = f"no evaluation (the run {summary.status}{why})"
+    else:
+        cause = "the last evaluation's return is not finite"
+    return f"penalty, {amount}: {cause}"
+
+
 def write_summary(run_dir: Path, summary: Summary) -> None:
-    """Write ``summary.json`` atomically (a reader never sees half a file)."""
+    """Write ``summary.json`` atomically (a reader never sees half a file), with ``objective_is`` filled in from
+    the rest (:func:`objective_in_words`)."""
+    summary.objective_is = objective_in_words(summary)
     write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
 
 

@@ -1,5 +1,6 @@
-"""Sweep support: the end-of-sweep report of jobs that did not complete (a Hydra callback, registered under
-``hydra.callbacks`` in conf/config.yaml), and the check that lets a rerun of a sweep skip its completed jobs.
+"""Sweep support: the sweep folder printed at the start and the end-of-sweep report of jobs that did not complete
+(a Hydra callback, registered under ``hydra.callbacks`` in conf/config.yaml), and the check that lets a rerun of a
+sweep skip its completed jobs.
 
 Kept free of torch and pandas at import: Hydra imports this module at the start of every run, single ones too.
 """
@@ -88,6 +89,7 @@ class JobResult:
     total_steps: int | None
     objective: float | None
     reason: str | None
+    objective_is: str | None = None  # what objective is (summary.json's objective_is; absent in older summaries)
 
 
 def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
@@ -106,7 +108,7 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     if status == "running":  # the sweep is over, so the job's process died without writing its outcome
         reason = "summary.json still says running: the job's process was killed (out of memory? time limit?)"
     return JobResult(name, status, summary.get("steps"), summary.get("total_steps"), summary.get("objective"),
-                     reason)
+                     reason, summary.get("objective_is"))
 
 
 def collect(sweep_dir: Path) -> list[JobResult]:
@@ -116,10 +118,17 @@ def collect(sweep_dir: Path) -> list[JobResult]:
     return [read_job(d, sweep_dir) for d in find_run_dirs(sweep_dir)]
 
 
-def report(sweep_dir: Path, jobs: list[JobResult]) -> str:
-    """The text printed at the end of a sweep: a count, and a table of the jobs that did not complete."""
+def compare_command(sweep_dir: Path, baseline: str | None = None) -> str:
+    """``av-td3 compare <sweep_dir>``, with ``--baseline <label>`` when the experiment declares ``plan.baseline``
+    (compare would use it anyway; printed, the reader sees what the arms are compared with)."""
+    return commands.cli("compare", str(sweep_dir), *(("--baseline", baseline) if baseline else ()))
+
+
+def report(sweep_dir: Path, jobs: list[JobResult], baseline: str | None = None) -> str:
+    """The text printed at the end of a sweep: a count, a table of the jobs that did not complete, and the compare
+    command (with the experiment's ``plan.baseline``, when it declares one)."""
     failed = [j for j in jobs if j.status != "completed"]
-    compare = commands.cli("compare", str(sweep_dir))  # as this process was started, so it works as printed
+    compare = compare_command(sweep_dir, baseline)  # as this process was started, so it works as printed
     if not jobs:
         return (f"Sweep {sweep_dir}: no job folder found there. Jobs write their folders at hydra.sweep.dir as "
                 "resolved where they run: on a Ray or SLURM cluster, give an absolute hydra.sweep.dir on a "
@@ -139,12 +148,18 @@ def report(sweep_dir: Path, jobs: list[JobResult]) -> str:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: print :func:`report`, write ``<sweep dir>/sweep_summary.json``, and exit with
-    EXIT_SWEEP_INCOMPLETE when a job did not complete (jobs themselves return their objective in a sweep, so
-    without this a failed job would leave the exit status 0)."""
+    """A multirun's bookends. At the start: print the sweep folder, before the first job (the basic launcher names
+    no folder, and the jobs' own lines name only their sub-folders). At the end: print :func:`report`, write
+    ``<sweep dir>/sweep_summary.json``, and exit with EXIT_SWEEP_INCOMPLETE when a job did not complete (jobs
+    themselves return their objective in a sweep, so without this a failed job would leave the exit status 0)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        print(f"Sweep {config.hydra.sweep.dir}: one folder per job in it; a report of the jobs when all have run.",
+              flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        baseline = OmegaConf.select(config, "plan.baseline")
         jobs = collect(sweep_dir)
         failed = [j.job for j in jobs if j.status != "completed"]
         if not jobs:
@@ -153,7 +168,7 @@ class SweepSummary(Callback):
         record = {"sweep_dir": str(sweep_dir), "jobs": len(jobs), "completed": len(jobs) - len(failed),
                   "not_completed": failed, "results": [dataclasses.asdict(j) for j in jobs]}
         (sweep_dir / SWEEP_SUMMARY).write_text(json.dumps(record, indent=2))
-        print(report(sweep_dir, jobs), flush=True)
+        print(report(sweep_dir, jobs, baseline), flush=True)
         if failed:
             # SystemExit passes through Hydra's error handler (it catches Exception): a plain non-zero exit.
             raise SweepIncomplete()

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from av_td3 import bounds
 from av_td3.config import to_config
+from av_td3.rundir import FAILED_OBJECTIVE, Summary, write_summary
 from av_td3.sweep import (COMPLETED_CONFIG, EXIT_SWEEP_INCOMPLETE, SWEEP_SUMMARY, SweepSummary, collect,
-                          completed_objective, missing_launcher_plugin, record_completed)
+                          compare_command, completed_objective, missing_launcher_plugin, record_completed)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = str(ROOT / "conf")
@@ -248,6 +249,72 @@ def test_nan_guard_stop_returns_a_finite_objective(tmp_path: Path) -> None:
     # the worst possible return, not the last evaluation before the divergence: a search must not favour it
     config = to_config(cfg)
     assert objective == -bounds.max_abs_reward(config) * config.env.max_episode_steps
+    written = summary(tmp_path / "run")
+    assert written["objective"] == objective
+    assert written["objective_is"].startswith("penalty, the worst possible return: stopped by the NaN guard: ")
+
+
+@pytest.mark.parametrize("fields, says", [
+    ({"status": "completed", "final_eval": {"return": 3.5}, "objective": 3.5}, "final evaluation return"),
+    ({"status": "stopped", "reason": "interrupted by SIGINT", "final_eval": {"return": 3.5}, "objective": 3.5,
+      "steps": 150, "total_steps": 300},
+     "return of the last evaluation; the run stopped at env step 150 of 300: interrupted by SIGINT"),
+    ({"status": "stopped", "reason": "interrupted by SIGINT", "objective": -12400.0},
+     "penalty, the worst possible return: no evaluation (the run stopped: interrupted by SIGINT)"),
+    ({"status": "failed", "reason": "ValueError: bad", "objective": FAILED_OBJECTIVE},
+     "penalty, -1,000,000,000: no evaluation (the run failed: ValueError: bad)"),
+    ({"status": "completed", "final_eval": {"return": float("nan")}, "objective": -12400.0},
+     "penalty, the worst possible return: the last evaluation's return is not finite"),
+    ({}, "not yet set: the run is in progress"),
+])
+def test_summary_says_what_its_objective_is(tmp_path: Path, fields: dict, says: str) -> None:
+    """An interrupted run's -12400.0 is labelled a penalty next to it, not left to pass for a return."""
+    write_summary(tmp_path, Summary(**fields))
+    written = summary(tmp_path)
+    assert written["objective_is"] == says
+    keys = list(written)
+    assert keys.index("objective_is") == keys.index("objective") + 1  # next to it in the file
+
+
+def test_a_summary_without_objective_is_is_still_read(tmp_path: Path) -> None:
+    """Summaries written before the field existed: the sweep report reads them, objective_is None."""
+    (tmp_path / "a" / ".hydra").mkdir(parents=True)
+    (tmp_path / "a" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"status": "completed", "objective": 1.0}))
+    (job,) = collect(tmp_path)
+    assert (job.status, job.objective, job.objective_is) == ("completed", 1.0, None)
+
+
+def test_the_compare_command_names_the_plans_baseline(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a" / ".hydra").mkdir(parents=True)
+    (tmp_path / "a" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"status": "completed", "objective": 1.0}))
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}},
+                                                     "plan": {"baseline": "arm=td3_noclip"}}))
+    assert re.search(rf"compare {re.escape(str(tmp_path))} --baseline arm=td3_noclip\n", capsys.readouterr().out)
+    # a failed job: the same command in the report's last paragraph
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({"status": "failed", "objective": 1.0}))
+    with pytest.raises(SystemExit):
+        SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}},
+                                                         "plan": {"baseline": "arm=td3_noclip"}}))
+    assert "--baseline arm=td3_noclip` (as diverged)" in capsys.readouterr().out
+    assert compare_command(tmp_path).endswith(f"compare {tmp_path}")  # no plan.baseline: no --baseline
+
+
+def test_the_sweep_folder_is_printed_before_the_first_job(tmp_path: Path) -> None:
+    """A real 2-job sweep of tiny runs (~25 s on a loaded 2-core machine): the basic launcher names no folder,
+    the callback does, before Hydra launches the first job; the end report's compare command names the plan's
+    baseline (plan.baseline on the command line, as an experiment would set it)."""
+    sweep_dir = tmp_path / "sweep"
+    proc = launch(tmp_path, "-m", "debug=smoke", "seed=0,1", "trainer.total_steps=20", "trainer.learning_starts=10",
+                  "trainer.eval_every=20", "trainer.log_every=10", "trainer.checkpoint_every=20",
+                  "env.max_episode_steps=10", ONE_THREAD, "plan.baseline='seed=0'", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr  # Hydra and the jobs log to either, depending on the logging config
+    start = f"Sweep {sweep_dir}: one folder per job in it"
+    assert proc.stdout.startswith(start), proc.stdout[:500]
+    assert out.count(start) == 1 and "Launching 2 jobs" in out
+    assert "--baseline seed=0" in proc.stdout.splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------------------ end to end
