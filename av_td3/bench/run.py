@@ -51,9 +51,9 @@ def run_bench(cfg: BenchConfig, out: Path, quick: bool = False,
 
     Raises :class:`BenchInterrupted` on Ctrl-C (and on a SIGTERM during a training run, whose trainer catches
     it): the interrupted section's files are removed, and so is ``out`` when it was created here and no section
-    finished. The regression section raises
-    :class:`av_td3.bench.regression.RegressionError` when it cannot run."""
-    from av_td3.train.signals import Interrupted  # a trainer turns Ctrl-C into this (after its checkpoint)
+    finished. The regression section raises :class:`av_td3.bench.regression.RegressionError` when it cannot run."""
+    # a trainer turns Ctrl-C into Interrupted (after its checkpoint)
+    from av_td3.train.signals import Interrupted
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
