@@ -73,43 +73,50 @@ def archive_run(run: Run, target: Path) -> int:
     return sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
 
 
-def _study_settings(study: Path) -> tuple[dict[str, Any], int]:
-    """The experiment keys every run already archived under ``study`` holds at one value (the study's settings, as
-    opposed to the keys its arms and seeds vary), and how many runs there are."""
+# What makes a run belong to another study than the runs already archived, whatever arm it is: its length, and a
+# preset such as debug=smoke (the keys an arm or a condition sets are what a study varies, so they are not checked).
+STUDY_KEYS = ("trainer.total_steps",)
+
+
+def _presets(run: Run) -> set[str]:
+    return {o for o in (run.overrides or []) if o.partition("=")[0] in rundir.PRESET_CHOICES - {"experiment"}
+            and not o.partition("=")[0].endswith("launcher")}
+
+
+def _study_runs(study: Path) -> list[Run]:
     try:
-        runs = [r for r in find_runs(study) if r.config is not None]
+        return [r for r in find_runs(study) if r.config is not None]
     except RunDiscoveryError:
-        return {}, 0
-    flats = [rundir.flatten(r.config) for r in runs]
-    if not flats:
-        return {}, 0
-    keys = set.intersection(*(set(f) for f in flats))
-    return {k: flats[0][k] for k in keys if rundir.is_experiment_key(k)
-            and all(repr(f[k]) == repr(flats[0][k]) for f in flats)}, len(flats)
+        return []
 
 
-def _differs_from_study(run: Run, settings: dict[str, Any], n: int, study: Path) -> str | None:
-    flat = rundir.flatten(run.config)  # type: ignore[arg-type]
-    differ = sorted(k for k, v in settings.items() if k in flat and repr(flat[k]) != repr(v))
-    if not differ:
+def _differs_from_study(run: Run, study_runs: list[Run], study: Path) -> str | None:
+    """Why ``run`` does not look like a run of the study, or None: another length than all of them, or a preset
+    (debug=smoke) none of them was launched with."""
+    lengths = {int(r.config.trainer.total_steps) for r in study_runs}  # type: ignore[union-attr]
+    steps = int(run.config.trainer.total_steps)  # type: ignore[union-attr]
+    why = []
+    if steps not in lengths:
+        why.append(f"trainer.total_steps={steps} (they: {', '.join(map(str, sorted(lengths)))})")
+    extra = sorted(_presets(run) - set.union(*(_presets(r) for r in study_runs)))
+    if extra:
+        why.append(f"launched with {', '.join(extra)} (none of them was)")
+    if not why:
         return None
-    shown = ", ".join(f"{k}={flat[k]} (they: {settings[k]})" for k in differ[:4])
-    more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-    return (f"{run.name}: differs from all {n} run(s) already in {study} in {shown}{more}: "
-            f"{'a debug=smoke run? ' if 'debug=smoke' in (run.overrides or []) else ''}compare will show it as a "
-            "group of its own; archive it elsewhere unless it belongs to this study")
+    return (f"{run.name}: differs from all {len(study_runs)} run(s) already in {study}: {'; '.join(why)}: compare "
+            "will show it as a group of its own; archive it elsewhere unless it belongs to this study")
 
 
 def archive(source: Path, dest: Path) -> ArchiveResult:
     """Archive every finished run found at ``source`` (a run folder or a sweep folder) into ``dest``, each under
     its name relative to ``source``. Unfinished runs (running, crashed, failed) are skipped and named; a run whose
-    target already holds the archive of another run is refused (choose another ``dest``). A run whose settings
-    differ from those every run already in the study holds (``dest``'s parent, e.g. results/<study>, or ``dest``;
-    a smoke run next to full ones) is archived with a warning naming the keys.
+    target already holds the archive of another run is refused (choose another ``dest``). A run that does not look
+    like the runs already in the study (``dest``'s parent, e.g. results/<study>, or ``dest``): another length, or a
+    preset such as debug=smoke none of them had, is archived with a warning saying so.
     Raises :class:`~av_td3.analysis.runs.RunDiscoveryError` when ``source`` holds nothing readable."""
     result = ArchiveResult()
     study = dest.parent if dest.parent.is_dir() and any(dest.parent.iterdir()) else dest
-    settings, n_study = _study_settings(study) if study.is_dir() else ({}, 0)
+    study_runs = _study_runs(study) if study.is_dir() else []
     for run in find_runs(source):
         if run.config is None:
             result.skipped.append(f"{run.name}: no {rundir.CONFIG_FILE}, nothing to group it by")
@@ -131,10 +138,9 @@ def archive(source: Path, dest: Path) -> ArchiveResult:
         if target.exists() and earlier is None:
             result.skipped.append(f"{run.name}: {target} exists and is not an archived run; choose another DEST")
             continue
-        if n_study:
-            differs = _differs_from_study(run, settings, n_study, study)
-            if differs:
-                result.warnings.append(differs)
+        differs = _differs_from_study(run, study_runs, study) if study_runs else None
+        if differs:
+            result.warnings.append(differs)
         size = archive_run(run, target)
         result.archived.append(target)
         if size > SIZE_WARNING_BYTES:
