@@ -5,7 +5,7 @@ fixed-seed episodes).
 
 The final evaluation alone is a snapshot of a policy that oscillates from one evaluation to the next: on the
 default task (results/clip_study, 12 runs) its within-arm spread is 36% of the mean, while the mean of the
-evaluations in the last half of training has 12.5% (docs/results/clip-study.md, "The primary metric"). So the
+evaluations in the last half of training has about 13% (docs/results/clip-study.md, "The primary metric"). So the
 primary metric defaults to the late mean; the snapshot stays available for older reports.
 """
 
