@@ -188,3 +188,15 @@ def test_the_committed_clip_study_reads_inconclusive(tmp_path: Path, capsys: pyt
     assert f"these runs detect only differences >= {summary.power.detectable_share:.0%}" in printed
     assert f"about {summary.power.runs_for_effect} seeds per group for ±20%" in printed
     assert "Under v1, 2 of the 12 would be collapsed" in printed
+
+
+def test_power_never_fails_on_tiny_or_huge_effects() -> None:
+    """Smoke runs give baselines near 0 and wild spreads: the seeds needed must still be a number (statsmodels'
+    solver gives up there; the normal approximation takes over), never a crash."""
+    from av_td3.analysis import stats
+
+    n = stats.runs_needed(0.01, 50.0, 0.05, 0.8)  # d = 0.0002: about 400 million runs
+    z = 1.959964 + 0.841621
+    assert n == pytest.approx(2 * (z / 0.0002) ** 2, rel=1e-3)
+    assert stats.runs_needed(1000.0, 1.0, 0.05, 0.8) == 2
+    assert np.isfinite(stats.detectable_difference(2, 1.0, 0.05, 0.8))

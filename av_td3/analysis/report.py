@@ -130,7 +130,8 @@ def power_lines(summary: Report) -> list[str]:
     unit = f"{pw.sd / pw.base_mean:.1%} of the baseline's mean {_num(pw.base_mean)}" if pw.base_mean > 0 else \
         f"the baseline's mean is {_num(pw.base_mean)}"
     lines = [f"within-group SD of {summary.metric}, pooled over the groups: {_num(pw.sd)} ({unit})"]
-    shown = (f"{pw.detectable_share:.0%} of the baseline" if pw.base_mean > 0 else
+    shown = (f"{pw.detectable_share:.0%} of the baseline" if pw.base_mean > 0 and np.isfinite(pw.detectable) else
+             "(not computable: the power solver found no solution)" if not np.isfinite(pw.detectable) else
              f"a difference of {_num(pw.detectable)} (in {summary.metric}'s units: the baseline's mean is not "
              f"positive, so no share of it)")
     lines.append(f"with n={pw.n} per group and {pw.comparisons} comparison(s) with the baseline (alpha "

@@ -10,6 +10,7 @@ rliable's *stratified* bootstrap resamples runs within each task; every comparis
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -174,7 +175,9 @@ def detectable_difference(n: int, sd: float, alpha: float, power: float) -> floa
     ``n`` runs per group and within-group SD ``sd`` (statsmodels' TTestIndPower); NaN for n < 2."""
     if n < 2 or not np.isfinite(sd):
         return float("nan")
-    d = TTestIndPower().solve_power(effect_size=None, nobs1=n, alpha=alpha, power=power, ratio=1.0)
+    with warnings.catch_warnings():  # a root finder that gives up says so by NaN, handled by the callers
+        warnings.simplefilter("ignore")
+        d = TTestIndPower().solve_power(effect_size=None, nobs1=n, alpha=alpha, power=power, ratio=1.0)
     return float(d) * sd
 
 
@@ -190,5 +193,12 @@ def runs_needed(difference_: float, sd: float, alpha: float, power: float) -> in
     # noncentral t returns NaN where the power is 1
     if at_two >= power or (not np.isfinite(at_two) and d > 10):
         return 2
-    n = analysis.solve_power(effect_size=d, nobs1=None, alpha=alpha, power=power, ratio=1.0)
-    return max(2, int(np.ceil(float(n))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n = float(analysis.solve_power(effect_size=d, nobs1=None, alpha=alpha, power=power, ratio=1.0))
+    if not np.isfinite(n):
+        # statsmodels' root finder gives up on very small effects (thousands of runs): the normal approximation,
+        # which the t-test approaches at such sizes, is then exact enough
+        z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+        n = 2 * (z / d) ** 2 + 1
+    return max(2, int(np.ceil(n)))
