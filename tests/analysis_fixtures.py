@@ -126,6 +126,8 @@ def write_run(run_dir: Path, overrides: Sequence[str] = (), seed: int = 0, scala
     scalars = healthy_scalars(cfg) if scalars is None else scalars
     if not any(o.startswith("trainer.total_steps=") for o in overrides):  # the run's length: its last step
         cfg.trainer.total_steps = max((pts[-1][0] for pts in scalars.values() if pts), default=1)
+    if not any(o.startswith("trainer.learning_starts=") for o in overrides):  # learning from the first log step
+        cfg.trainer.learning_starts = min((pts[0][0] for pts in scalars.values() if pts), default=0)
     (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     (run_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create([*overrides,

@@ -11,8 +11,10 @@
   policy's). A level is the mean of ``monitor.collapse_window`` consecutive evaluations (final: the last ones;
   best: the best such run of them), so one noisy evaluation of a few episodes neither makes nor hides a
   collapse; a window of 1 compares single evaluations.
-* **failed to learn**: the run's best level never rose more than ``monitor.learn_min_gain`` above its first
-  evaluation (a stressed run that crashes from start to end).
+* **failed to learn**: the run's best level never rose more than ``monitor.learn_min_gain`` above what the
+  untrained agent scores: the mean return of the training episodes played with random actions before
+  ``trainer.learning_starts`` (the first evaluation when none was logged). Not the first evaluation itself: it
+  comes after thousands of updates, and a run that is already good then would read "failed" (rules v3 did that).
 * **gradient spikes** are counted by the monitor against each net's own norm history (``grad/<net>/spikes``,
   see :class:`av_td3.agent.monitor.SpikeDetector`) and reported per 1,000 updates.
 
@@ -40,8 +42,11 @@ RULES: dict[int, str] = {
     3: "v2's collapse rule; diverged also when |Q| passes monitor.q_return_factor x the largest |return| the run "
        "played; failed to learn; better/worse only when the family-adjusted interval of the effect on the primary "
        "metric excludes 0 with >= 5 runs per group, equivalent when it lies within the plan's margin (2026-12-06)",
+    4: "v3, with failed to learn judged against the random-action warm-up episodes' mean return instead of the "
+       "first evaluation (changed 2026-12-07 after a stress pilot that learned by its first evaluation read "
+       "'failed' under v3)",
 }
-RULES_VERSION = 3
+RULES_VERSION = 4
 NETS = ("actor", "critic")
 # |actor loss| = |mean Q of the policy's actions|, so it is held to the same bound as the critics' Q values.
 Q_TAGS = ("train/q1", "train/q2", "train/q_abs_max", "train/actor_loss", "train/actor_loss_max")
@@ -114,6 +119,20 @@ def _levels(returns: pd.Series, window: int) -> pd.Series:
     return returns.iloc[1:].rolling(window).mean().dropna()
 
 
+def untrained_level(df: pd.DataFrame, run: Run) -> tuple[float, str] | None:
+    """What the untrained agent scores, and where that figure comes from: the mean return of the training episodes
+    that ended by ``trainer.learning_starts`` (random actions), else the first evaluation."""
+    assert run.config is not None
+    episodes = series(df, "episode/return").dropna()
+    warmup = episodes[episodes.index <= int(run.config.trainer.learning_starts)]
+    if len(warmup):
+        return float(warmup.mean()), f"the mean return of its {len(warmup)} random-action warm-up episode(s)"
+    returns = series(df, "eval/return").dropna().sort_index()
+    if returns.empty:
+        return None
+    return float(returns.iloc[0]), f"its first evaluation (step {int(returns.index[0])})"
+
+
 def _failed_to_learn(df: pd.DataFrame, run: Run) -> str | None:
     returns = series(df, "eval/return").dropna().sort_index()
     if run.config is None:
@@ -121,14 +140,14 @@ def _failed_to_learn(df: pd.DataFrame, run: Run) -> str | None:
     window = int(run.config.monitor.collapse_window)
     need = float(run.config.monitor.learn_min_gain)
     levels = _levels(returns, window)
-    if levels.empty:
+    reference = untrained_level(df, run)
+    if levels.empty or reference is None:
         return None
-    first, best = float(returns.iloc[0]), float(levels.max())
-    if best - first > need:
+    (untrained, what), best = reference, float(levels.max())
+    if best - untrained > need:
         return None
     return (f"its best level {best:.4g} (mean of {window} evaluation(s)) never rose more than "
-            f"monitor.learn_min_gain = {need:g} above its first evaluation, {first:.4g} at step "
-            f"{int(returns.index[0])}")
+            f"monitor.learn_min_gain = {need:g} above {untrained:.4g}, {what}")
 
 
 def collapse_rule(df: pd.DataFrame, run: Run, window: int | None = None) -> tuple[str, int] | None:

@@ -332,8 +332,8 @@ class MonitorConfig:
     # the run ever collected. Next to q_margin's reward bound, which only a Q far beyond any possible return hits.
     q_return_factor: float = rng(3.0, 1)
     # Verdict: a run failed to learn when its best level (collapse_window evaluations) never rose more than this
-    # above its first evaluation, in return units (the default task's PID baseline scores ~223; an untrained
-    # policy -10 to 60).
+    # above the untrained agent's score (its random-action warm-up episodes' mean return), in return units: on the
+    # default task random actions score about -4 and the PID baseline ~223; rescale it with the reward's weights.
     learn_min_gain: float = rng(50.0, 0)
 
 
@@ -361,7 +361,7 @@ class PlanConfig:
     seeds: list[int] = field(default_factory=list)
     # Version of the verdict rules the plan was written for (av_td3/analysis/verdicts.py, RULES): compare flags
     # a report made with another version.
-    rules: int = rng(3, 1)
+    rules: int = rng(4, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------ logger
