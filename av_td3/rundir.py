@@ -195,20 +195,17 @@ def read_config(run_dir: Path) -> DictConfig:
     schema's default (analysis keys such as ``monitor.collapse_fraction``), so runs from different code versions
     compare key by key. :data:`RETIRED_KEYS` are dropped; other keys the schema no longer has are kept (they tell
     runs apart)."""
+    return read_config_and_keys(run_dir)[0]
+
+
+def read_config_and_keys(run_dir: Path) -> tuple[DictConfig, frozenset[str]]:
+    """:func:`read_config`, and the dotted keys the file itself holds under today's names (not those filled in for
+    a run that predates them): what the run was really configured with. The file is parsed once."""
     loaded = OmegaConf.load(run_dir / CONFIG_FILE)
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"{run_dir / CONFIG_FILE}: not a mapping")
-    return upgrade_config(loaded)
-
-
-def recorded_keys(run_dir: Path) -> frozenset[str]:
-    """The dotted keys a run's ``.hydra/config.yaml`` itself holds, under today's names: not those that
-    :func:`read_config` fills in for a run that predates them."""
-    loaded = OmegaConf.load(run_dir / CONFIG_FILE)
-    if not isinstance(loaded, DictConfig):
-        raise ValueError(f"{run_dir / CONFIG_FILE}: not a mapping")
-    _rename_keys(loaded)
-    return frozenset(flatten(loaded))
+    config = upgrade_config(loaded)  # renames and drops retired keys in ``loaded`` itself
+    return config, frozenset(flatten(loaded))
 
 
 def schema_default(key: str) -> Any:

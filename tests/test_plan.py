@@ -200,3 +200,14 @@ def test_power_never_fails_on_tiny_or_huge_effects() -> None:
     assert n == pytest.approx(2 * (z / 0.0002) ** 2, rel=1e-3)
     assert stats.runs_needed(1000.0, 1.0, 0.05, 0.8) == 2
     assert np.isfinite(stats.detectable_difference(2, 1.0, 0.05, 0.8))
+
+
+def test_every_primary_metric_a_plan_may_name_is_a_metric_compare_computes() -> None:
+    """plan.metric's choices (the schema) are spelled once more there; they must all be metrics.py's."""
+    from dataclasses import fields
+
+    from av_td3.analysis.metrics import METRICS
+    from av_td3.config import PlanConfig
+
+    choices = next(f for f in fields(PlanConfig) if f.name == "metric").metadata["choices"]
+    assert choices and set(choices) <= set(METRICS)

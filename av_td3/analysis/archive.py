@@ -78,11 +78,6 @@ def archive_run(run: Run, target: Path) -> int:
 STUDY_KEYS = ("trainer.total_steps",)
 
 
-def _presets(run: Run) -> set[str]:
-    return {o for o in (run.overrides or []) if o.partition("=")[0] in rundir.PRESET_CHOICES - {"experiment"}
-            and not o.partition("=")[0].endswith("launcher")}
-
-
 def _study_runs(study: Path) -> list[Run]:
     try:
         return [r for r in find_runs(study) if r.config is not None]
@@ -98,7 +93,7 @@ def _differs_from_study(run: Run, study_runs: list[Run], study: Path) -> str | N
     why = []
     if steps not in lengths:
         why.append(f"trainer.total_steps={steps} (they: {', '.join(map(str, sorted(lengths)))})")
-    extra = sorted(_presets(run) - set.union(*(_presets(r) for r in study_runs)))
+    extra = sorted(run.presets - set.union(*(r.presets for r in study_runs)))
     if extra:
         why.append(f"launched with {', '.join(extra)} (none of them was)")
     if not why:

@@ -74,13 +74,6 @@ def _override_items(overrides: list[str], flat: dict[str, Any]) -> list[str]:
     return sorted(items)
 
 
-def _preset_items(runs: list[Run]) -> list[str]:
-    """The preset choices (debug=smoke, ...) other than the experiment every one of ``runs`` was launched with."""
-    chosen = [{o.lstrip("+") for o in (r.overrides or []) if o.partition("=")[0] in PRESET_CHOICES - {"experiment"}}
-              for r in runs]
-    return sorted(set.intersection(*chosen)) if chosen else []
-
-
 def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
     """Group runs (each with a config) whose configurations match, the seed and keys that do not change what is
     computed aside, wherever and whenever they ran. A group is labelled by its runs' overrides minus the seed and
@@ -128,7 +121,7 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
             continue
         differ = [k for k in varying if len({repr(flats[named[n][1][0]].get(k)) for n in clashing}) > 1]
         # a preset that explains the difference (debug=smoke) names it in a word; else the keys themselves
-        presets = [_preset_items([runs[i] for i in named[n][1]]) for n in clashing]
+        presets = [sorted(set.intersection(*(runs[i].presets for i in named[n][1]))) for n in clashing]
         by_preset = len({tuple(p) for p in presets}) == len(clashing)
         for n, preset in zip(clashing, presets):
             flat = flats[named[n][1][0]]
@@ -296,9 +289,6 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ effects
-VERDICTS = ("better", "worse", "equivalent", "inconclusive")
-
-
 @dataclass
 class Power:
     """What the runs can detect: the within-group SD pooled over all groups, the smallest difference a
@@ -317,18 +307,24 @@ class Power:
         return self.detectable / self.base_mean if self.base_mean > 0 else NAN
 
 
+def _family(rows: list[dict[str, Any]], base_label: str, plan: Plan) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                                            float]:
+    """The baseline's row, the rows compared with it (>= 2 runs with the metric) and the alpha of each comparison
+    (Bonferroni: the plan's alpha shared by them): the same family for the intervals and the power."""
+    base = next(s for s in rows if s["group"] == base_label)
+    others = [s for s in rows if s is not base and s["n"] >= 2]
+    return base, others, plan.alpha / max(1, len(others))
+
+
 def power_of(rows: list[dict[str, Any]], metrics: dict[str, pd.DataFrame], base_label: str | None, plan: Plan,
              metric: str) -> Power | None:
     """What the comparison of ``rows``' groups with the baseline can detect (None without a baseline)."""
     if base_label is None:
         return None
-    base = next(s for s in rows if s["group"] == base_label)
-    others = [s for s in rows if s is not base and s["n"] >= 2]
+    base, others, alpha = _family(rows, base_label, plan)
     sd = stats.pooled_sd([metrics[s["group"]].query("finished")[metric].dropna() for s in rows])
-    k = max(1, len(others))
-    alpha = plan.alpha / k
     n = min(s["n"] for s in others + [base])
-    return Power(sd, base["mean"], n, k, alpha, stats.detectable_difference(n, sd, alpha, plan.power),
+    return Power(sd, base["mean"], n, max(1, len(others)), alpha, stats.detectable_difference(n, sd, alpha, plan.power),
                  stats.runs_needed(plan.effect * base["mean"], sd, alpha, plan.power) if base["mean"] > 0 else -1)
 
 
@@ -341,11 +337,9 @@ def effects_against_baseline(rows: list[dict[str, Any]], metrics: dict[str, pd.D
                  effect_pct_high=NAN, p_value=NAN, p_holm=NAN, paired=False, verdict="", is_baseline=False)
     if base_label is None:
         return
-    base = next(s for s in rows if s["group"] == base_label)
+    base, others, alpha = _family(rows, base_label, plan)
     base["is_baseline"] = True
-    others = [s for s in rows if s is not base and s["n"] >= 2]
     y_all = _by_seed(metrics[base_label].query("finished"), metric)
-    alpha = plan.alpha / max(1, len(others))
     if base["n"] < 2:
         return
     pvalues = []

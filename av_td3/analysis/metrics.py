@@ -44,6 +44,10 @@ def _mean(s: pd.Series) -> float:
     return float(s.mean()) if len(s) else NAN
 
 
+def _last(s: pd.Series) -> float:
+    return float(s.iloc[-1]) if len(s) else NAN
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -62,7 +66,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            lambda run, f: _mean(evaluations(run, "eval/return"))),
     Metric("final_return", "final return",
            "the return of the last evaluation alone (a snapshot of one policy: the noisiest of these metrics)",
-           lambda run, f: float(evaluations(run, "eval/return").iloc[-1]) if len(evaluations(run)) else NAN),
+           lambda run, f: _last(evaluations(run, "eval/return"))),
     Metric("late_success", "late success",
            "mean success rate (episodes that reached their step limit without crashing or leaving the road) over "
            "the late evaluations", lambda run, f: _mean(late(run, "eval/success_rate", f)), percent=True),
@@ -70,8 +74,6 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "mean collisions per evaluation episode over the late evaluations",
            lambda run, f: _mean(late(run, "eval/collisions", f))),
 )}
-# The metrics a plan may name as its primary metric (plan.metric's choices in av_td3/config/schema.py).
-PRIMARY = ("late_return", "auc_return", "final_return", "late_success")
 
 
 def late_evaluations(run: Run, late_fraction: float) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, fields
+from typing import Any
 
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import RULES, RULES_VERSION
@@ -41,19 +42,18 @@ class Plan:
                 f"verdict rules v{self.rules}")
 
 
-def _plan_of(run: Run) -> Plan:
-    assert run.config is not None
-    p = run.config.plan
-    values = {f.name: p[f.name] for f in fields(PlanConfig)}
+def _plan(p: Any, recorded: bool) -> Plan:
+    """The :class:`Plan` of ``p``: a run's ``plan`` section or a :class:`PlanConfig`."""
+    values = {f.name: getattr(p, f.name) for f in fields(PlanConfig)}
     values["seeds"] = tuple(int(s) for s in values["seeds"])
-    return Plan(**values, recorded=run.records_plan)
+    return Plan(**values, recorded=recorded)
 
 
 def study_plan(runs: list[Run]) -> tuple[Plan, list[str]]:
     """The plan the runs record (the most common one) and notes on runs that record another or none."""
-    plans = [_plan_of(r) for r in runs if r.config is not None]
+    plans = [_plan(r.config.plan, r.records_plan) for r in runs if r.config is not None]
     if not plans:
-        return _plan_from(PlanConfig(), recorded=False), []
+        return _plan(PlanConfig(), recorded=False), []
     recorded = [p for p in plans if p.recorded]
     notes = []
     if not recorded:
@@ -66,10 +66,6 @@ def study_plan(runs: list[Run]) -> tuple[Plan, list[str]]:
     if len(recorded) < len(plans):
         notes.append(f"{len(plans) - len(recorded)} run(s) were made before plans existed (no plan recorded)")
     return plan, notes
-
-
-def _plan_from(p: PlanConfig, recorded: bool) -> Plan:
-    return Plan(p.metric, p.late_fraction, p.baseline, p.effect, p.alpha, p.power, tuple(p.seeds), p.rules, recorded)
 
 
 def departures(plan: Plan, metric: str, baseline: str | None, seeds_by_group: dict[str, list[int]]) -> list[str]:

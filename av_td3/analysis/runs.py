@@ -40,6 +40,8 @@ class Run:
     summary: dict[str, Any] | None  # None: no (readable) summary.json
     event_files: list[Path] = field(default_factory=list)
     archive: dict[str, Any] | None = None  # archive.json of an archived run
+    # the dotted keys the run's own config file holds (today's names), before the keys it predates are filled in
+    recorded_keys: frozenset[str] = frozenset()
 
     @cached_property
     def scalars(self) -> pd.DataFrame:
@@ -53,17 +55,20 @@ class Run:
     def scalars_file(self) -> Path | None:
         return rundir.scalars_file(self.path, self.config)
 
-    @cached_property
-    def recorded_keys(self) -> frozenset[str]:
-        """The dotted keys the run's own ``.hydra/config.yaml`` holds (today's names), before the keys it predates
-        are filled in: what the run was really configured with."""
-        return rundir.recorded_keys(self.path) if self.config is not None else frozenset()
-
     @property
     def records_plan(self) -> bool:
         """Whether the run recorded the analysis plan in force when it started (``plan.*`` in its config; runs
         made before plans existed do not)."""
         return any(k.startswith("plan.") for k in self.recorded_keys)
+
+    @property
+    def presets(self) -> set[str]:
+        """The preset choices the run was launched with (``debug=smoke``, ...), the experiment and the launcher
+        aside: those name the study and where it ran, never a difference in what the runs compute."""
+        def kept(key: str) -> bool:
+            return key in rundir.PRESET_CHOICES and key != "experiment" and not key.endswith("launcher")
+
+        return {o.lstrip("+") for o in (self.overrides or []) if kept(o.lstrip("+").partition("=")[0])}
 
     @property
     def has_scalars(self) -> bool:
@@ -107,7 +112,7 @@ def load_run(run_dir: Path, root: Path, event_files: list[Path] | None = None) -
                  run_dir / rundir.ARCHIVED_SCALARS_FILE, *events):
         if path.exists() or path.is_symlink():
             rundir.check_inside(root, path)
-    config = rundir.read_config(run_dir)
+    config, recorded = rundir.read_config_and_keys(run_dir)
     csv = rundir.scalars_file(run_dir, config)
     if csv is not None:
         rundir.check_inside(root, csv)
@@ -120,6 +125,7 @@ def load_run(run_dir: Path, root: Path, event_files: list[Path] | None = None) -
         summary=rundir.read_json(run_dir / rundir.SUMMARY_FILE),
         event_files=events,
         archive=rundir.read_json(run_dir / rundir.ARCHIVE_FILE),
+        recorded_keys=recorded,
     )
 
 
