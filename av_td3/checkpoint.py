@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import pickle
 import re
-import secrets
 import threading
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from av_td3.rundir import atomic_write_bytes  # the one atomic write of a run folder (re-exported for tests)
 
 log = logging.getLogger(__name__)
 
@@ -80,38 +80,6 @@ def plain(obj: Any, where: str = "checkpoint", copy: bool = False) -> Any:
     raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
                     "tensors, numpy arrays and plain values (dict, list, tuple, str, int, float, bool, None) so "
                     "that it loads without unpickling code: convert it to one of those in its state_dict().")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write through a temporary file, fsync it, then rename: a crash leaves the old file or the new, never half.
-
-    The temporary file lies next to ``path`` (so the rename stays on one file system) under a random name and
-    is created exclusively (O_EXCL: never an existing file or a symlink planted in its place); its mode follows
-    the umask, like the file it replaces."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)  # no partial file left behind, e.g. on a full disk
-        # torch.save reports a failed write (disk full, quota) as a RuntimeError raised while handling the OSError
-        cause = err if isinstance(err, OSError) else err.__context__
-        if isinstance(cause, OSError) and cause is not err:
-            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from err
-        raise
-    _fsync_dir(path.parent)
 
 
 class CheckpointManager:

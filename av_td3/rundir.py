@@ -23,7 +23,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,22 +135,41 @@ def write_summary(run_dir: Path, summary: Summary) -> None:
     write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(asdict(summary), indent=2))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder, then rename. The file
-    gets the permissions any new file gets here (mkstemp's are 0600, unlike every other file of a run)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write through a temporary file, fsync it, then rename: a crash leaves the old file or the new, never half.
+
+    The temporary file lies next to ``path`` (so the rename stays on one file system) under a random name and
+    is created exclusively (O_EXCL: never an existing file or a symlink planted in its place); its mode follows
+    the umask, like the file it replaces."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)  # no partial file left behind, e.g. on a full disk
+        # torch.save reports a failed write (disk full, quota) as a RuntimeError raised while handling the OSError
+        cause = err if isinstance(err, OSError) else err.__context__
+        if isinstance(cause, OSError) and cause is not err:
+            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from err
         raise
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with :func:`atomic_write_bytes` (a reader never sees half a file)."""
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from av_td3 import checkpoint
+from av_td3 import rundir
 from av_td3.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointManager, UnsafeCheckpointError,
                                atomic_write_bytes, load)
 from av_td3.replay import ReplayBuffer
@@ -147,7 +147,7 @@ def test_trust_checkpoint_resumes_from_a_format_1_checkpoint(tmp_path: Path) -> 
 def test_the_atomic_write_never_writes_through_a_planted_file(tmp_path: Path, monkeypatch) -> None:
     """Even with its random part guessed, the temporary name is created exclusively: a symlink planted there
     (pointing at a file of the victim's) makes the write fail instead of overwriting the target of the link."""
-    monkeypatch.setattr(checkpoint.secrets, "token_hex", lambda n: "guessed")
+    monkeypatch.setattr(rundir.secrets, "token_hex", lambda n: "guessed")  # the helper lives in rundir
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / ".step.pt.guessed.tmp").symlink_to(victim)

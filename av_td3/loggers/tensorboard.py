@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from av_td3.config import TensorboardConfig
-from av_td3.rundir import EVENT_FILE_PREFIX, TB_DIR
+from av_td3.rundir import EVENT_FILE_PREFIX, TB_DIR, atomic_write_bytes
 
 
 def purge_event_files(tb_dir: Path, purge_step: int) -> int:
     """Drop every event at or after ``purge_step`` from the event files in ``tb_dir`` (a resumed run logs those
-    steps again), keeping the rest in order; each file is rewritten to a temporary one and renamed over it.
+    steps again), keeping the rest in order; each file is rewritten atomically (:func:`av_td3.rundir.atomic_write_bytes`).
     SummaryWriter's own ``purge_step`` only writes a marker that some TensorBoard loaders ignore, which left the
     purged steps there twice. Returns the number of events dropped."""
     dropped = 0
@@ -28,15 +27,16 @@ def purge_event_files(tb_dir: Path, purge_step: int) -> int:
         if len(kept) == len(records):
             continue
         dropped += len(records) - len(kept)
-        tmp = path.with_name(f".{path.name}.purge")
-        with open(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            for record in kept:
-                writer.write(record)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, _records_writer(kept))
     return dropped
+
+
+def _records_writer(records: list[bytes]):  # -> the write callback of atomic_write_bytes
+    def write(f) -> None:
+        writer = RecordWriter(f)  # TFRecord framing: length, CRCs
+        for record in records:
+            writer.write(record)
+    return write
 
 
 def _at_or_after(record: bytes, step: int) -> bool:
