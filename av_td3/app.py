@@ -14,13 +14,13 @@ from omegaconf import DictConfig
 from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointError
 from av_td3.config import ConfigError, to_config
-from av_td3.envs.base import EnvUnavailableError, SimulatorLostError
+from av_td3.envs.base import EnvUnavailableError, SimulatorLostError, SimulatorUnusableError
 from av_td3.rundir import FAILED_OBJECTIVE
 from av_td3.sweep import completed_objective, record_completed
 
 log = logging.getLogger("av_td3")
 
-EXIT_CONFIG = 2       # bad configuration or checkpoint: fix the input
+EXIT_CONFIG = 2       # bad configuration or checkpoint, or a simulator unusable as configured: fix the input
 EXIT_FAILED = 1       # crashed, or the simulator could not be reached
 EXIT_NAN_GUARD = 3    # stopped by monitor.nan_policy=stop; interrupted by a signal: 128 + signal number
 
@@ -90,6 +90,9 @@ def _run_job(cfg: DictConfig, run_dir: Path, resume_command: str | None) -> tupl
     except SimulatorLostError as e:
         log.error("simulator lost: %s. Once it is back, %s", e, _resume_hint(resume_command))
         return FAILED_OBJECTIVE, EXIT_FAILED
+    except SimulatorUnusableError as e:  # the setup must change before a rerun can work, as for a bad config
+        log.error("simulator unusable: %s. Once that is fixed, %s", e, _resume_hint(resume_command))
+        return FAILED_OBJECTIVE, EXIT_CONFIG
     except NonFiniteError as e:
         log.error("stopped by the NaN guard: %s (see %s/summary.json)", e, run_dir)
         return _objective(run_dir), EXIT_NAN_GUARD

@@ -30,7 +30,12 @@ Every call that matters is appended to ``server.calls`` so tests can check what 
 which order. Faults are switched on through ``server``: ``down`` (every call times out, as the real client does),
 ``timeouts_on_tick`` (the next N ticks time out), ``stale_images`` (each tick first delivers an image of the
 previous frame), ``collide_at`` (frames with a collision), ``delays`` (seconds after a tick each kind of callback
-arrives), ``restart()`` (the server process dies and a fresh one starts on the same port).
+arrives), ``restart()`` (the server process dies and a fresh one starts on the same port), ``new_map_failures``
+(the next N ``load_world`` calls fail as a cold server's do), ``host_ports_in_use`` (ports another program on the
+client's machine holds: a Traffic Manager made on one fails to bind). Errors carry the real client's words
+(``DESTROYED_ACTOR``, ``NEW_MAP_FAILED``, ``TM_BIND_ERROR``). A map load or a restart starts a new episode: actors
+of the old one fail with ``DESTROYED_ACTOR`` and every Traffic Manager forgets the vehicles it drove
+(``TrafficManagerLocal::Reset``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ JUNCTION_X = 200.0  # road A ends and the junction begins here
 LIGHT_AREA_M = 10.0  # the traffic light's trigger area: this long, ending at the junction
 TURN_RADIUS = 20.0
 EGO = "vehicle.tesla.model3"
+# The real client's words (carla 0.9.16), for the failures the double raises.
+DESTROYED_ACTOR = ("trying to operate on a destroyed actor; an actor's function was called, but the actor is already "
+                   "destroyed.")
+NEW_MAP_FAILED = "failed to connect to newly created map"
+TM_BIND_ERROR = ("trying to create rpc server for traffic manager; but the system failed to create because of bind "
+                 "error.")
 
 
 # --------------------------------------------------------------------------------------- strict arguments
@@ -282,11 +293,19 @@ class Actor:
         self.speed = 0.0
         self.control = VehicleControl()
         self.autopilot_port: int | None = None
+        self.episode = server.episode  # the episode (map load, server run) the actor belongs to
 
     def _alive(self) -> None:
+        """An actor of an episode that is gone (a map reload, a server restart) or destroyed fails as on the real
+        client; a server that does not answer times out first."""
         self._server.check()
-        if self._server.actors.get(self.id) is not self:
-            raise RuntimeError(f"actor {self.id} not found: it was destroyed or the server restarted")
+        if self.episode != self._server.episode or self._server.actors.get(self.id) is not self:
+            raise RuntimeError(DESTROYED_ACTOR)
+
+    def _episode_alive(self) -> None:
+        self._server.check()
+        if self.episode != self._server.episode:
+            raise RuntimeError(DESTROYED_ACTOR)
 
     def get_transform(self) -> Transform:
         """The client's cached snapshot of the last tick: no server call (zeros when not in the snapshot)."""
@@ -308,26 +327,26 @@ class Actor:
             <= LANES_Y[-1] + LANE_WIDTH / 2
         return self._server.traffic_light if inside and self.id in self._server.snapshot else None
 
-    # set_transform, set_target_*velocity and apply_control are asynchronous calls on the real client (no answer
-    # awaited): a destroyed actor, or one of a restarted server, raises nothing.
+    # set_transform, set_target_*velocity and apply_control send no answer back on the real client, but an actor of
+    # an episode that is gone fails before anything is sent (EpisodeProxy::Lock).
     @typed(transform=Transform)
     def set_transform(self, transform: Transform) -> None:
-        self._server.check()
+        self._episode_alive()
         self._server.calls.append(("set_transform", self.id, transform.location.x, transform.location.y))
         self.transform = transform.copy()
 
     @typed(velocity=Vector3D)
     def set_target_velocity(self, velocity: Vector3D) -> None:
-        self._server.check()
+        self._episode_alive()
         self.speed = math.hypot(velocity.x, velocity.y)
 
     @typed(angular_velocity=Vector3D)
     def set_target_angular_velocity(self, angular_velocity: Vector3D) -> None:
-        self._server.check()
+        self._episode_alive()
 
     @typed(control=VehicleControl)
     def apply_control(self, control: VehicleControl) -> None:
-        self._server.check()
+        self._episode_alive()
         self._server.calls.append(("apply_control", control.throttle, control.steer, control.brake))
         self.control = control
 
@@ -491,6 +510,8 @@ class FakeServer:
         self.frame = 100
         self.elapsed_s = 0.0
         self.generation = 0  # increases at each restart()
+        self.episode = 0  # increases at each map load and restart: actors of an earlier episode are gone
+        self.traffic_managers: list[TrafficManager] = []  # of every client "process", for the reset on a map load
         self.calls: list[tuple] = []
         self.clients: list["Client"] = []
         self.version = "0.9.16"
@@ -505,6 +526,8 @@ class FakeServer:
         # faults
         self.down = False
         self.timeouts_on_tick = 0
+        self.new_map_failures = 0  # the next N load_world calls fail as on a cold server
+        self.host_ports_in_use: set[int] = set()  # ports another program on the client's machine holds
         self.stale_images = False
         self.collide_at: set[int] = set()
         # Seconds after a tick each kind of callback arrives (images, collisions, on_tick).
@@ -547,6 +570,7 @@ class FakeServer:
         """The server process dies and a fresh one starts on the same port: no actors, default settings and map,
         and every Traffic Manager made before is bound to the dead server."""
         self.generation += 1
+        self.episode += 1
         self.actors, self.snapshot, self.on_tick = {}, {}, {}
         self.settings = WorldSettings()
         self.down = False
@@ -638,6 +662,7 @@ class TrafficManager:
         self._generation = server.generation
         self.synchronous = False
         self.seed: int | None = None
+        self.registered: set[int] = set()  # vehicles it drives; forgotten when the episode changes
 
     def _alive(self) -> None:
         if self._generation != self._server.generation:
@@ -821,7 +846,14 @@ class Client:
         server.calls.append(("load_world", map_name, server.timeout_s))
         if map_name not in server.maps:
             raise RuntimeError(f"map '{map_name}' not found")
+        if server.new_map_failures > 0:  # the new episode did not show up within the time-out
+            server.new_map_failures -= 1
+            raise RuntimeError(NEW_MAP_FAILED)
         server.town, server.actors, server.snapshot = map_name, {}, {}
+        server.episode += 1
+        for tm in server.traffic_managers:  # TrafficManagerLocal::Reset on an episode change: registrations go
+            if not tm.broken:
+                tm.registered.clear()
         if reset_settings:
             server.settings = WorldSettings()
         return World(server, self._module)
@@ -833,7 +865,10 @@ class Client:
         self._server.calls.append(("get_trafficmanager", port))
         tms = self._module.traffic_managers
         if port not in tms:
+            if port in self._server.host_ports_in_use:  # TrafficManagerServer binds the port on every interface
+                raise RuntimeError(TM_BIND_ERROR)
             tms[port] = TrafficManager(self._server, port)
+            self._server.traffic_managers.append(tms[port])
         return tms[port]
 
     @typed(do_tick=bool)
@@ -855,6 +890,9 @@ class Client:
                 continue
             if isinstance(command.next, SetAutopilot) and command.next.actor == FutureActor:
                 actor.autopilot_port = command.next.port if command.next.enabled else None
+                tm = self._module.traffic_managers.get(command.next.port)
+                if tm is not None and command.next.enabled:
+                    tm.registered.add(actor.id)
             responses.append(Response(actor.id))
         return responses
 

@@ -20,7 +20,8 @@ import pytest
 
 from av_td3.config import CarlaConfig, ConfigError, EnvConfig
 from av_td3.envs import backends, base
-from av_td3.envs.base import INFO_KEYS, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError
+from av_td3.envs.base import (INFO_KEYS, REWARD_COMPONENTS, EnvUnavailableError, SimulatorLostError,
+                              SimulatorUnusableError)
 from av_td3.envs.carla import CarlaDrivingEnv, CarlaSession
 from av_td3.envs.carla import lights
 from av_td3.envs.carla import worker as carla_worker
@@ -1170,3 +1171,115 @@ def test_the_wheel_has_what_the_light_lookup_calls():
     assert callable(carla.TrafficLight.get_stop_waypoints) and callable(carla.TrafficLight.get_state)
     assert {"Red", "Yellow", "Green"} <= set(carla.TrafficLightState.names)
     assert "traffic.traffic_light" == FakeCarlaModule().server.traffic_light.type_id  # the filter's pattern matches
+
+
+# ------------------------------------------------------------------- every client error, on every path (#35)
+def another_client_reloads_the_map(fake: FakeCarlaModule) -> None:
+    """Someone else loads a map on our server: our actors belong to an episode that is gone."""
+    fake.Client("localhost", 2000).load_world("Town01")
+    fake.server.publish()
+
+
+def test_a_map_that_does_not_finish_loading_at_start_says_so():
+    fake = FakeCarlaModule()
+    fake.server.new_map_failures = 1
+    with pytest.raises(EnvUnavailableError, match=r"localhost:2000 did not finish loading the map \(failed to "
+                                                  r"connect to newly created map\).*load_world=false"):
+        make_env(fake)
+    assert claims_left() == []
+
+
+def test_a_map_that_does_not_finish_loading_on_a_reconnect_is_retried():
+    env, fake, sleeps = make_env()
+    env.reset(seed=0)
+    fake.server.timeouts_on_tick = 1
+    fake.server.new_map_failures = 1  # the first reconnect's load_world fails, the second goes through
+    _, _, terminated, truncated, info = env.step(np.zeros(2))
+    assert truncated and not terminated and info["reconnects"] == 1 and sleeps == [1.0, 2.0]
+    env.close()
+
+
+def test_a_map_that_does_not_finish_loading_on_a_worker_restart_is_retried():
+    env, fake, start, clock = worker_env(max_reconnects=0)  # straight to a fresh worker
+    env.reset(seed=0)
+    fake.server.restart()
+    fake.server.new_map_failures = 1  # the fresh worker's take-over fails once: a cold server
+    _, _, _, truncated, info = env.step(np.zeros(2))
+    # one fresh worker failed (not kept), one second later the next one stood
+    assert truncated and len(start.started) == 2 and clock.sleeps == [1.0] and fake.server.new_map_failures == 0
+    env.reset(seed=1)
+    env.close()
+
+
+@pytest.mark.parametrize("path", ["step", "reset"])
+def test_an_actor_of_a_reloaded_map_is_a_lost_server_on_step_and_reset(path):
+    """"trying to operate on a destroyed actor": another client reloaded the map under us. The session takes the
+    server over again; a step ends as interrupted, a reset is replayed with the same draws."""
+    reference, ref_fake, _ = make_env()
+    reference.reset(seed=3)
+    expected = traffic(ref_fake)
+    reference.close()
+    env, fake, sleeps = make_env()
+    env.reset(seed=0)
+    another_client_reloads_the_map(fake)
+    if path == "step":
+        _, _, terminated, truncated, info = env.step(np.zeros(2))
+        assert truncated and not terminated and info["reconnects"] == 1
+    else:
+        _, info = env.reset(seed=3)
+        assert info["reconnects"] == 1 and traffic(fake) == expected
+    assert sleeps == [1.0]
+    env.close()
+
+
+def test_a_traffic_manager_port_in_use_at_start_names_the_key():
+    fake = FakeCarlaModule()
+    fake.server.host_ports_in_use = {8000}
+    with pytest.raises(SimulatorUnusableError, match=r"Traffic Manager cannot listen on port 8000 "
+                                                     r"\(env.carla.tm_port\).*bind error.*env.carla.tm_port=<a free"):
+        make_env(fake)
+    assert claims_left() == [] and fake.server.settings.synchronous_mode is False  # the server is given back
+
+
+def test_a_traffic_manager_port_taken_while_the_worker_restarts_stops_with_the_fix():
+    env, fake, _, _ = worker_env()
+    env.reset(seed=0)
+    fake.server.restart()
+    fake.server.host_ports_in_use = {8000}  # another job took the port while our worker was gone
+    with pytest.raises(SimulatorUnusableError, match=r"env.carla.tm_port"):
+        env.step(np.zeros(2))
+    env.close()
+
+
+def test_an_ego_that_cannot_be_spawned_on_a_reconnect_stops_with_the_fix():
+    env, fake, _ = make_env(**{"route.start_index": 0})
+    env.reset(seed=0)
+    fake.server.timeouts_on_tick = 1
+    real_blocked = fake.server.blocked
+    fake.server.blocked = lambda transform: True  # another client's cars stand on every spawn point now
+    with pytest.raises(SimulatorUnusableError, match=r"the ego cannot be spawned at spawn point "
+                                                     r"env.carla.route.start_index=0.*Stop the other client"):
+        env.step(np.zeros(2))
+    fake.server.blocked = real_blocked
+    env.close()
+
+
+def test_a_server_that_comes_back_without_the_town_stops_with_the_fix():
+    env, fake, _, _ = worker_env()
+    env.reset(seed=0)
+    fake.server.restart()
+    fake.server.maps = ["Town02"]
+    with pytest.raises(SimulatorUnusableError, match=r"localhost:2000 changed under the run: env.town='Town01' is not a map"):
+        env.step(np.zeros(2))
+    env.close()
+
+
+def test_an_error_the_client_does_not_explain_is_raised_as_it_is():
+    """A bug (here a Boost.Python argument error) is neither a lost server nor retried."""
+    env, fake, sleeps = make_env()
+    env.reset(seed=0)
+    env._ego.apply_control = lambda control: (_ for _ in ()).throw(carla_double.ArgumentError("did not match"))
+    with pytest.raises(carla_double.ArgumentError):
+        env.step(np.zeros(2))
+    assert sleeps == [] and len(fake.server.clients) == 1
+    env.close()

@@ -3,6 +3,7 @@ simulator that restarts or goes away mid-run (the worker is run in this process,
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -105,3 +106,26 @@ def test_a_lost_server_exits_non_zero_with_how_to_resume(fake_carla, tmp_path: P
 def test_carla_refuses_several_envs_on_one_server(fake_carla, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="env.num_envs=2 with env=carla"):
         Trainer(load(*ARGS, "env.num_envs=2"), tmp_path / "run")
+
+
+def test_an_unusable_server_mid_run_checkpoints_and_stops_naming_the_fix(fake_carla, tmp_path: Path, caplog) -> None:
+    """#35: an error retrying cannot fix (here the Traffic Manager's port, taken while the worker restarted) is no
+    bare crash: the run checkpoints, records why, and exits 2 with the key to change."""
+    from hydra import compose, initialize_config_dir
+
+    from av_td3.app import EXIT_CONFIG, run_job
+    from tests.test_config import CONF
+
+    def restart_with_the_port_taken() -> None:
+        fake_carla.server.restart()
+        fake_carla.server.host_ports_in_use = {8000}
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=list(ARGS))
+    on_tick_number(fake_carla, 40, restart_with_the_port_taken)
+    objective, code = run_job(cfg, tmp_path / "run", resume_command="python launch.py env=carla")
+    assert code == EXIT_CONFIG
+    assert "simulator unusable" in caplog.text and "env.carla.tm_port" in caplog.text
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["reason"].startswith("simulator unusable")
+    assert list((tmp_path / "run" / "checkpoints").glob("*.pt"))

@@ -50,6 +50,17 @@ class SimulatorLostError(RuntimeError):
     """The simulator went away mid-run and reconnecting failed; the trainer checkpoints and exits non-zero."""
 
 
+class SimulatorUnusableError(RuntimeError):
+    """The simulator answers but cannot be used as configured (a port another program holds, a start another
+    client's car occupies, a map the server lacks): retrying cannot help. The message names the cause and the fix;
+    mid-run the trainer checkpoints first, and the run exits non-zero."""
+
+
+class StopRequested(RuntimeError):
+    """A backend stopped waiting for a lost simulator because the run is stopping (a stop signal is pending): the
+    trainer raises the signal's own stop instead of restarting anything."""
+
+
 def state_dim(lane_points: int, tail: int = 0) -> int:
     """Entries of the state vector: the head, ``lane_points`` (x, y) pairs and ``tail`` backend entries."""
     return STATE_HEAD + 2 * lane_points + tail

@@ -22,7 +22,7 @@ from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointManager, plain
 from av_td3.config import Config, ConfigError
 from av_td3.envs import backend
-from av_td3.envs.base import SimulatorLostError
+from av_td3.envs.base import SimulatorLostError, SimulatorUnusableError
 from av_td3.progress import Progress
 from av_td3.rundir import Summary, write_summary
 from av_td3.timing import NO_PHASES, NoPhases
@@ -238,6 +238,10 @@ class Trainer:
             raise
         except SimulatorLostError as err:
             self._stop(f"simulator lost: {err}")
+            log.error("%s — checkpoint written.", err)
+            raise
+        except SimulatorUnusableError as err:
+            self._stop(f"simulator unusable: {err}")
             log.error("%s — checkpoint written.", err)
             raise
         except BaseException as err:

@@ -21,10 +21,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from av_td3.config import EnvConfig
+from av_td3.config import ConfigError, EnvConfig
 from av_td3.envs.backends import CARLA
 from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, DrivingEnv, DrivingSignals,
                               EnvUnavailableError, SimulatorLostError, lead_vehicle, to_ego_frame, wrap_angle)
+from av_td3.envs.carla.errors import LOST, START_SERVER, UNUSABLE, classify, diagnose, unusable
 from av_td3.envs.carla.lights import NO_LIGHT, LightsAhead
 from av_td3.envs.carla.ports import claim_port, release_port
 from av_td3.envs.carla.route import build_route, heading, xy
@@ -35,19 +36,12 @@ from av_td3.envs.carla.traffic import check_types, spawn_npcs
 
 log = logging.getLogger(__name__)
 
-START_SERVER = "docker compose -f docker/compose.yaml up -d carla"
 # Spawn points sit a little above the road: the car is held still this long after a reset so it has landed (and
 # the bump of landing is not counted as a collision) before the agent acts.
 SETTLE_S = 0.5
 # Reconnect back-off: 1 s, 2 s, 4 s, ... capped so a long outage keeps probing.
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
-
-
-def _is_unreachable(err: Exception) -> bool:
-    """The client's own words when the server does not answer (or its host name does not resolve)."""
-    text = str(err)
-    return "time-out" in text or "resolve" in text
 
 
 class CarlaSession(WorldTakeOver, DrivingEnv):
@@ -97,11 +91,11 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
             self._build()
         except BaseException as err:
             self.close()
-            if isinstance(err, RuntimeError) and _is_unreachable(err):
-                raise EnvUnavailableError(
-                    f"cannot reach the CARLA server at {k.host}:{k.port} ({err}). Start one with `{START_SERVER}` "
-                    f"(or ./CarlaUE4.sh -RenderOffScreen -carla-rpc-port={k.port}), wait until it listens, or point "
-                    "env.carla.host/env.carla.port at a running server.") from None
+            kind = classify(err)
+            if kind == LOST:
+                raise EnvUnavailableError(diagnose(err, k)) from None
+            if kind == UNUSABLE and not isinstance(err, ConfigError):  # a ConfigError already names its key
+                raise unusable(err, k, k.tm_port) from None
             raise
 
     # --- simulation ---------------------------------------------------------------------------------------------
@@ -166,9 +160,8 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
             try:
                 out = self._reset_once()
                 break
-            except RuntimeError as err:
-                if not _is_unreachable(err):
-                    raise
+            except Exception as err:
+                self._raise_unless_lost(err)
                 self._recover(err)
                 self._rng.bit_generator.state = state
         self._failures = 0
@@ -214,9 +207,8 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
                 throttle=max(throttle_brake, 0.0), steer=-steer, brake=max(-throttle_brake, 0.0)))
             frame, state, signals = self._observe(self._tick())
             out = frame, state, replace(signals, rule=self._check_rules(signals))
-        except RuntimeError as err:
-            if not _is_unreachable(err):
-                raise
+        except Exception as err:
+            self._raise_unless_lost(err)
             self._recover(err)
             # Nothing happened this step: the base class ends the episode as truncated on the last good observation.
             frame, state, signals = self._last
@@ -261,13 +253,21 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
             try:
                 self._connect()
                 self._build()
-            except RuntimeError as again:
-                if not _is_unreachable(again):
-                    raise
+            except Exception as again:
+                self._raise_unless_lost(again)
                 err = again
                 continue
             self.reconnects += 1
             return
+
+    def _raise_unless_lost(self, err: Exception) -> None:
+        """Return when ``err`` means a lost server (reconnect); raise it otherwise: an unusable server as the
+        stop that names the cause and the fix, anything else (a bug) as it is. See :mod:`.errors`."""
+        kind = classify(err)
+        if kind == UNUSABLE:
+            raise unusable(err, self.cfg.carla, self.cfg.carla.tm_port) from None
+        if kind != LOST:
+            raise err
 
     def _destroy(self, ids: list[int]) -> None:
         if ids:

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from av_td3.config import ConfigError, EnvConfig
+from av_td3.envs.base import SimulatorUnusableError
 from av_td3.envs.carla.lights import stop_lines
 from av_td3.envs.carla.sensors import SensorInbox
 from av_td3.envs.carla.traffic import npc_blueprints
@@ -127,8 +128,9 @@ class WorldTakeOver:
         else:
             where = (f"spawn point env.carla.route.start_index={c.route.start_index}" if c.route.start_index >= 0
                      else f"any of the {len(self._spawn_points)} spawn points")
-            raise RuntimeError(f"the ego cannot be spawned at {where} of {self.cfg.town}: another client's vehicles "
-                               "occupy it. Stop the other client, or pick another start (env.carla.route.start_index).")
+            raise SimulatorUnusableError(
+                f"the ego cannot be spawned at {where} of {self.cfg.town}: another client's vehicles occupy it. Stop "
+                "the other client, or pick another start (env.carla.route.start_index).")
         camera_bp = library.find("sensor.camera.rgb")
         camera_bp.set_attribute("image_size_x", str(c.camera.width))
         camera_bp.set_attribute("image_size_y", str(c.camera.height))

@@ -22,10 +22,11 @@ from typing import Any, Callable, Protocol
 import gymnasium as gym
 import numpy as np
 
-from av_td3.config import EnvConfig
+from av_td3.config import ConfigError, EnvConfig
 from av_td3.envs.backends import CARLA
 from av_td3.envs.base import (EnvUnavailableError, SimulatorLostError, action_space, interrupted_info,
                               observation_space)
+from av_td3.envs.carla.errors import unusable
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,8 @@ class CarlaDrivingEnv(gym.Env):
                 return
             except (WorkerDied, SimulatorLostError, EnvUnavailableError) as again:
                 err = again
+            except ConfigError as again:  # the server came back without env.town, or with fewer spawn points
+                raise unusable(again, c, c.tm_port) from None
             left = deadline - self._clock()
             if left <= 0:
                 raise SimulatorLostError(
