@@ -1,5 +1,5 @@
 """agent.augment: DrQ's random shift in the TD3 update only (shape, dtype, exact crops of the replicate-padded
-image, independent per sample, seeded and resumable), and never when acting."""
+image at the drawn offsets, any strides, independent per sample, seeded and resumable), and never when acting."""
 
 from __future__ import annotations
 
@@ -40,9 +40,27 @@ def test_shift_keeps_shape_dtype_and_layout_and_crops_the_padded_image_exactly()
     assert all(0 <= d <= 8 for o in offsets for d in o)
     frames = (x * 255).to(torch.uint8)  # any dtype: the same offsets move uint8 frames the same way
     assert torch.equal(RandomShift(4, CPU, seed=0)(frames), (RandomShift(4, CPU, seed=0)(x) * 255).to(torch.uint8))
-    nhwc = x.contiguous(memory_format=torch.channels_last)  # the update's layout on CPU
-    out = RandomShift(4, CPU, seed=0)(nhwc)
-    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, RandomShift(4, CPU, 0)(x))
+    # any strides: the replay's overlapping window views (the update's input) and channels_last give the same
+    window = (torch.rand(16, 4, 12, 10, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    view = window[:, 1:]
+    assert not view.is_contiguous()
+    out = RandomShift(4, CPU, seed=0)(view)
+    assert out.is_contiguous() and torch.equal(out, RandomShift(4, CPU, seed=0)(view.contiguous()))
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(RandomShift(4, CPU, seed=0)(nhwc), RandomShift(4, CPU, seed=0)(x))
+
+
+@pytest.mark.parametrize("pad", [1, 4, 9])
+def test_shift_moves_each_sample_by_its_drawn_offset(pad: int) -> None:
+    """The output is the replicate-padded image cropped at exactly the offsets the generator drew, for pads up to
+    and beyond the image's size (the clamp then repeats the border rows and columns further)."""
+    x = images(n=6, c=2, h=7, w=5)
+    shift = RandomShift(pad, CPU, seed=3)
+    offsets = RandomShift(pad, CPU, seed=3).offsets(len(x))  # the same stream: the offsets the shift will draw
+    out = shift(x)
+    padded = F.pad(x, (pad,) * 4, mode="replicate")
+    for i, (dy, dx) in enumerate(offsets.tolist()):
+        assert torch.equal(out[i], padded[i, :, dy:dy + 7, dx:dx + 5])
 
 
 def test_shift_is_drawn_independently_per_sample_and_moves_the_stack_together() -> None:
@@ -135,3 +153,15 @@ def test_shift_state_survives_a_checkpoint_file(tmp_path) -> None:
     resumed.load_state_dict(state["agent"])
     x = images()
     assert torch.equal(agent._augment(x), resumed._augment(x))
+
+
+def test_shifting_the_frames_before_the_float_conversion_gives_the_floats_shifted() -> None:
+    """The update shifts the uint8 frames, then converts them (TD3._images): the same values as converting first
+    and shifting the floats, so moving the shift before the conversion (for speed) left the learning unchanged."""
+    agent = make_agent(augment="shift")
+    frames = make_batch(0).obs_image
+    offsets = copy.deepcopy(agent._augment.state_dict())
+    shifted_first = agent._images(agent._augment(frames))
+    agent._augment.load_state_dict(offsets)
+    converted_first = agent._augment(agent._images(frames))
+    assert torch.equal(shifted_first, converted_first)

@@ -136,9 +136,10 @@ class TD3:
         Metrics are aggregated on the device by ``self.monitor``; nothing here waits on the device except the
         one finiteness check per network update (the guard)."""
         cfg, mon = self.cfg, self.monitor
-        images, next_images = self._images(batch.obs_image), self._images(batch.next_image)
-        if self._augment is not None:  # agent.augment: the update's images only, never act()'s
-            images, next_images = self._augment(images), self._augment(next_images)
+        frames, next_frames = batch.obs_image, batch.next_image  # uint8 [B, stack, H, W]
+        if self._augment is not None:  # agent.augment: the update's frames only, never act()'s; on uint8 (cheaper)
+            frames, next_frames = self._augment(frames), self._augment(next_frames)
+        images, next_images = self._images(frames), self._images(next_frames)
         states, next_states = self._states(batch.obs_state), self._states(batch.next_state)
         action = batch.action.to(self.device, non_blocking=True)
         reward = batch.reward.to(self.device, non_blocking=True)
