@@ -75,7 +75,7 @@ def summary(job_dir: Path) -> dict:
     ("clip_limits", {"agent.clip.actor": "0.15,1.5,15.0", "agent.clip.critic": "20.0,200.0,2000.0",
                      "seed": "0,1,2"}),
     ("traffic_density", {"env.npcs": "20,50,100", "seed": "0,1,2"}),
-    ("clip_study", {"arm": "td3_noclip,td3,td3_adaptive,td3_zscore", "seed": "10,11,12"}),
+    ("clip_study", {"arm": "td3_noclip,td3,td3_adaptive,td3_zscore,td3_agc", "seed": "10,11,12,13,14,15,16,17"}),
     ("clip_stress", {"arm": "td3_noclip,td3_zscore", "seed": "10,11,12"}),
 ])
 def test_experiment_files_set_name_sweep_dir_and_params(experiment: str, params: dict) -> None:
@@ -85,6 +85,15 @@ def test_experiment_files_set_name_sweep_dir_and_params(experiment: str, params:
     assert OmegaConf.to_container(cfg.hydra.sweeper.params) == params
     for override in {o for job in sweep_jobs(f"experiment={experiment}") for o in job}:  # every value is valid
         to_config(hydra_compose(f"experiment={experiment}", override, hydra=False))
+
+
+def test_the_clip_study_declares_its_plan_and_sweeps_the_planned_seeds() -> None:
+    """The plan is in the experiment file, so every run of the sweep records it; its seeds are the sweep's."""
+    cfg = hydra_compose("experiment=clip_study", "debug=smoke")
+    study = to_config(hydra_compose("experiment=clip_study", hydra=False))
+    assert [int(s) for s in cfg.hydra.sweeper.params.seed.split(",")] == list(study.plan.seeds)
+    assert (study.plan.metric, study.plan.baseline, study.plan.effect) == ("late_return", "arm=td3_noclip", 0.25)
+    assert study.plan.baseline.split("=")[1] in cfg.hydra.sweeper.params.arm.split(",")
 
 
 def test_the_stressed_condition_sets_its_learning_rates_and_length_and_smoke_still_shrinks_it() -> None:
