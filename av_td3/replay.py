@@ -147,24 +147,29 @@ class ReplayBuffer:
         self._needs_start[env] = False
 
     def add(self, action: np.ndarray, reward: np.ndarray, next_obs: dict[str, np.ndarray],
-            terminated: np.ndarray, truncated: np.ndarray) -> None:
+            terminated: np.ndarray, truncated: np.ndarray, interrupted: np.ndarray | None = None) -> None:
         """Record one step of every env: action float32 [n, a], reward [n], ``next_obs`` the observation after
         the step (for an ended episode its final observation; image [n, stack, H, W], state [n, k]), terminated
-        and truncated bool [n]. Then call :meth:`start_episode` for the envs whose episode ended."""
+        and truncated bool [n]. Then call :meth:`start_episode` for the envs whose episode ended.
+
+        ``interrupted`` (bool [n]): those envs' steps never happened (a lost simulator); nothing of them is
+        stored and their episode ends on the observation acted on, which keeps no action: the transition before
+        it bootstraps from it, as from any episode's last row."""
         if self._needs_start.any():
             raise RuntimeError(f"ReplayBuffer.add: call start_episode for env ids "
                                f"{np.flatnonzero(self._needs_start).tolist()} first (their episode ended or "
                                f"never started)")
-        env = np.arange(self.num_envs)
-        cur = (self._ptr - 1) % self.rows_per_env  # each stream's newest row: the observation acted on
+        skip = np.zeros(self.num_envs, dtype=bool) if interrupted is None else np.asarray(interrupted, dtype=bool)
+        env = np.flatnonzero(~skip)
+        cur = (self._ptr[env] - 1) % self.rows_per_env  # each stream's newest row: the observation acted on
         r = self._rows
-        r["action"][env, cur] = action
-        r["reward"][env, cur] = reward
-        r["terminated"][env, cur] = terminated
-        r["truncated"][env, cur] = truncated
+        r["action"][env, cur] = np.asarray(action)[env]
+        r["reward"][env, cur] = np.asarray(reward)[env]
+        r["terminated"][env, cur] = np.asarray(terminated)[env]
+        r["truncated"][env, cur] = np.asarray(truncated)[env]
         r["has_action"][env, cur] = True
-        self._write_obs(env, next_obs, r["step"][env, cur] + 1)
-        self._needs_start |= np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
+        self._write_obs(env, {k: v[env] for k, v in next_obs.items()}, r["step"][env, cur] + 1)
+        self._needs_start |= np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool) | skip
 
     # ---------------------------------------------------------------------------------------------- sampling
     def _is_transition(self, env: np.ndarray, slot: np.ndarray) -> np.ndarray:

@@ -93,7 +93,7 @@ def test_observation_contract_matches_base():
     assert env.observation_space.contains(obs)
     assert set(INFO_KEYS) <= set(info) and tuple(info["reward_components"]) == declared.reward_components
     assert set(REWARD_COMPONENTS) < set(declared.reward_components)
-    assert isinstance(reward, float) and not terminated and not truncated
+    assert isinstance(reward, float) and not terminated and not truncated and info["interrupted"] is False
     env.close()
 
 
@@ -373,7 +373,7 @@ def test_time_out_mid_episode_reconnects_and_truncates_on_the_last_good_observat
     old_actors = set(fake.server.actors)
     fake.server.timeouts_on_tick = 1
     obs, reward, terminated, truncated, info = env.step(np.array([0.0, 1.0]))
-    assert truncated and not terminated and reward == 0.0
+    assert truncated and not terminated and reward == 0.0 and info["interrupted"]
     assert info["reconnects"] == 1 and sleeps == [1.0]
     np.testing.assert_array_equal(obs["image"], good["image"])
     np.testing.assert_array_equal(obs["state"], good["state"])
@@ -873,7 +873,7 @@ def test_server_restart_restarts_the_worker_and_truncates_the_episode():
     first = start.started[0]
     fake.server.restart()  # the server process dies and comes back: the worker's Traffic Manager is stale
     obs, reward, terminated, truncated, info = env.step(np.array([0.0, 1.0]))
-    assert truncated and not terminated and reward == 0.0 and info["reconnects"] == 1
+    assert truncated and not terminated and reward == 0.0 and info["reconnects"] == 1 and info["interrupted"]
     assert set(base.INFO_KEYS) <= set(info) and tuple(info["reward_components"]) == backends.CARLA.reward_components
     assert info["termination"] == ""
     np.testing.assert_array_equal(obs["state"], good["state"])  # the last good observation
@@ -1224,7 +1224,7 @@ def test_an_actor_of_a_reloaded_map_is_a_lost_server_on_step_and_reset(path):
     another_client_reloads_the_map(fake)
     if path == "step":
         _, _, terminated, truncated, info = env.step(np.zeros(2))
-        assert truncated and not terminated and info["reconnects"] == 1
+        assert truncated and not terminated and info["reconnects"] == 1 and info["interrupted"]
     else:
         _, info = env.reset(seed=3)
         assert info["reconnects"] == 1 and traffic(fake) == expected

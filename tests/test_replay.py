@@ -294,3 +294,28 @@ def test_cuda_batch():
     assert all(t.device.type == "cuda" for t in b if t is not None)
     check_batch(Batch(*(None if t is None else t.cpu() for t in b)), record)
     assert buf.sample(32, n_step=3, gamma=0.9).discount.device.type == "cuda"
+
+
+def test_an_interrupted_step_is_not_stored_and_ends_its_stream_episode():
+    """#35: a step the simulator was lost in never happened. Nothing of it is stored for that env (the other env's
+    step is), its episode ends on the observation acted on, and the transition before bootstraps from it."""
+    buf = make(100, n_envs=2)
+
+    def obs(code: float) -> dict[str, np.ndarray]:
+        return {"image": np.full((2, STACK, H, W), int(code), np.uint8),
+                "state": np.full((2, STATE_DIM), code, np.float32)}
+
+    buf.start_episode(obs(0))
+    a, r = np.zeros((2, ACTION_DIM), np.float32), np.ones(2, np.float32)
+    no = np.zeros(2, dtype=bool)
+    buf.add(a, r, obs(1), no, no)
+    assert len(buf) == 2
+    buf.add(a, r * 5, obs(2), no, np.array([False, True]), interrupted=np.array([False, True]))
+    assert len(buf) == 3  # env 0's second step only
+    with pytest.raises(RuntimeError, match=r"env ids \[1\]"):
+        buf.add(a, r, obs(3), no, no)  # env 1's episode ended with the interruption
+    batch = buf.sample(200)
+    stored = {(float(s[0]), float(n[0]), float(rw)) for s, n, rw in
+              zip(batch.obs_state.numpy(), batch.next_state.numpy(), batch.reward.numpy())}
+    assert stored == {(0.0, 1.0, 1.0), (1.0, 2.0, 5.0)}  # env 1's step 1 -> 2 (reward 5) is nowhere
+    assert torch.all(batch.done == 0)  # the step before the interruption bootstraps

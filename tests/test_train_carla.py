@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from av_td3.analysis.events import read_scalars_csv
@@ -72,7 +73,8 @@ def test_a_server_restart_mid_training_restarts_the_worker_and_training_goes_on(
     on_tick_number(fake_carla, 40, fake_carla.server.restart)  # during the first training episode
     summary = trainer.train()
     assert summary.status == "completed" and summary.steps == 80
-    assert len(trainer.buffer) == 80  # one transition per env step: none lost, none twice
+    # one transition per env step, none twice, less the step the server was lost in (#35: it never happened)
+    assert len(trainer.buffer) == 79
     df = read_scalars_csv(tmp_path / "run" / "scalars.csv")
     assert df[df.tag == "env/reconnects"]["value"].iloc[-1] == 1
     assert list(df[df.tag == "eval/return"]["step"]) == [40, 80]
@@ -129,3 +131,51 @@ def test_an_unusable_server_mid_run_checkpoints_and_stops_naming_the_fix(fake_ca
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "stopped" and summary["reason"].startswith("simulator unusable")
     assert list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+
+
+class SteadyPolicy:
+    """Always the same action: the evaluation's outcome depends on the episode seed alone."""
+
+    def for_evaluation(self) -> "SteadyPolicy":
+        return self
+
+    def act(self, obs: dict, noise: float = 0.0) -> np.ndarray:
+        return np.array([[0.05, 0.6]], dtype=np.float32)
+
+    def check_action(self, action: np.ndarray, step: int) -> np.ndarray:
+        return action
+
+
+class NoImages:
+    def log_images(self, tag: str, images: np.ndarray, step: int) -> None:
+        pass
+
+
+def evaluate_on_the_double(outage_after_ticks: int | None) -> tuple[dict, int]:
+    """The evaluation's metrics over 3 episodes of 15 steps, and the worker restarts it took."""
+    from av_td3.envs.carla import CarlaDrivingEnv
+    from av_td3.train.evaluation import evaluate
+    from tests.test_env_carla import carla_cfg
+
+    fake = FakeCarlaModule()
+    env = CarlaDrivingEnv(carla_cfg(max_episode_steps=15), 0, start=carla_double.inline_workers(fake.server),
+                          sleep=lambda s: None)
+    if outage_after_ticks is not None:
+        on_tick_number(fake, outage_after_ticks, fake.server.restart)
+    metrics = evaluate(env, SteadyPolicy(), 3, 10_000, 0, NoImages())
+    env.close()
+    return metrics, env.restarts
+
+
+def test_an_outage_during_evaluation_leaves_the_evaluation_metrics_unchanged(monkeypatch, tmp_path: Path) -> None:
+    """#35: the second episode is cut by a server restart (each episode: 10 settling ticks, 15 steps). It is run
+    again from its seed on the fresh worker, so the metrics are those of an evaluation without the outage; before,
+    its partial return counted, as a success."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # port-claim files
+    clean, restarts = evaluate_on_the_double(None)
+    assert restarts == 0
+    cut, restarts = evaluate_on_the_double(25 + 10 + 5)  # 5 steps into the second episode
+    assert restarts == 1
+    assert cut == clean

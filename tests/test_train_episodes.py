@@ -32,3 +32,15 @@ def test_discarded_episodes_are_not_logged_and_restart_from_zero() -> None:
     eps.add(np.array([3.0]), info([False], [False], 1.0))
     eps.discard()
     assert eps.running[0].ret == 0.0 and eps.running[0].length == 0 and np.isnan(eps.last_return)
+
+
+def test_an_interrupted_step_is_not_counted_and_its_episode_is_abandoned() -> None:
+    """#35: a step the simulator was lost in adds nothing; its episode is dropped unlogged, not finished."""
+    eps = Episodes(2)
+    eps.add(np.array([1.0, 2.0]), info([False, False], [False, False], 0.5))
+    cut = {**info([True, True], [False, False], 9.0), "interrupted": np.array([False, True])}
+    eps.add(np.array([1.0, 100.0]), cut)
+    assert eps.running[1].length == 1 and eps.running[1].ret == 2.0 and eps.running[1].collisions == 0.0
+    assert eps.running[0].length == 2 and eps.running[0].collisions == 1.0
+    eps.abandon(1)
+    assert eps.running[1].length == 0 and np.isnan(eps.last_return)

@@ -32,7 +32,9 @@ from av_td3.config import EnvConfig, RewardConfig
 
 ACTION_NAMES = ("steer", "throttle_brake")
 REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
-INFO_KEYS = ("collision", "lane_invasion", "off_road", "speed", "progress")
+# ``interrupted``: the step never happened (the simulator was lost mid-step); the episode ends there, truncated, and
+# the trainer neither stores the step, nor counts the episode, nor scores it in an evaluation.
+INFO_KEYS = ("collision", "lane_invasion", "off_road", "speed", "progress", "interrupted")
 
 SPEED, LATERAL, HEADING, LEAD_GAP, LEAD_CLOSING = 0, 1, 2, 3, 4
 STATE_HEAD = 5
@@ -208,14 +210,15 @@ def rule_penalty(reward: RewardConfig, rule: str) -> float:
 
 def make_info(s: DrivingSignals, components: dict[str, float], termination: str = "") -> dict:
     return {"collision": bool(s.collision), "lane_invasion": bool(s.lane_invasion), "off_road": bool(s.off_road),
-            "speed": float(s.speed), "progress": float(s.progress), "reward_components": dict(components),
-            "termination": termination}
+            "speed": float(s.speed), "progress": float(s.progress), "interrupted": bool(s.interrupted),
+            "reward_components": dict(components), "termination": termination}
 
 
 def interrupted_info(components: tuple[str, ...]) -> dict:
     """``info`` of a step the simulator was lost in: nothing happened, nothing was earned."""
     still = DrivingSignals(speed=0.0, speed_along_lane=0.0, lateral_offset=0.0, lane_half_width=0.0,
-                           heading_error=0.0, collision=False, off_road=False, lane_invasion=False, progress=0.0)
+                           heading_error=0.0, collision=False, off_road=False, lane_invasion=False, progress=0.0,
+                           interrupted=True)
     return make_info(still, dict.fromkeys(components, 0.0))
 
 

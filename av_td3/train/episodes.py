@@ -38,9 +38,13 @@ class Episodes:
 
     def add(self, reward: np.ndarray, info: dict) -> None:
         """One env step: ``reward`` [n] and the vector env's ``info`` (collision, lane_invasion,
-        reward_components: [n] each)."""
+        reward_components, and interrupted when the backend reports it: [n] each). An interrupted step never
+        happened (a lost simulator): it is not counted."""
         components = info["reward_components"]
+        interrupted = info.get("interrupted")
         for i, ep in enumerate(self.running):
+            if interrupted is not None and interrupted[i]:
+                continue
             ep.ret += float(reward[i])
             ep.length += 1
             ep.collisions += float(info["collision"][i])
@@ -53,6 +57,11 @@ class Episodes:
         done, self.running[i] = self.running[i], self._new()
         self.last_return = done.ret
         return done
+
+    def abandon(self, i: int) -> None:
+        """Env ``i``'s episode was cut by a lost simulator: dropped unlogged (its return is not the policy's), and
+        a fresh one in its place."""
+        self.running[i] = self._new()
 
     def discard(self) -> None:
         """Every episode in progress is abandoned unlogged (an evaluation took over the training env)."""

@@ -108,13 +108,18 @@ class Trainer:
 
             if "reconnects" in info:  # CARLA: cumulative reconnects to the server after time-outs
                 self.reconnects = int(np.max(info["reconnects"]))
+            # CARLA: a step the simulator was lost in never happened; its episode ends there, unstored and uncounted.
+            interrupted = np.asarray(info.get("interrupted", np.zeros(n, dtype=bool)), dtype=bool)
             self.episode_stats.add(reward, info)
             if self.buffer is not None:
-                self.buffer.add(action, reward, next_obs, term, trunc)
+                self.buffer.add(action, reward, next_obs, term, trunc, interrupted)
             self.phases.lap("store")
             ended = term | trunc
             for i in np.flatnonzero(ended):
-                self.logger.log_scalars(self.episode_stats.finish(i).scalars(), self.step)
+                if interrupted[i]:
+                    self.episode_stats.abandon(i)
+                else:
+                    self.logger.log_scalars(self.episode_stats.finish(i).scalars(), self.step)
             self.phases.lap("log")
 
             if self._update_due(prev_step):
