@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -965,6 +966,78 @@ def test_process_worker_runs_in_its_own_process_and_reports_its_death():
     with pytest.raises(carla_worker.WorkerDied, match="did not answer within 1 s"):
         worker.call("hang")
     worker.kill()
+
+
+class ClosingEnv(SlowEnv):
+    """SlowEnv that leaves a file behind when it is closed (the path in AV_TD3_TEST_CLOSED, which the spawned
+    worker inherits), so a test can see the clean-up happen in the worker."""
+
+    def slow(self) -> int:
+        time.sleep(1.0)
+        return 1
+
+    def close(self) -> None:
+        with open(os.environ["AV_TD3_TEST_CLOSED"], "w") as f:
+            f.write("closed")
+
+
+def test_a_worker_whose_trainer_dies_mid_call_cleans_up_on_the_broken_pipe(tmp_path, monkeypatch):
+    """#35: the trainer is gone while the worker is inside a call; its answer meets a broken pipe, and the worker
+    closes its env (gives the server back) as it does when the pipe ends while it waits."""
+    marker = tmp_path / "closed"
+    monkeypatch.setenv("AV_TD3_TEST_CLOSED", str(marker))
+    worker = carla_worker.ProcessWorker(carla_cfg(), 0, watchdog_s=30.0, factory=ClosingEnv)
+    worker._conn.send(("slow", (), {}))
+    worker._conn.close()  # the trainer dies mid-call
+    worker._process.join(timeout=20.0)
+    assert worker._process.exitcode == 0 and marker.read_text() == "closed"
+
+
+def test_the_worker_ignores_stop_signals_sent_to_the_process_group(tmp_path):
+    """#35: scancel and a cluster's preemption notice signal the whole process group. The trainer stand-in records
+    them (as the trainer does); the worker lives on, answers, and is closed by the trainer afterwards."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = (
+        "import signal, sys\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "from av_td3.envs.carla import worker as w\n"
+        "from tests.test_env_carla import SlowEnv, carla_cfg\n"
+        "got = []\n"
+        "for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):\n"
+        "    signal.signal(s, lambda n, f: got.append(n))\n"
+        "worker = w.ProcessWorker(carla_cfg(), 0, watchdog_s=30.0, factory=SlowEnv)\n"
+        "pid = worker.call('pid')\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print(len(got), worker.call('pid') == pid, flush=True)\n"
+        "worker.call('close')\n"
+        "worker.kill()\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True, start_new_session=True, cwd=tmp_path)
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        for stop in (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGINT):
+            os.killpg(trainer.pid, stop)
+            time.sleep(0.2)
+        trainer.stdin.write("\n")
+        trainer.stdin.flush()
+        assert trainer.stdout.readline().split() == ["4", "True"]
+        assert trainer.wait(timeout=30) == 0
+    finally:
+        trainer.kill()
+
+
+def test_a_lost_server_is_not_waited_for_while_a_stop_is_pending():
+    """#35: once the trainer has a stop signal pending, a lost server is not restarted (that would reload the town
+    inside the stop's grace period): the env says so at once and the trainer stops."""
+    env, fake, start, clock = worker_env(max_reconnects=0)
+    env.reset(seed=0)
+    fake.server.down = True
+    env.stop_pending = lambda: True
+    with pytest.raises(base.StopRequested, match="while the run is stopping"):
+        env.step(np.zeros(2))
+    assert clock.sleeps == [] and len(start.started) == 1
+    env.close()
 
 
 def test_real_client_in_a_worker_process_no_server_is_env_unavailable():

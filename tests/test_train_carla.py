@@ -179,3 +179,24 @@ def test_an_outage_during_evaluation_leaves_the_evaluation_metrics_unchanged(mon
     cut, restarts = evaluate_on_the_double(25 + 10 + 5)  # 5 steps into the second episode
     assert restarts == 1
     assert cut == clean
+
+
+def test_a_stop_signal_while_the_server_is_lost_stops_at_once_as_that_signal(fake_carla, tmp_path: Path) -> None:
+    """#35: SIGTERM arrives (the handler records it) and the server is lost in the same step: the run stops as
+    interrupted by SIGTERM, checkpointed, without restarting workers for env.carla.server_lost_minutes."""
+    import signal as signals
+
+    from av_td3.train import Interrupted
+
+    trainer = Trainer(load(*ARGS, "env.carla.server_lost_minutes=0.05", "env.carla.max_reconnects=0"),
+                      tmp_path / "run")
+
+    def term_and_lose_the_server() -> None:
+        trainer.signals.received = signals.SIGTERM
+        fake_carla.server.down = True
+
+    on_tick_number(fake_carla, 40, term_and_lose_the_server)
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        trainer.train()
+    assert trainer.summary.status == "stopped" and trainer.summary.reason == "interrupted by SIGTERM"
+    assert trainer.envs.envs[0].restarts == 1 and list((tmp_path / "run" / "checkpoints").glob("*.pt"))

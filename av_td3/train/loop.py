@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from av_td3 import bounds, loggers
+from av_td3 import bounds, loggers, machine
 from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointManager, plain
 from av_td3.config import Config, ConfigError
 from av_td3.envs import backend
-from av_td3.envs.base import SimulatorLostError, SimulatorUnusableError
+from av_td3.envs.base import SimulatorLostError, SimulatorUnusableError, StopRequested
 from av_td3.progress import Progress
 from av_td3.rundir import Summary, write_summary
 from av_td3.timing import NO_PHASES, NoPhases
@@ -51,6 +51,9 @@ class Trainer:
         t, e = cfg.trainer, cfg.env
         if t.torch_threads > 0:
             torch.set_num_threads(t.torch_threads)
+        busy = machine.busy_note(torch.get_num_threads()) if torch.get_num_threads() > 1 else None
+        if busy is not None:  # one thread never waits for another: spinning only costs multi-threaded runs
+            log.warning(busy)
         seed_everything(cfg.seed, cfg.deterministic)
         self.device = resolve_device(t.device)
         self.rng = np.random.default_rng(cfg.seed)
@@ -75,6 +78,9 @@ class Trainer:
         self._resume()
         self.logger = loggers.make(cfg.logger, run_dir, purge_step=self.step if self.resumed_from else None)
         self.signals = StopSignals()
+        for env in getattr(self.envs, "envs", ()):  # CARLA: a lost server is not waited for once a stop is pending
+            if hasattr(env, "stop_pending"):
+                env.stop_pending = lambda: self.signals.received is not None
         self.episode_stats = Episodes(self.n, backend(e).reward_components)
         self._flushed_step = self.step  # the step of the agent's last flush into the logs
         self._interval = (time.perf_counter(), self.step)  # where the current log interval began: (time, step)
@@ -224,7 +230,11 @@ class Trainer:
         log.info("training %d env steps into %s", cfg.trainer.total_steps, self.run_dir)
         start, wall0 = time.perf_counter(), self.summary.wall_s
         try:
-            self._loop()
+            try:
+                self._loop()
+            except StopRequested:  # the env gave up on a lost simulator because a stop signal is pending
+                self.signals.check()  # raises that stop, handled below like any other
+                raise
             self.ckpt.wait()  # the final checkpoint is complete, or its error fails the run
             self.summary.status = "completed"
         except NonFiniteError as err:

@@ -24,8 +24,8 @@ import numpy as np
 
 from av_td3.config import ConfigError, EnvConfig
 from av_td3.envs.backends import CARLA
-from av_td3.envs.base import (EnvUnavailableError, SimulatorLostError, action_space, interrupted_info,
-                              observation_space)
+from av_td3.envs.base import (EnvUnavailableError, SimulatorLostError, StopRequested, action_space,
+                              interrupted_info, observation_space)
 from av_td3.envs.carla.errors import unusable
 
 log = logging.getLogger(__name__)
@@ -59,17 +59,25 @@ def make_session(cfg: EnvConfig, seed: int | None) -> Any:
     return CarlaSession(cfg, seed)
 
 
+# Ctrl-C, scancel and a cluster's preemption notice (SLURM's --signal, submitit's USR2) reach the whole process group.
+# The trainer decides what happens: it checkpoints, then closes the worker, which gives the server back.
+WORKER_IGNORES = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
+                       if hasattr(signal, name))
+
+
 def _serve(conn: Any, factory: Callable[[EnvConfig, "int | None"], Any], cfg: EnvConfig, seed: int | None) -> None:
-    """The worker's main loop: build the env with ``factory``, then answer (method, args, kwargs) until ``close``
-    or until the trainer's end of the pipe closes."""
-    # Ctrl-C reaches the whole process group: the trainer decides what happens (it checkpoints, then closes us).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The worker's main loop: build the env with ``factory``, then answer (method, args, kwargs) until ``close``,
+    or until the trainer's end of the pipe is gone (read or written): then close the env, as for ``close``."""
+    for stop_signal in WORKER_IGNORES:
+        signal.signal(stop_signal, signal.SIG_IGN)
     try:
         env = factory(cfg, seed)
     except BaseException as err:  # handed to the trainer, which raises it
         _send(conn, "error", err)
         return
-    _send(conn, "ok", None)
+    if not _send(conn, "ok", None):
+        env.close()
+        return
     while True:
         try:
             method, args, kwargs = conn.recv()
@@ -77,22 +85,28 @@ def _serve(conn: Any, factory: Callable[[EnvConfig, "int | None"], Any], cfg: En
             env.close()
             return
         try:
-            result = getattr(env, method)(*args, **kwargs)
+            status, value = "ok", getattr(env, method)(*args, **kwargs)
         except BaseException as err:
-            _send(conn, "error", err)
-            if method == "close":
-                return
-            continue
-        _send(conn, "ok", result)
+            status, value = "error", err
+        if not _send(conn, status, value) and method != "close":  # the trainer died mid-call: a broken pipe
+            env.close()
+            return
         if method == "close":
             return
 
 
-def _send(conn: Any, status: str, value: Any) -> None:
+def _send(conn: Any, status: str, value: Any) -> bool:
+    """Hand ``(status, value)`` to the trainer; False when its end of the pipe is gone."""
     try:
         conn.send((status, value))
+    except OSError:  # BrokenPipeError, ConnectionResetError: nobody reads any more
+        return False
     except Exception:  # an exception that does not pickle (Boost.Python's): its text is enough
-        conn.send((status, RuntimeError(f"{type(value).__name__}: {value}")))
+        try:
+            conn.send((status, RuntimeError(f"{type(value).__name__}: {value}")))
+        except OSError:
+            return False
+    return True
 
 
 class ProcessWorker:
@@ -180,6 +194,8 @@ class CarlaDrivingEnv(gym.Env):
         self._earlier = 0  # reconnects and restarts before the current worker
         self._worker_reconnects = 0  # the current worker's own in-process reconnects
         self._last_obs: dict | None = None
+        # Set by the trainer: true once a stop signal is pending. A lost server is then not waited for.
+        self.stop_pending: Callable[[], bool] = lambda: False
         self._worker: Worker | None = self._start(cfg, seed)  # a server missing at start fails here, at once
 
     @property
@@ -247,6 +263,9 @@ class CarlaDrivingEnv(gym.Env):
         deadline = self._clock() + c.server_lost_minutes * 60.0
         delay = BACKOFF_S
         while True:
+            if self.stop_pending():  # the trainer stops at once: a fresh worker would only reload the town
+                raise StopRequested(f"CARLA at {c.host}:{c.port} lost ({err}) while the run is stopping: "
+                                    "no worker restarted")
             try:
                 self._worker = self._start(self.cfg, self._seed)
                 log.warning("CARLA at %s:%d: a fresh worker is connected; the episode ends as truncated.",
