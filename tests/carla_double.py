@@ -355,6 +355,7 @@ class Sensor(Actor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.callback: Callable[[Any], None] | None = None
+        self.frames_seen = 0  # frames since the sensor was spawned
 
     @property
     def is_listening(self) -> bool:
@@ -527,6 +528,9 @@ class FakeServer:
         self.down = False
         self.timeouts_on_tick = 0
         self.new_map_failures = 0  # the next N load_world calls fail as on a cold server
+        self.streaming = True  # False: the streaming port (port + 1) is unreachable: RPC works, frames never arrive
+        self.rendering = True  # False: the server ticks but cannot render: no camera image ever comes
+        self.first_image_after = 0  # a new camera sends nothing for its first N frames
         self.host_ports_in_use: set[int] = set()  # ports another program on the client's machine holds
         self.stale_images = False
         self.collide_at: set[int] = set()
@@ -600,6 +604,9 @@ class FakeServer:
             if ego is None or ego.id not in self.actors:
                 continue
             if sensor.type_id == "sensor.camera.rgb":
+                sensor.frames_seen += 1
+                if not self.rendering or sensor.frames_seen <= self.first_image_after:
+                    continue
                 w, h = int(sensor.attributes["image_size_x"]), int(sensor.attributes["image_size_y"])
                 if self.stale_images:
                     self.delivery.put(d["image"], sensor, Image(frame - 1, w, h))
@@ -769,9 +776,11 @@ class World:
         if server.timeouts_on_tick > 0:
             server.timeouts_on_tick -= 1
             raise RuntimeError(f"time-out of {int(seconds * 1000)}ms while waiting for the simulator")
-        if not server.settings.synchronous_mode:
-            raise RuntimeError("tick() called in asynchronous mode")
-        server.tick(server.settings.fixed_delta_seconds)
+        # Asynchronous mode: the server ticks on its own clock and the real client waits for that next frame.
+        server.tick(server.settings.fixed_delta_seconds or 0.05)
+        if not server.streaming:  # the tick cue went through, but the frame comes on the streaming port
+            raise RuntimeError(f"time-out of {int(seconds * 1000)}ms while waiting for the simulator, make sure the "
+                               "simulator is ready and connected")
         return server.frame
 
 

@@ -457,8 +457,39 @@ def test_a_slow_first_frame_waits_first_frame_timeout_s_not_timeout_s():
     env.close()
     fake = FakeCarlaModule()
     fake.server.delays["image"] = 0.4
-    with pytest.raises(EnvUnavailableError, match="time-out of 0.2s waiting for the camera image"):
+    with pytest.raises(EnvUnavailableError, match="localhost:2000 answers, but its camera sent no image in 10 ticks"):
         make_env(fake, timeout_s=0.2, first_frame_timeout_s=0.2)
+
+
+def test_a_camera_whose_first_images_come_late_is_ticked_until_they_flow():
+    """#35: a synchronous server renders only when ticked, and a new camera's first image can come frames after
+    it was spawned: the take-over ticks again (a bounded number of times) instead of waiting on one frame."""
+    fake = FakeCarlaModule()
+    fake.server.first_image_after = 3
+    env, _, _ = make_env(fake, first_frame_timeout_s=2.0)
+    assert len(calls(fake, "tick")) == 4  # three frames without an image, then one with
+    env.reset(seed=0)
+    env.close()
+
+
+def test_a_server_whose_frames_do_not_arrive_names_the_streaming_port():
+    """#35: RPC answers (port 2000) but the frames, which come on port 2001, never arrive: not 'cannot reach'."""
+    fake = FakeCarlaModule()
+    fake.server.streaming = False
+    with pytest.raises(EnvUnavailableError, match=r"localhost:2000 answers, but no frame reached this client.*"
+                                                  r"streaming port 2001: publish ports 2000-2002") as caught:
+        make_env(fake)
+    assert "cannot reach" not in str(caught.value) and claims_left() == []
+
+
+def test_a_server_that_cannot_render_names_off_screen_rendering():
+    fake = FakeCarlaModule()
+    fake.server.rendering = False
+    start = time.monotonic()
+    with pytest.raises(EnvUnavailableError, match=r"answers, but its camera sent no image in 10 ticks \(0.5 s, "
+                                                  r"env.carla.first_frame_timeout_s\).*-RenderOffScreen.*port 2001"):
+        make_env(fake, first_frame_timeout_s=0.5)
+    assert time.monotonic() - start < 2.0 and len(calls(fake, "tick")) == 10  # bounded: ticks and time
 
 
 # ------------------------------------------------------------------------------------------- frame-stamped events
@@ -775,6 +806,29 @@ def test_double_refuses_what_the_real_client_refuses_beyond_constructors():
         fake.Client("localhost", np.int64(2000))
     with pytest.raises(carla_double.ArgumentError):
         carla_double.Transform(None)
+
+
+def test_double_tick_in_asynchronous_mode_returns_the_next_frame_like_the_client():
+    """#35: the real client's tick() in asynchronous mode waits for the server's next frame; it raises nothing."""
+    fake = FakeCarlaModule()
+    world = fake.Client("localhost", 2000).get_world()
+    assert not world.get_settings().synchronous_mode
+    frame = fake.server.frame
+    assert world.tick(1.0) == frame + 1
+
+
+def test_double_traffic_manager_forgets_its_vehicles_when_the_map_is_loaded():
+    """#35: TrafficManagerLocal::Reset on an episode change; and an actor of the old episode is a destroyed one."""
+    env, fake, _ = make_env(npcs=3)
+    env.reset(seed=0)
+    tm = fake.traffic_managers[8000]
+    assert len(tm.registered) == 3
+    car = env._ego
+    fake.Client("localhost", 2000).load_world("Town01")
+    assert tm.registered == set() and tm.synchronous  # its parameters (synchronous mode) stay
+    with pytest.raises(RuntimeError, match="trying to operate on a destroyed actor"):
+        car.apply_control(carla_double.VehicleControl())
+    env.close()
 
 
 def test_double_delivers_callbacks_after_tick_and_reads_cached_snapshots():

@@ -25,7 +25,8 @@ from av_td3.config import ConfigError, EnvConfig
 from av_td3.envs.backends import CARLA
 from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, DrivingEnv, DrivingSignals,
                               EnvUnavailableError, SimulatorLostError, lead_vehicle, to_ego_frame, wrap_angle)
-from av_td3.envs.carla.errors import LOST, START_SERVER, UNUSABLE, classify, diagnose, unusable
+from av_td3.envs.carla.errors import (LOST, START_SERVER, TIME_OUT, UNUSABLE, NoSensorDataError, classify, diagnose,
+                                      unusable)
 from av_td3.envs.carla.lights import NO_LIGHT, LightsAhead
 from av_td3.envs.carla.ports import claim_port, release_port
 from av_td3.envs.carla.route import build_route, heading, xy
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 # Spawn points sit a little above the road: the car is held still this long after a reset so it has landed (and
 # the bump of landing is not counted as a collision) before the agent acts.
 SETTLE_S = 0.5
+# A new camera's first image can come a few frames after the camera was spawned: ticks the take-over may spend.
+FIRST_IMAGE_TICKS = 10
 # Reconnect back-off: 1 s, 2 s, 4 s, ... capped so a long outage keeps probing.
 BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
@@ -82,7 +85,6 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         self._in_junction = False  # the ego's lane position at the last observation
         self._light: Any = None  # the traffic light that governs the ego (see _check_rules)
         self._frame = -1  # frame of the last tick
-        self._first_frame = True  # the next tick is the first of a new scene: it gets first_frame_timeout_s
         k = cfg.carla
         self._claims = [claim_port(f"{k.host}_{k.port}", f"CARLA server {k.host}:{k.port}"),
                         claim_port(f"tm_{k.tm_port}", f"Traffic Manager port {k.tm_port}")]
@@ -101,14 +103,45 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
     # --- simulation ---------------------------------------------------------------------------------------------
     def _tick(self) -> Any:
         """Advance the world one frame; return the camera image of exactly that frame, once the frame's
-        callbacks have arrived (the first frame of a new scene gets env.carla.first_frame_timeout_s)."""
+        callbacks have arrived (the first frames of a new scene: :meth:`_first_images`)."""
         c = self.cfg
-        timeout = max(c.carla.timeout_s, c.carla.first_frame_timeout_s) if self._first_frame else c.carla.timeout_s
-        frame = int(self._world.tick(timeout))
-        image = self._inbox.wait(frame, timeout, c.carla.event_wait_s)
-        self._first_frame = False
+        frame = int(self._world.tick(c.carla.timeout_s))
+        image = self._inbox.wait(frame, c.carla.timeout_s, c.carla.event_wait_s)
         self._frame = frame
         return image
+
+    def _first_images(self) -> None:
+        """Tick a new scene until its camera's images flow: a camera's first image may come some frames after it
+        was spawned, and a synchronous server renders only when ticked. At most FIRST_IMAGE_TICKS ticks within
+        env.carla.first_frame_timeout_s (a cold server is slow). A server that answers its RPC port but sends no
+        frames, or no images, fails with NoSensorDataError saying which and what to check."""
+        k = self.cfg.carla
+        tick_timeout = max(k.timeout_s, k.first_frame_timeout_s)
+        first = None
+        for _ in range(FIRST_IMAGE_TICKS):
+            try:
+                frame = int(self._world.tick(tick_timeout))
+            except RuntimeError as err:
+                if TIME_OUT not in str(err):
+                    raise
+                # The RPC calls of the take-over went through: it is the frames that do not arrive.
+                raise NoSensorDataError(
+                    f"no frame reached this client within {tick_timeout:g} s of a tick ({err}). Frames come on the "
+                    f"server's streaming port {k.port + 1}: publish ports {k.port}-{k.port + 2}, not only "
+                    f"{k.port} (docker: -p 127.0.0.1:{k.port}-{k.port + 2}:{k.port}-{k.port + 2}), or wait until "
+                    "the server has started.") from None
+            first = frame if first is None else first
+            self._frame = frame
+            try:  # an image of any frame since the first tick shows that images flow
+                self._inbox.wait(first, k.first_frame_timeout_s / FIRST_IMAGE_TICKS, 0.0)
+                return
+            except RuntimeError:
+                continue
+        raise NoSensorDataError(
+            f"its camera sent no image in {FIRST_IMAGE_TICKS} ticks ({k.first_frame_timeout_s:g} s, "
+            "env.carla.first_frame_timeout_s): the server cannot render (start it with -RenderOffScreen on a "
+            "machine with an NVIDIA GPU and its driver; in Docker with --gpus all and NVIDIA_DRIVER_CAPABILITIES=all; "
+            f"not -nullrhi), or its sensor stream on port {k.port + 1} is blocked.")
 
     def _observe(self, image: Any) -> tuple[np.ndarray, np.ndarray, DrivingSignals]:
         """Signals and state of the last tick: the ego's transform and velocity are the client's snapshot of it,

@@ -87,8 +87,7 @@ class WorldTakeOver:
         self._npc_blueprints = npc_blueprints(self._library, list(c.npc_types))
         self._stop_lines = stop_lines(world)
         self._spawn_ego()
-        self._first_frame = True
-        self._tick()  # the new actors exist from the next frame on
+        self._first_images()  # the new actors exist from the next frame on; their images may come later still
 
     def _clean_world(self, world: Any) -> Any:
         """Load env.town afresh, or (env.carla.load_world=false, town already loaded) destroy every vehicle and
