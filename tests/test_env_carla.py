@@ -26,7 +26,7 @@ from av_td3.envs.base import (INFO_KEYS, REWARD_COMPONENTS, EnvUnavailableError,
 from av_td3.envs.carla import CarlaDrivingEnv, CarlaSession
 from av_td3.envs.carla import lights
 from av_td3.envs.carla import worker as carla_worker
-from av_td3.envs.carla.ports import claim_dir, claim_path
+from av_td3.envs.carla.ports import claim_dir, claim_path, server_key
 from tests import carla_double
 from tests.carla_double import (LANE_WIDTH, LANES_Y, SPAWN_X, ActorBlueprint, FakeCarlaModule, Image, Location,
                                 Transform)
@@ -629,11 +629,11 @@ def test_reward_weights_take_effect():
 def test_warns_when_another_live_process_uses_the_same_server(caplog):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        path = claim_path("localhost_2000")
+        path = claim_path(server_key("127.0.0.1", 2000))  # the same server under its address (#35)
         with open(path, "w") as f:
             f.write(str(holder.pid))
         with caplog.at_level(logging.WARNING):
-            env, _, _ = make_env()
+            env, _, _ = make_env()  # host=localhost
         assert f"CARLA server localhost:2000 is already in use by av-td3 process {holder.pid}" in caplog.text
         env.close()
     finally:
@@ -647,6 +647,17 @@ def test_warns_when_another_live_process_uses_the_same_server(caplog):
         assert open(path).read() == str(os.getpid())
         env.close()
     assert "already in use" not in caplog.text and not os.path.exists(path)
+
+
+def test_the_traffic_manager_port_defaults_to_the_server_port_plus_6000():
+    """#35: env.carla.tm_port=null (the default): each job with its own server gets its own Traffic Manager port,
+    so two jobs on one machine do not clash on 8000; the NPCs are driven through it."""
+    env, fake, _ = make_env(port=2004, npcs=2)
+    assert env.cfg.carla.tm_port is None and calls(fake, "get_trafficmanager") == [("get_trafficmanager", 8004)]
+    env.reset(seed=0)
+    assert {a.autopilot_port for a in fake.server.of_type("vehicle.") if a.autopilot_port} == {8004}
+    assert "carla_tm_8004.lock" in {p.name for p in claim_dir().iterdir()}
+    env.close()
 
 
 def test_two_servers_sharing_a_traffic_manager_port_warn(caplog):
@@ -884,7 +895,7 @@ def test_route_through_a_junction_takes_a_seeded_branch_and_the_lane_points_foll
 def test_port_claims_live_in_a_private_directory_and_refuse_a_planted_one(tmp_path):
     env, _, _ = make_env()
     assert oct(os.stat(claim_dir()).st_mode & 0o777) == "0o700"
-    assert {p.name for p in claim_dir().iterdir()} == {"carla_localhost_2000.lock", "carla_tm_8000.lock"}
+    assert {p.name for p in claim_dir().iterdir()} == {"carla_127.0.0.1_2000.lock", "carla_tm_8000.lock"}
     env.close()
     path = claim_dir()
     os.rmdir(path)

@@ -14,12 +14,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from av_td3.config.schema import Config, ConfigError
+from av_td3.config.schema import TM_PORT_OFFSET, CarlaConfig, Config, ConfigError
 
 # What `<key>=null` means, for the keys where null is the way to turn something off (named in range errors, since
 # 0 or None are the values people try first).
 NULL_MEANS = {"agent.clip.actor": "turns clipping off for the actor, in every agent.clip.mode",
-              "agent.clip.critic": "turns clipping off for the critic, in every agent.clip.mode"}
+              "agent.clip.critic": "turns clipping off for the critic, in every agent.clip.mode",
+              "env.carla.tm_port": "uses env.carla.port + 6000"}
 
 
 def _check_field(key: str, value: Any, meta: dict) -> None:
@@ -65,9 +66,25 @@ def validate(cfg: Config) -> Config:
                           f"{e.simulation_frequency}: the policy cannot act more often than the simulator steps.")
     if t.resume not in ("auto", "none") and not t.resume.endswith((".pt", "latest")):
         raise ConfigError(f"trainer.resume={t.resume!r}: use auto, none, or the path of a checkpoint (.pt) file.")
+    if e.name == "carla":
+        _check_tm_port(e.carla)
     if not cfg.logger.tensorboard and not cfg.logger.csv and not cfg.logger.wandb and not cfg.logger.mlflow:
         raise ConfigError("logger selects no backend: use e.g. `logger=[tensorboard,csv]`.")
     return cfg
+
+
+def _check_tm_port(c: CarlaConfig) -> None:
+    """The Traffic Manager's port (null: the server's + 6000) must exist and must not be one of the server's own
+    three (env.carla.port to port + 2): the worker could not open it."""
+    port = c.traffic_manager_port()
+    if port > 65535:  # only with tm_port null: the key at fault is env.carla.port
+        raise ConfigError(f"env.carla.port={c.port} leaves no Traffic Manager port: env.carla.tm_port=null means "
+                          f"env.carla.port + {TM_PORT_OFFSET} = {port}, beyond 65535. Set env.carla.tm_port to a free "
+                          "port (e.g. `env.carla.tm_port=8000`), or use a lower env.carla.port.")
+    if c.port <= port <= c.port + 2:
+        raise ConfigError(f"env.carla.tm_port={port} is one of the CARLA server's own ports ({c.port}-{c.port + 2} "
+                          f"with env.carla.port={c.port}): choose another, or leave it out (null) to use "
+                          f"env.carla.port + {TM_PORT_OFFSET}.")
 
 
 def to_config(cfg: DictConfig | Config) -> Config:

@@ -228,12 +228,18 @@ class RouteConfig:
     start_index: int = rng(-1, -1)  # -1: a seeded random spawn point
 
 
+TM_PORT_OFFSET = 6000  # env.carla.tm_port=null: the server's port + this
+
+
 @dataclass
 class CarlaConfig:
     """The CARLA backend's own keys (``env.carla.*``, read by av_td3/envs/carla/ only)."""
     host: str = "localhost"
     port: int = rng(2000, 1, 65535)
-    tm_port: int = rng(8000, 1, 65535)
+    # Traffic Manager port: the trainer's worker process opens it, on every network interface of its machine (CARLA
+    # binds it so). null: env.carla.port + TM_PORT_OFFSET (as CARLA-Roach does), so each job with its own server has
+    # its own Traffic Manager port too (see traffic_manager_port).
+    tm_port: Optional[int] = rng(None, 1, 65535)
     timeout_s: float = rng(10.0, 0.1)
     fixed_delta_s: float = rng(0.05, 0.001, 0.1)
     weather: str = "ClearNoon"
@@ -264,6 +270,10 @@ class CarlaConfig:
     # yellow 0.5, green 0), see av_td3/envs/carla/lights.py. false: they always read "no light" (50 m, 0), so the
     # state keeps its size and only the information is taken away, as env.lead_vehicle=false does for the lead car.
     traffic_light: bool = True
+
+    def traffic_manager_port(self) -> int:
+        """The Traffic Manager port this config uses: ``tm_port``, or ``port + TM_PORT_OFFSET`` when it is null."""
+        return self.tm_port if self.tm_port is not None else self.port + TM_PORT_OFFSET
 
 
 @dataclass

@@ -28,7 +28,7 @@ from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M
 from av_td3.envs.carla.errors import (LOST, START_SERVER, TIME_OUT, UNUSABLE, NoSensorDataError, classify, diagnose,
                                       unusable)
 from av_td3.envs.carla.lights import NO_LIGHT, LightsAhead
-from av_td3.envs.carla.ports import claim_port, release_port
+from av_td3.envs.carla.ports import claim_port, release_port, server_key
 from av_td3.envs.carla.route import build_route, heading, xy
 from av_td3.envs.carla.rules import EpisodeRules
 from av_td3.envs.carla.sensors import SensorInbox, to_gray
@@ -86,8 +86,10 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         self._light: Any = None  # the traffic light that governs the ego (see _check_rules)
         self._frame = -1  # frame of the last tick
         k = cfg.carla
-        self._claims = [claim_port(f"{k.host}_{k.port}", f"CARLA server {k.host}:{k.port}"),
-                        claim_port(f"tm_{k.tm_port}", f"Traffic Manager port {k.tm_port}")]
+        # Keyed on the resolved address; the Traffic Manager listens on every interface, so on its port alone.
+        self._claims = [claim_port(server_key(k.host, k.port), f"CARLA server {k.host}:{k.port}"),
+                        claim_port(f"tm_{k.traffic_manager_port()}",
+                                   f"Traffic Manager port {k.traffic_manager_port()}")]
         try:
             self._connect()
             self._build()
@@ -97,7 +99,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
             if kind == LOST:
                 raise EnvUnavailableError(diagnose(err, k)) from None
             if kind == UNUSABLE and not isinstance(err, ConfigError):  # a ConfigError already names its key
-                raise unusable(err, k, k.tm_port) from None
+                raise unusable(err, k) from None
             raise
 
     # --- simulation ---------------------------------------------------------------------------------------------
@@ -220,8 +222,8 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         # Before the NPCs are registered with it: the TM seeds each vehicle's generator at registration.
         self._tm.set_random_device_seed(tm_seed)
         free = [p for p in self._spawn_points if p.location.distance(start.location) > FREE_RADIUS_M]
-        self._npc_ids = spawn_npcs(self._client, carla.command, self._npc_blueprints, free, c.npcs, c.carla.tm_port,
-                                   self._rng)
+        self._npc_ids = spawn_npcs(self._client, carla.command, self._npc_blueprints, free, c.npcs,
+                                   c.carla.traffic_manager_port(), self._rng)
         for _ in range(max(1, math.ceil(SETTLE_S / c.carla.fixed_delta_s))):
             image = self._tick()
         # The teleport, the spawns and the landing are not the agent's doing.
@@ -298,7 +300,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         stop that names the cause and the fix, anything else (a bug) as it is. See :mod:`.errors`."""
         kind = classify(err)
         if kind == UNUSABLE:
-            raise unusable(err, self.cfg.carla, self.cfg.carla.tm_port) from None
+            raise unusable(err, self.cfg.carla) from None
         if kind != LOST:
             raise err
 

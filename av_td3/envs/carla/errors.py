@@ -60,14 +60,14 @@ def classify(err: BaseException) -> str:
     return ""
 
 
-def unusable(err: BaseException, cfg: CarlaConfig, tm_port: int) -> SimulatorUnusableError:
+def unusable(err: BaseException, cfg: CarlaConfig) -> SimulatorUnusableError:
     """The :class:`SimulatorUnusableError` for an error :func:`classify` calls ``UNUSABLE``: its cause and fix."""
     if isinstance(err, SimulatorUnusableError):
         return err
     if TM_BIND in str(err):
         return SimulatorUnusableError(
-            f"the Traffic Manager cannot listen on port {tm_port} (env.carla.tm_port): another program or av-td3 "
-            f"job on this machine holds it ({err}). Give every job its own port: env.carla.tm_port=<a free port>, "
+            f"the Traffic Manager cannot listen on port {cfg.traffic_manager_port()} (env.carla.tm_port): another "
+            f"program or av-td3 job on this machine holds it ({err}). Give every job its own port: env.carla.tm_port=<a free port>, "
             "or leave it out to use env.carla.port + 6000 (see docs/carla.md, 'Sweeps').")
     if isinstance(err, ConfigError):  # at start a ConfigError stops the run as it is; here the server changed
         return SimulatorUnusableError(f"the CARLA server at {cfg.host}:{cfg.port} changed under the run: {err}")

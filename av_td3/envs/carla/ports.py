@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -21,6 +22,16 @@ import psutil
 from av_td3.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def server_key(host: str, port: int) -> str:
+    """The claim key of a server: its address as resolved here (``localhost`` and ``127.0.0.1`` are one server),
+    or the name as given when it does not resolve."""
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        address = host
+    return f"{address}_{port}"
 
 
 def claim_dir() -> Path:

@@ -79,7 +79,7 @@ class WorldTakeOver:
         settings.no_rendering_mode = False  # the camera renders nothing otherwise
         world.apply_settings(settings)
         world.set_weather(self._weather)
-        tm = self._client.get_trafficmanager(c.tm_port)
+        tm = self._client.get_trafficmanager(c.traffic_manager_port())
         tm.set_synchronous_mode(True)  # else the TM drives the NPCs on its own clock, not our ticks
         self._tm = tm
         self._spawn_points = self._map.get_spawn_points()

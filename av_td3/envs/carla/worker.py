@@ -274,7 +274,7 @@ class CarlaDrivingEnv(gym.Env):
             except (WorkerDied, SimulatorLostError, EnvUnavailableError) as again:
                 err = again
             except ConfigError as again:  # the server came back without env.town, or with fewer spawn points
-                raise unusable(again, c, c.tm_port) from None
+                raise unusable(again, c) from None
             left = deadline - self._clock()
             if left <= 0:
                 raise SimulatorLostError(
