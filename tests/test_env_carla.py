@@ -761,7 +761,8 @@ def test_double_signatures_match_the_installed_client():
         d.World.remove_on_tick: carla.World.remove_on_tick, d.World.tick: carla.World.tick,
         d.SpawnActor.__init__: carla.command.SpawnActor.__init__,
         d.SetAutopilot.__init__: carla.command.SetAutopilot.__init__,
-        d.DestroyActor.__init__: carla.command.DestroyActor.__init__, d.Client.set_timeout: carla.Client.set_timeout,
+        d.DestroyActor.__init__: carla.command.DestroyActor.__init__, d.Client.__init__: carla.Client.__init__,
+        d.Client.set_timeout: carla.Client.set_timeout,
         d.Client.load_world: carla.Client.load_world, d.Client.get_trafficmanager: carla.Client.get_trafficmanager,
         d.Client.apply_batch_sync: carla.Client.apply_batch_sync,
     }
