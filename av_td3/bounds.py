@@ -15,7 +15,7 @@ def max_abs_reward(cfg: Any) -> float:
     """Upper bound of |r| for one step of ``cfg`` (a :class:`av_td3.config.Config` or the composed DictConfig);
     see :func:`av_td3.envs.base.max_abs_reward` for how each component is bounded."""
     declared = backend(cfg.env)
-    return base.max_abs_reward(cfg.env.reward, 1.0 / declared.decision_dt(cfg.env), declared.rules)
+    return base.max_abs_reward(cfg.env.reward, declared.decision_dt(cfg.env), declared.rules)
 
 
 def q_bound(cfg: Any) -> float:

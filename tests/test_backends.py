@@ -28,8 +28,27 @@ def test_each_backend_declares_what_it_is() -> None:
     highway, carla = EnvConfig(), EnvConfig(name="carla", carla=CarlaConfig(fixed_delta_s=0.02))
     assert envs.backend(highway) is backends.HIGHWAY and envs.backend(carla) is backends.CARLA
     assert not backends.HIGHWAY.eval_shares_env and backends.CARLA.eval_shares_env
-    assert backends.HIGHWAY.decision_dt(EnvConfig(policy_frequency=10)) == pytest.approx(0.1)
-    assert backends.CARLA.decision_dt(carla) == 0.02 == base.decision_dt(carla)
+    assert backends.HIGHWAY.decision_dt(EnvConfig(simulation_frequency=20, policy_frequency=10)) == pytest.approx(0.1)
+    assert backends.CARLA.decision_dt(carla) == 0.02
+
+
+@pytest.mark.parametrize("sim, policy, dt", [(15, 5, 0.2), (15, 4, 0.2), (10, 3, 0.3), (5, 5, 0.2)])
+def test_the_highway_decision_interval_is_the_one_highway_env_integrates(sim: int, policy: int, dt: float) -> None:
+    """One formula for the reward's jerk term, the PID and the Q bound: highway-env runs sim // policy physics
+    steps of 1/sim s per action, so 15 and 4 give 0.2 s, not 1/4 s (the two disagreed before)."""
+    from av_td3.envs.highway import HighwayDrivingEnv
+
+    cfg = EnvConfig(simulation_frequency=sim, policy_frequency=policy)
+    assert backends.HIGHWAY.decision_dt(cfg) == pytest.approx(dt)
+    env = HighwayDrivingEnv(cfg, seed=0)
+    try:
+        assert env.reward_fn.dt == pytest.approx(dt)
+        env.reset(seed=0)
+        before = env.sim.steps
+        env.step(np.zeros(2, dtype=np.float32))
+        assert (env.sim.steps - before) / sim == pytest.approx(dt)  # physics steps integrated by this decision
+    finally:
+        env.close()
 
 
 def test_the_highway_state_is_the_base_layout_and_carla_appends_the_traffic_light() -> None:
@@ -65,9 +84,9 @@ def test_another_backends_changed_keys_are_warned_about(caplog: pytest.LogCaptur
 
 def test_max_abs_reward_counts_the_largest_rule_penalty_of_the_backend() -> None:
     reward = RewardConfig(red_light_penalty=30.0)
-    plain = base.max_abs_reward(reward, 5.0)
-    assert base.max_abs_reward(reward, 5.0, backends.CARLA.rules) == pytest.approx(plain + 30.0)
-    assert base.max_abs_reward(reward, 5.0, backends.HIGHWAY.rules) == plain  # the highway bound is unchanged
+    plain = base.max_abs_reward(reward, 0.2)
+    assert base.max_abs_reward(reward, 0.2, backends.CARLA.rules) == pytest.approx(plain + 30.0)
+    assert base.max_abs_reward(reward, 0.2, backends.HIGHWAY.rules) == plain  # the highway bound is unchanged
 
 
 def test_moved_keys_have_their_new_names() -> None:

@@ -255,6 +255,10 @@ def test_max_abs_reward_and_q_bound_by_hand() -> None:
     # efficiency 1 + lane_keeping 0.5 x 4 + comfort 0.05 x 10 + penalties 10 + 10 + 0.5 + progress 0.1 x 40 m/s / 5 Hz
     assert max_abs_reward(make_config()) == pytest.approx(1 + 2 + 0.5 + 20.5 + 0.8)
     assert q_bound(make_config()) == pytest.approx(24.8 / 0.01 * 2.0)
-    cfg = make_config(["env.reward.progress=-1.0", "env.policy_frequency=10", "agent.gamma=0.9"])
+    cfg = make_config(["env.reward.progress=-1.0", "env.simulation_frequency=20", "env.policy_frequency=10",
+                       "agent.gamma=0.9"])
     assert max_abs_reward(cfg) == pytest.approx(1 + 2 + 0.5 + 20.5 + 4.0)
     assert q_bound(cfg) == pytest.approx(28.0 / 0.1 * 2.0)
+    # 15 Hz physics, 10 Hz policy: highway-env integrates one 1/15 s step per decision, so 40 m/s covers 2.67 m
+    cfg = make_config(["env.reward.progress=-1.0", "env.policy_frequency=10"])
+    assert max_abs_reward(cfg) == pytest.approx(1 + 2 + 0.5 + 20.5 + 40 / 15)

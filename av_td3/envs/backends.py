@@ -67,10 +67,16 @@ class Backend:
         return getattr(importlib.import_module(module), cls)(cfg, seed=seed)
 
 
+def highway_decision_dt(cfg: EnvConfig) -> float:
+    """Seconds between two decisions in highway-env: it integrates ``simulation_frequency // policy_frequency``
+    physics steps of ``1 / simulation_frequency`` s per action (``AbstractEnv._simulate``), so 15 and 4 give
+    0.2 s, not 1/4 s. The env's reward (jerk), the PID baseline and the Q bound all use this one formula."""
+    return (cfg.simulation_frequency // cfg.policy_frequency) / cfg.simulation_frequency
+
+
 HIGHWAY = Backend(
     name="highway", factory="av_td3.envs.highway:HighwayDrivingEnv",
-    # highway-env integrates simulation_frequency / policy_frequency physics steps per decision.
-    dt=lambda cfg: 1.0 / cfg.policy_frequency,
+    dt=highway_decision_dt,
     own_keys=("view", "bev", "simulation_frequency", "policy_frequency"))
 
 CARLA = Backend(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from av_td3.config import EnvConfig, RewardConfig
+from av_td3.config import RewardConfig
 
 ACTION_NAMES = ("steer", "throttle_brake")
 REWARD_COMPONENTS = ("efficiency", "lane_keeping", "comfort", "safety", "progress")
@@ -293,7 +293,7 @@ class DrivingEnv(gym.Env):
 MAX_SPEED_M_S = 40.0  # no backend's car goes faster; bounds the progress term per step
 
 
-def max_abs_reward(reward: RewardConfig, policy_frequency: float, rules: tuple[str, ...] = ()) -> float:
+def max_abs_reward(reward: RewardConfig, decision_dt: float, rules: tuple[str, ...] = ()) -> float:
     """Largest per-step |reward| :class:`RewardFunction` can produce; with gamma it bounds |Q| (alerts, validator).
 
     Each component is bounded separately and the bounds summed: efficiency <= w (speed ratio clipped to [-1, 1]);
@@ -302,13 +302,5 @@ def max_abs_reward(reward: RewardConfig, policy_frequency: float, rules: tuple[s
     MAX_SPEED_M_S; the episode rules ``rules`` <= the largest of their penalties (a step breaks one rule at most)."""
     return (abs(reward.efficiency) + abs(reward.lane_keeping) * 4.0 + abs(reward.comfort) * 10.0
             + reward.collision_penalty + reward.offroad_penalty + reward.lane_invasion_penalty
-            + abs(reward.progress) * MAX_SPEED_M_S / policy_frequency
+            + abs(reward.progress) * MAX_SPEED_M_S * decision_dt
             + max((rule_penalty(reward, r) for r in rules), default=0.0))
-
-
-def decision_dt(cfg: EnvConfig) -> float:
-    """Seconds between two agent decisions for a backend configuration (its declaration's, see
-    :mod:`av_td3.envs.backends`)."""
-    from av_td3.envs.backends import backend  # backends imports this module
-
-    return backend(cfg).decision_dt(cfg)

@@ -42,6 +42,7 @@ from highway_env.vehicle.graphics import VehicleGraphics  # noqa: E402
 
 from av_td3.config import BevConfig, ConfigError, EnvConfig, ImageConfig, RewardConfig  # noqa: E402
 from av_td3.envs import fast_road  # noqa: E402
+from av_td3.envs.backends import highway_decision_dt  # noqa: E402
 from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, MAX_SPEED_M_S,  # noqa: E402
                               DrivingEnv, DrivingSignals, lead_vehicle, to_ego_frame, wrap_angle)
 from av_td3.envs.views import BirdsEyeView, WorldView  # noqa: E402
@@ -100,13 +101,11 @@ class HighwayDrivingEnv(DrivingEnv):
         if cfg.town == "racetrack" and cfg.npcs > RACETRACK_MAX_NPCS:
             raise ConfigError(f"env.npcs={cfg.npcs} is more vehicles than the racetrack holds: use env.npcs <= "
                               f"{RACETRACK_MAX_NPCS}, or env.town=highway.")
-        substeps = cfg.simulation_frequency // cfg.policy_frequency
-        if substeps < 1:
+        if cfg.simulation_frequency < cfg.policy_frequency:
             raise ConfigError(f"env.policy_frequency={cfg.policy_frequency} exceeds env.simulation_frequency="
                               f"{cfg.simulation_frequency}: the policy cannot act more often than the simulator steps.")
-        # highway-env integrates `substeps` steps of 1/simulation_frequency per action: that is the true dt.
         super().__init__(cfg.image.height, cfg.image.width, cfg.image.stack, cfg.lane_points, cfg.max_episode_steps,
-                         cfg.reward, dt=substeps / cfg.simulation_frequency)
+                         cfg.reward, dt=highway_decision_dt(cfg))
         self.cfg = cfg
         self.vectorised_road = vectorised_road
         self.sim = _SCENES[cfg.town](config={
