@@ -5,6 +5,10 @@ Importing the package registers the gymnasium id ``av_td3/Highway-v0``, so ``gym
 pygame) is imported by ``gym.make``, not here.
 """
 
+from av_td3.machine import prefer_passive_waiting
+
+prefer_passive_waiting()  # before anything imports torch: OpenMP reads its wait policy once, when it loads
+
 __version__ = "0.1.0"
 
 HIGHWAY_ID = "av_td3/Highway-v0"

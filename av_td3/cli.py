@@ -168,6 +168,8 @@ def _bench_checked(args: argparse.Namespace) -> int:
         return _usage_error("bench", f"--out {out}: is a file, give a folder")
     cfg = preset(args.quick)
     cfg.device, cfg.threads = args.device, args.threads
+    if args.threads > 0:  # the regression runs too: on a busy machine, skip torch's spinning default threads
+        cfg.regression_threads = (args.threads,)
     if args.only:
         sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
         unknown = [s for s in sections if s not in ALL_SECTIONS]
@@ -289,10 +291,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default: cpu)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: a new outputs/bench/<timestamp>/)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: torch's default); N > 0 also runs the regression rows at N "
+                        "threads only (default: at 1 and at torch's default)")
     p.add_argument("--only", default=None, metavar="SECTIONS",
-                   help="comma-separated subset of update,replay,env,e2e,checkpoint (default: all) and regression "
-                        "(with --against)")
+                   help="comma-separated subset of update,replay,env,e2e,checkpoint (default: all), regression "
+                        "(with --against) and busy (today's default under two busy processes, torch's default "
+                        "threads vs one; never by default: it loads the machine on purpose)")
     p.add_argument("--against", default=None, metavar="REF",
                    help="add the regression rows: training env steps/s of today's code (this checkout) vs the "
                         "commit REF (hash, tag, branch, HEAD~1) of this repository, checked out into a temporary "

@@ -22,3 +22,45 @@ def cpu_model() -> str:
 def describe() -> str:
     """e.g. ``"Intel(R) Xeon(R) Processor, 2 logical cores"``."""
     return f"{cpu_model()}, {os.cpu_count()} logical cores"
+
+
+# ---------------------------------------------------------------------------------------- threads on a shared machine
+WAIT_POLICY_VAR = "OMP_WAIT_POLICY"
+
+
+def prefer_passive_waiting() -> None:
+    """Make torch's OpenMP threads sleep, not spin, while they wait for each other (``OMP_WAIT_POLICY=PASSIVE``),
+    unless the user chose a policy. Must run before torch is first imported (OpenMP reads it once, when it
+    loads): ``av_td3/__init__.py`` calls it. Spinning threads on cores that other processes also use make every
+    multi-threaded op wait for a descheduled thread; measured on the 2-core VM under background load, torch's
+    default 2 threads trained 0.3-0.7x as fast as one thread when spinning and about as fast when passive (see
+    benchmarks/README.md, the ``busy/*`` rows)."""
+    os.environ.setdefault(WAIT_POLICY_VAR, "PASSIVE")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a cgroup or ``taskset`` limit), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def busy_note(threads: int) -> str | None:
+    """One line when other processes already keep the usable CPUs busy (the 1-minute load average, taken before
+    this run does any work, is at least the CPUs minus one half): what the run does about it. None otherwise."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return None
+    cpus = usable_cpus()
+    if load < cpus - 0.5:
+        return None
+    policy = os.environ.get(WAIT_POLICY_VAR, "")
+    waiting = ("its threads wait passively (OMP_WAIT_POLICY=PASSIVE), so they give their cores up instead of "
+               "spinning" if policy.upper() == "PASSIVE" else
+               f"OMP_WAIT_POLICY={policy or 'unset'}: spinning threads can make it several times slower; unset it "
+               "or set OMP_WAIT_POLICY=PASSIVE")
+    return (f"this machine is busy: load average {load:.1f} on {cpus} usable CPU(s) before this run started. Torch "
+            f"trains with {threads} thread(s); {waiting}. Two runs side by side: give each "
+            "trainer.torch_threads=1 (docs/performance.md)")

@@ -4,6 +4,7 @@ step. (The numbers themselves are benchmarks, not timed tests.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -495,6 +496,26 @@ def test_cli_bench_prints_the_regression_rows_against_head(tmp_path: Path, monke
     assert bench_worktrees() <= before
 
 
+def test_cli_threads_sets_the_regression_runs_threads_too(tmp_path: Path, monkeypatch) -> None:
+    """--threads N > 0 runs the regression rows at N threads only (a busy machine skips the spinning default);
+    without it, at 1 and torch's default."""
+    head_or_skip()
+    seen: list[tuple[int, ...]] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_bench(cfg, out, quick=False):
+        seen.append(cfg.regression_threads)
+        raise Stop
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    for threads in (["--threads", "2"], []):
+        with pytest.raises(Stop):
+            cli(["bench", "--only", "regression", "--against", "HEAD", *threads, "--out", str(tmp_path / "o")])
+    assert seen == [(2,), (1, 0)]
+
+
 def test_regression_interleaves_a_b_b_a_and_pairs_the_runs(tmp_path: Path, monkeypatch) -> None:
     """The order of the runs and the ratios, with each run's rate stubbed (the checkout and import checks are
     real): at each thread setting old, today, today, old; the ratio is the median of today / old per pair.
@@ -558,3 +579,34 @@ def test_cli_bench_regression_usage_errors(tmp_path: Path, capsys) -> None:
 def test_regression_ref_outside_a_git_checkout_names_the_ref(tmp_path: Path) -> None:
     with pytest.raises(regression.RegressionError, match="--against 7a659b0: .* is not a git checkout"):
         regression.resolve_ref("7a659b0", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ busy section
+def test_busy_rows_train_both_thread_settings_next_to_two_busy_processes(tmp_path: Path, monkeypatch) -> None:
+    """For real: two busy-looping processes run during the section and are gone after it; today's code trains at
+    torch's default threads and at one (child processes, 16-step runs, one pair), and the ratio is paired."""
+    from av_td3.bench import busy
+
+    started: list[subprocess.Popen] = []
+    real = busy.background_load
+
+    @contextlib.contextmanager
+    def watched(n: int = busy.BACKGROUND):
+        with real(n) as procs:
+            started.extend(procs)
+            assert all(p.poll() is None for p in procs)  # looping while the runs train
+            yield procs
+
+    monkeypatch.setattr(busy, "background_load", watched)
+    cfg = tiny(sections=("busy",), regression_total_steps=16, regression_learning_starts=8, regression_log_every=4,
+               busy_pairs=1)
+    result = bench.run_bench(cfg, tmp_path / "out", say=lambda s: None)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)  # stopped after the section
+    rows = {r.name: r for r in result.rows}
+    assert set(rows) == {"busy/threads1", "busy/threads_default"}
+    assert all(len(r.values) == 1 and min(r.values) > 0 for r in rows.values())
+    assert "OMP_WAIT_POLICY=PASSIVE" in rows["busy/threads1"].note
+    assert sorted(p.name for p in (tmp_path / "out" / "busy").iterdir()) == ["threads1_0", "threads_default_0"]
+    assert result.ratios["busy_default_vs_threads1"] == pytest.approx(
+        statistics.median(d / o for d, o in zip(rows["busy/threads_default"].values, rows["busy/threads1"].values)))
+    assert "busy_default_vs_threads1" in bench.markdown(result)

@@ -249,3 +249,51 @@ def test_the_optuna_ranges_in_sweeps_md_are_the_config_s() -> None:
     for key, lo, hi in ranges:
         shown = {f"[{lo}, {hi}]", f"[{float(lo):g}, {float(hi):g}]"}  # as written in the YAML, or shortened
         assert f"`{key}`" in doc and any(s in doc for s in shown), f"docs/sweeps.md lacks {key}'s range {shown}"
+
+
+# --------------------------------------------------------------------------------- threads on a shared machine
+def test_importing_av_td3_makes_torch_threads_wait_passively_unless_the_user_chose() -> None:
+    """OMP_WAIT_POLICY is read once, when torch's OpenMP loads: av_td3 sets it on import, before torch is
+    imported (launch.py and the av-td3 command import av_td3 first), and keeps a policy the user set."""
+    probe = "import sys, os, av_td3; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.stdout.split() == ["PASSIVE", "False"], out.stderr
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.stdout.split() == ["ACTIVE", "False"], out.stderr
+
+
+def test_a_busy_machine_is_named_with_what_the_run_does_about_it(monkeypatch) -> None:
+    from av_td3 import machine
+
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert machine.busy_note(2) is None  # one core's worth of other work leaves room
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.9, 3.0, 2.0))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    note = machine.busy_note(2)
+    assert note is not None and "load average 3.9 on 2 usable CPU(s)" in note and "2 thread(s)" in note
+    assert "wait passively" in note and "trainer.torch_threads=1" in note
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "OMP_WAIT_POLICY=ACTIVE: spinning threads" in machine.busy_note(2)
+
+
+def test_a_multi_threaded_run_on_a_busy_machine_says_so_at_start(tmp_path: Path, monkeypatch, caplog) -> None:
+    import torch
+
+    from av_td3 import machine
+    from av_td3.bench.config import default_config
+    from av_td3.train.loop import Trainer
+
+    monkeypatch.setattr(machine, "busy_note", lambda threads: f"busy note for {threads} threads")
+    caplog.set_level(logging.WARNING, logger="av_td3")
+    before = torch.get_num_threads()
+    try:
+        for threads, warned in ((2, True), (1, False)):
+            caplog.clear()
+            Trainer(default_config([*SMOKE[:1], f"trainer.torch_threads={threads}"]),
+                    tmp_path / f"run{threads}").envs.close()
+            assert ("busy note for 2 threads" in caplog.text) == warned, caplog.text
+    finally:
+        torch.set_num_threads(before)  # the trainer sets the process's threads

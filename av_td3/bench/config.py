@@ -78,11 +78,15 @@ class BenchConfig:
     regression_log_every: int = 100
     regression_pairs: int = 2
     regression_threads: tuple[int, ...] = (1, 0)
+    # busy rows (section "busy", only when asked for): today's default at torch's default threads and at one,
+    # busy_pairs pairs of runs of the regression rows' sizes, next to two busy-looping processes
+    busy_pairs: int = 2
     sections: tuple[str, ...] = ("update", "replay", "env", "e2e", "checkpoint")
 
 
-# Every section, in the order run_bench runs them; "regression" runs only when asked for (it needs a ref).
-ALL_SECTIONS = ("regression", "update", "replay", "env", "e2e", "checkpoint")
+# Every section, in the order run_bench runs them; "regression" (it needs a ref) and "busy" (it loads the machine
+# on purpose) run only when asked for.
+ALL_SECTIONS = ("regression", "busy", "update", "replay", "env", "e2e", "checkpoint")
 
 
 def preset(quick: bool) -> BenchConfig:

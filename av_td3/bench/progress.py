@@ -51,6 +51,10 @@ def estimate_s(section: str, cfg: BenchConfig) -> float:
         learning = cfg.regression_total_steps - cfg.regression_learning_starts
         seconds = runs * (CHILD_RUN_START_S + cfg.regression_learning_starts * RANDOM_STEP_S
                           + learning * TRAIN_STEP_S)
+    elif section == "busy":  # next to two busy processes: each run gets about a third of a 2-core machine
+        learning = cfg.regression_total_steps - cfg.regression_learning_starts
+        seconds = 2 * cfg.busy_pairs * 3 * (CHILD_RUN_START_S + cfg.regression_learning_starts * RANDOM_STEP_S
+                                            + learning * TRAIN_STEP_S)
     else:
         raise ValueError(f"unknown bench section {section!r}")
     return max(seconds, SECTION_MIN_S)

@@ -23,6 +23,8 @@ TARGETS = {
     "default_monitor_overhead_pct": ("<=", 3.0),
     "default_e2e_steps_per_s": (">=", 20.0),
     "default_e2e_vs_sb3": (">=", 2.5),
+    # a shared machine (issue 37): torch's default threads next to two busy processes, against one thread
+    "busy_default_vs_threads1": (">=", 0.9),
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from av_td3.bench.busy import bench_busy
 from av_td3.bench.checkpoint import bench_checkpoint
 from av_td3.bench.config import ALL_SECTIONS, BenchConfig
 from av_td3.bench.e2e import bench_e2e
@@ -43,8 +44,8 @@ class BenchInterrupted(Exception):
 
 def run_bench(cfg: BenchConfig, out: Path, quick: bool = False,
               say: Callable[[str], None] = lambda s: print(s, flush=True)) -> BenchResult:
-    """Run the sections of ``cfg.sections`` (regression, update, replay, env, e2e, checkpoint, in that order, so a
-    regression run that cannot start fails first), writing ``out/bench.json`` and ``out/bench.md`` after each
+    """Run the sections of ``cfg.sections`` (regression, busy, update, replay, env, e2e, checkpoint, in that order,
+    so a regression run that cannot start fails first), writing ``out/bench.json`` and ``out/bench.md`` after each
     finished section (``config.sections_finished`` names them); return the result. ``quick`` is recorded only
     (``cfg`` already holds the preset). ``say`` receives a line before each section (k of n, an estimate of its
     duration), the sections' own lines, and a line when it is done.
@@ -69,6 +70,7 @@ def run_bench(cfg: BenchConfig, out: Path, quick: bool = False,
     torch.manual_seed(cfg.seed)
     runners: dict[str, Callable[[], None]] = {
         "regression": lambda: bench_regression(cfg, out, result, say),
+        "busy": lambda: bench_busy(cfg, out, result, say),
         "update": lambda: bench_updates(cfg, device, result, say),
         "replay": lambda: bench_replay(cfg, result, say),
         "env": lambda: bench_env(cfg, result, say),
