@@ -101,8 +101,8 @@ def test_out_of_range_values_name_the_key_and_the_fix(override: str, key: str) -
 
 @pytest.mark.parametrize("overrides, message", [
     (("env.carla.tm_port=2001",), r"^env.carla.tm_port=2001 is one of the CARLA server's own ports \(2000-2002"),
-    (("env.carla.port=60000",), r"^env.carla.port=60000 leaves no Traffic Manager port.*66000, beyond 65535. Set "
-                                r"env.carla.tm_port"),
+    (("env.carla.port=60000",), (r"^env.carla.port=60000 leaves no Traffic Manager port.*66000, beyond 65535. Set "
+                                 r"env.carla.tm_port")),
 ])
 def test_a_traffic_manager_port_that_cannot_be_opened_is_a_config_error(overrides, message) -> None:
     """#35: env.carla.tm_port (null: env.carla.port + 6000) must be a port the worker can open."""

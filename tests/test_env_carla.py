@@ -1343,7 +1343,7 @@ def test_a_map_that_does_not_finish_loading_on_a_worker_restart_is_retried():
     env.reset(seed=0)
     fake.server.restart()
     fake.server.new_map_failures = 1  # the fresh worker's take-over fails once: a cold server
-    _, _, _, truncated, info = env.step(np.zeros(2))
+    _, _, _, truncated, _ = env.step(np.zeros(2))
     # one fresh worker failed (not kept), one second later the next one stood
     assert truncated and len(start.started) == 2 and clock.sleeps == [1.0] and fake.server.new_map_failures == 0
     env.reset(seed=1)

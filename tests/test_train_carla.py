@@ -125,7 +125,7 @@ def test_an_unusable_server_mid_run_checkpoints_and_stops_naming_the_fix(fake_ca
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=list(ARGS))
     on_tick_number(fake_carla, 40, restart_with_the_port_taken)
-    objective, code = run_job(cfg, tmp_path / "run", resume_command="python launch.py env=carla")
+    _, code = run_job(cfg, tmp_path / "run", resume_command="python launch.py env=carla")
     assert code == EXIT_CONFIG
     assert "simulator unusable" in caplog.text and "env.carla.tm_port" in caplog.text
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -136,7 +136,7 @@ def test_an_unusable_server_mid_run_checkpoints_and_stops_naming_the_fix(fake_ca
 class SteadyPolicy:
     """Always the same action: the evaluation's outcome depends on the episode seed alone."""
 
-    def for_evaluation(self) -> "SteadyPolicy":
+    def for_evaluation(self) -> SteadyPolicy:
         return self
 
     def act(self, obs: dict, noise: float = 0.0) -> np.ndarray:

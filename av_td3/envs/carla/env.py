@@ -195,7 +195,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
             try:
                 out = self._reset_once()
                 break
-            except Exception as err:
+            except (RuntimeError, ConfigError) as err:  # what the client and the take-over raise
                 self._raise_unless_lost(err)
                 self._recover(err)
                 self._rng.bit_generator.state = state
@@ -242,7 +242,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
                 throttle=max(throttle_brake, 0.0), steer=-steer, brake=max(-throttle_brake, 0.0)))
             frame, state, signals = self._observe(self._tick())
             out = frame, state, replace(signals, rule=self._check_rules(signals))
-        except Exception as err:
+        except (RuntimeError, ConfigError) as err:
             self._raise_unless_lost(err)
             self._recover(err)
             # Nothing happened this step: the base class ends the episode as truncated on the last good observation.
@@ -288,7 +288,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
             try:
                 self._connect()
                 self._build()
-            except Exception as again:
+            except (RuntimeError, ConfigError) as again:
                 self._raise_unless_lost(again)
                 err = again
                 continue
