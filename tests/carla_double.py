@@ -925,20 +925,43 @@ class FakeCarlaModule:
 
 
 # ------------------------------------------------------------------------------------------ worker processes
+class InlineSupervisor:
+    """The session's Supervisor (av_td3.envs.carla.env) in an :class:`InlineWorker`: back-off waits are recorded in
+    ``waits`` (no time passes), progress reports counted in ``reports``, and the trainer's ``stop_pending`` is read
+    directly (the process worker passes it on through an event)."""
+
+    def __init__(self, stop_pending: Callable[[], bool]) -> None:
+        self._stop_pending = stop_pending
+        self.waits: list[float] = []
+        self.reports = 0
+
+    def stop_pending(self) -> bool:
+        return self._stop_pending()
+
+    def wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def alive(self) -> None:
+        self.reports += 1
+
+
 class InlineWorker:
     """Stands in for av_td3.envs.carla.worker.ProcessWorker: the session runs in this process, on a fresh
     ``FakeCarlaModule`` (a fresh "process": no Traffic Manager yet) sharing ``server``. A :class:`ProcessAborted`
-    ends the "process": this call and every later one raise the worker's ``WorkerDied``."""
+    ends the "process": this call and every later one raise the worker's ``WorkerDied``. ``supervisor`` is the
+    session's :class:`InlineSupervisor`."""
 
-    def __init__(self, server: FakeServer, cfg: Any, seed: int | None, **session_kwargs: Any) -> None:
+    def __init__(self, server: FakeServer, cfg: Any, seed: int | None,
+                 stop_pending: Callable[[], bool] = lambda: False) -> None:
         from av_td3.envs.carla.env import CarlaSession
         from av_td3.envs.carla.worker import WorkerDied
 
         self._died = WorkerDied
         self.module = FakeCarlaModule(server=server)
         self.alive = True
+        self.supervisor = InlineSupervisor(stop_pending)
         try:
-            self.env = CarlaSession(cfg, seed, carla_module=self.module, sleep=lambda s: None, **session_kwargs)
+            self.env = CarlaSession(cfg, seed, carla_module=self.module, supervisor=self.supervisor)
         except ProcessAborted as err:
             raise WorkerDied(f"the CARLA worker process aborted: {err}") from None
 
@@ -955,12 +978,12 @@ class InlineWorker:
         self.alive = False
 
 
-def inline_workers(server: FakeServer) -> Callable[[Any, Any], InlineWorker]:
+def inline_workers(server: FakeServer) -> Callable[[Any, Any, Any], InlineWorker]:
     """A worker factory for ``CarlaDrivingEnv(start=...)`` (or to patch ``worker.start_worker`` with)."""
     started: list[InlineWorker] = []
 
-    def start(cfg: Any, seed: int | None) -> InlineWorker:
-        worker = InlineWorker(server, cfg, seed)
+    def start(cfg: Any, seed: int | None, stop_pending: Callable[[], bool] = lambda: False) -> InlineWorker:
+        worker = InlineWorker(server, cfg, seed, stop_pending)
         started.append(worker)
         return worker
 

@@ -974,6 +974,9 @@ def test_server_lost_minutes_is_the_window_before_giving_up(minutes, back_after_
     within the window continues the run; otherwise SimulatorLostError says how long and how to resume."""
     env, fake, start, clock = worker_env(server_lost_minutes=minutes)
     env.reset(seed=0)
+    attempts: list[float] = []  # when each fresh worker was tried
+    inner = env._start
+    env._start = lambda *a: (attempts.append(clock.now), inner(*a))[1]
     fake.server.down = True
     if back_after_s is not None:
         clock.on_sleep = lambda now: setattr(fake.server, "down", now < back_after_s)
@@ -986,7 +989,8 @@ def test_server_lost_minutes_is_the_window_before_giving_up(minutes, back_after_
                                                      r"env.carla.server_lost_minutes.*rerun the same command"):
             env.step(np.zeros(2))
         assert clock.now == pytest.approx(minutes * 60.0)
-        assert clock.sleeps[:3] == [1.0, 2.0, 4.0]  # back-off between restarts
+        assert attempts[:4] == [0.0, 1.0, 3.0, 7.0]  # back-off between restarts: 1 s, 2 s, 4 s
+        assert max(clock.sleeps) <= carla_worker.STOP_POLL_S  # in slices: a stop signal is noticed meanwhile
     env.close()
 
 
@@ -1003,7 +1007,8 @@ def test_non_finite_actions_are_refused_before_the_worker():
 class SlowEnv:
     """A picklable stand-in for a session, for the process plumbing (the double cannot cross processes)."""
 
-    def __init__(self, cfg: EnvConfig, seed: int | None) -> None:
+    def __init__(self, cfg: EnvConfig, seed: int | None, supervisor=None) -> None:
+        self.supervisor = supervisor
         if cfg.carla.port == 1:
             raise EnvUnavailableError("cannot reach the CARLA server at localhost:1")
 
@@ -1012,6 +1017,20 @@ class SlowEnv:
 
     def hang(self) -> None:
         time.sleep(60)
+
+    def busy(self, seconds: float) -> str:
+        """A long call that reports progress, as a session's reconnect loop does."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.supervisor.alive()
+            time.sleep(0.1)
+        return "done"
+
+    def back_off(self, seconds: float) -> tuple[bool, float]:
+        """A reconnect back-off: (stop pending after it, seconds it lasted)."""
+        t0 = time.monotonic()
+        self.supervisor.wait(seconds)
+        return self.supervisor.stop_pending(), time.monotonic() - t0
 
     def close(self) -> None:
         pass
@@ -1029,9 +1048,90 @@ def test_process_worker_runs_in_its_own_process_and_reports_its_death():
         carla_worker.ProcessWorker(carla_cfg(port=1), 0, watchdog_s=30.0, factory=SlowEnv)
     worker = carla_worker.ProcessWorker(carla_cfg(), 0, watchdog_s=30.0, factory=SlowEnv)
     worker.watchdog_s = 1.0  # started; now a call that hangs
-    with pytest.raises(carla_worker.WorkerDied, match="did not answer within 1 s"):
+    with pytest.raises(carla_worker.WorkerDied, match="silent for 1 s"):
         worker.call("hang")
     worker.kill()
+
+
+def test_the_watchdog_is_derived_from_the_time_outs_not_from_the_reconnect_count():
+    """#35 item 4: the trainer kills a worker after twice the longest wait a healthy one spends between two progress
+    reports, not after a whole reconnect loop's worth (1,500 s at the defaults before)."""
+    defaults = EnvConfig(name="carla")
+    assert carla_worker.watchdog_s(defaults) == 120.0  # 2 x max(60 s town load, first_frame_timeout_s 60, 2 x 10 s)
+    assert carla_worker.watchdog_s(carla_cfg(timeout_s=100.0)) == 400.0  # a tick plus its image, twice
+    assert carla_worker.watchdog_s(carla_cfg(first_frame_timeout_s=300.0)) == 600.0
+    assert carla_worker.watchdog_s(carla_cfg(max_reconnects=10)) == carla_worker.watchdog_s(carla_cfg())
+
+
+def test_a_worker_that_reports_progress_outlives_the_watchdog_a_silent_one_does_not():
+    """#35 item 4: progress reports (each tick, each reconnect attempt) renew the deadline of the call under way."""
+    worker = carla_worker.ProcessWorker(carla_cfg(), 0, watchdog_s=30.0, factory=SlowEnv)
+    worker.watchdog_s = 1.0
+    assert worker.call("busy", 2.5) == "done"  # 2.5 s, reporting every 0.1 s
+    with pytest.raises(carla_worker.WorkerDied, match="silent for 1 s"):
+        worker.call("hang")
+    worker.kill()
+
+
+def test_a_stop_pending_in_the_trainer_cuts_the_workers_back_off_short():
+    """#35 item 4: the trainer passes a pending stop on while it waits for an answer; the worker's back-off wait
+    returns at once and sees it (the session's reconnect loop then raises StopRequested)."""
+    pending = [False]
+    worker = carla_worker.ProcessWorker(carla_cfg(), 0, watchdog_s=30.0, factory=SlowEnv,
+                                        stop_pending=lambda: pending[0])
+    assert worker.call("back_off", 0.2)[0] is False
+    pending[0] = True
+    stopped, lasted = worker.call("back_off", 30.0)
+    assert stopped and lasted < 5.0
+    worker.kill()
+
+
+def test_the_reconnect_loop_stops_at_a_pending_stop_instead_of_reconnecting():
+    """#35 item 4: a stop signal arrives during the first reconnect back-off. The session raises StopRequested
+    before connecting again (before: every one of env.carla.max_reconnects attempts ran, each could load the town,
+    and only then did the trainer side notice the stop)."""
+    env, fake, start, clock = worker_env(max_reconnects=3)
+    env.reset(seed=0)
+    pending = [False]
+    env.stop_pending = lambda: pending[0]
+    start.started[0].supervisor.wait = lambda seconds: pending.__setitem__(0, True)  # the signal comes meanwhile
+    fake.server.down = True
+    clients = len(calls(fake, "Client"))
+    with pytest.raises(base.StopRequested, match="while the run is stopping: no reconnect"):
+        env.step(np.zeros(2))
+    assert len(calls(fake, "Client")) == clients and len(start.started) == 1
+    env.close()
+
+
+def test_a_stop_during_a_worker_restart_back_off_is_noticed_within_a_second():
+    """#35 item 4: the trainer side's restart back-off (up to 30 s) asks every STOP_POLL_S whether a stop is
+    pending (before: it slept the whole back-off)."""
+    env, fake, _, clock = worker_env(max_reconnects=0)
+    env.reset(seed=0)
+    fake.server.down = True
+    env.stop_pending = lambda: clock.now >= 4.0  # during the third back-off (4 s, from t = 3 s)
+    with pytest.raises(base.StopRequested, match="no worker restarted"):
+        env.step(np.zeros(2))
+    assert clock.now == 4.0
+    env.close()
+
+
+def test_the_session_reports_progress_at_each_tick_and_reconnect_attempt():
+    """#35 item 4: what keeps the watchdog from killing a healthy worker: a report per tick, per reconnect attempt,
+    per connection and per town loaded."""
+    env, fake, start, _ = worker_env(max_reconnects=3)
+    env.reset(seed=0)
+    supervisor = start.started[0].supervisor
+    before = supervisor.reports
+    env.step(np.zeros(2))
+    assert supervisor.reports == before + 1  # the step's tick
+    fake.server.timeouts_on_tick = 1
+    before = supervisor.reports
+    _, _, _, truncated, info = env.step(np.zeros(2))
+    assert truncated and info["interrupted"] and supervisor.waits == [1.0]
+    # the attempt, its connection, the town loaded, and at least one first-image tick
+    assert supervisor.reports >= before + 4
+    env.close()
 
 
 class ClosingEnv(SlowEnv):

@@ -256,8 +256,9 @@ class CarlaConfig:
     event_wait_s: float = rng(0.01, 0.0, 1.0)
     # Time-out of the first tick and camera frame of a new scene (start, reconnect): a cold server is slow.
     first_frame_timeout_s: float = rng(60.0, 0.1)
-    # Minutes without a CARLA server before the run checkpoints and exits non-zero: when the server is lost, the
-    # worker process is restarted (a fresh client and Traffic Manager) with back-off for this long.
+    # Minutes of worker restarts without a CARLA server before the run checkpoints and exits non-zero: when the
+    # server is lost (after the in-place reconnects), the worker process is restarted (a fresh client and Traffic
+    # Manager) with back-off for this long. The whole outage budget is longer: docs/carla.md says by how much.
     server_lost_minutes: float = rng(10.0, 0.0)
     # Episode rules after CARLA-Roach (av_td3/envs/carla/rules.py): each ends the episode as terminated and names
     # itself in info["termination"]; null (false) turns it off. Metres sideways off the route's lane centre;

@@ -17,14 +17,15 @@ import logging
 import math
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from av_td3.config import ConfigError, EnvConfig
 from av_td3.envs.backends import CARLA
 from av_td3.envs.base import (LEAD_PATH_SPACING_M, LEAD_PATH_STEPS, LEAD_RANGE_M, DrivingEnv, DrivingSignals,
-                              EnvUnavailableError, SimulatorLostError, lead_vehicle, to_ego_frame, wrap_angle)
+                              EnvUnavailableError, SimulatorLostError, StopRequested, lead_vehicle, to_ego_frame,
+                              wrap_angle)
 from av_td3.envs.carla.errors import (LOST, START_SERVER, TIME_OUT, UNUSABLE, NoSensorDataError, classify, diagnose,
                                       unusable)
 from av_td3.envs.carla.lights import NO_LIGHT, LightsAhead
@@ -47,13 +48,50 @@ BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 
 
+class Supervisor(Protocol):
+    """Whoever runs the session, as the session sees it: the worker process (:mod:`.worker`) or, in one process,
+    :class:`Unsupervised`."""
+
+    def stop_pending(self) -> bool:
+        """True once the run is stopping (the trainer has a stop signal pending): stop reconnecting."""
+        ...
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` (a reconnect back-off), or less when a stop becomes pending meanwhile."""
+        ...
+
+    def alive(self) -> None:
+        """Progress report (a tick answered, a reconnect attempt begun): the trainer's watchdog kills a worker
+        only when it stays silent for longer than a healthy one can (:func:`.worker.watchdog_s`)."""
+        ...
+
+
+class Unsupervised:
+    """The session's supervisor when it runs in the caller's process: ``sleep`` waits, ``stop_pending`` says
+    when to stop (never, unless given), progress goes nowhere."""
+
+    def __init__(self, sleep: Callable[[float], Any] = time.sleep,
+                 stop_pending: Callable[[], bool] = lambda: False) -> None:
+        self._sleep, self._stop_pending = sleep, stop_pending
+
+    def stop_pending(self) -> bool:
+        return self._stop_pending()
+
+    def wait(self, seconds: float) -> None:
+        self._sleep(seconds)
+
+    def alive(self) -> None:
+        pass
+
+
 class CarlaSession(WorldTakeOver, DrivingEnv):
     """The driving env on a CARLA 0.9.16 server, in this process (the trainer runs it in a worker process, see
-    :mod:`.worker`). ``carla_module`` and ``sleep`` exist for tests (a test double of the client and a fake clock
-    for the reconnect back-off); leave them out to use the real ``carla`` package."""
+    :mod:`.worker`). ``supervisor`` is the worker's link (stop pending, back-off waits, progress reports);
+    ``carla_module`` and ``sleep`` exist for tests (a test double of the client and a fake clock for the reconnect
+    back-off when there is no supervisor); leave them out to use the real ``carla`` package."""
 
     def __init__(self, cfg: EnvConfig, seed: int | None = None, *, carla_module: Any = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, supervisor: Supervisor | None = None) -> None:
         if carla_module is None:
             try:
                 import carla as carla_module
@@ -64,7 +102,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         self.carla = carla_module
         self.cfg = cfg
         self.reconnects = 0  # successful reconnects over the env's life (info["reconnects"])
-        self._sleep = sleep
+        self._supervisor = supervisor or Unsupervised(sleep)
         self._rng = np.random.default_rng(seed)
         check_types(list(cfg.carla.npc_types))  # before connecting: a typo fails at once
         self._weather = self._weather_preset(cfg.carla.weather)
@@ -108,6 +146,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         callbacks have arrived (the first frames of a new scene: :meth:`_first_images`)."""
         c = self.cfg
         frame = int(self._world.tick(c.carla.timeout_s))
+        self._supervisor.alive()
         image = self._inbox.wait(frame, c.carla.timeout_s, c.carla.event_wait_s)
         self._frame = frame
         return image
@@ -132,6 +171,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
                     f"server's streaming port {k.port + 1}: publish ports {k.port}-{k.port + 2}, not only "
                     f"{k.port} (docker: -p 127.0.0.1:{k.port}-{k.port + 2}:{k.port}-{k.port + 2}), or wait until "
                     "the server has started.") from None
+            self._supervisor.alive()
             first = frame if first is None else first
             self._frame = frame
             try:  # an image of any frame since the first tick shows that images flow
@@ -269,9 +309,12 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         """Reconnect with exponential back-off and take the server over again; SimulatorLostError after
         env.carla.max_reconnects failed attempts in a row. This rides out a stalled server; a restarted one has left
         this process's Traffic Manager bound to the dead one, and the CARLA client aborts the process: the worker
-        (:mod:`.worker`) then starts a fresh one."""
+        (:mod:`.worker`) then starts a fresh one. Each attempt reports progress to the supervisor; a pending stop
+        ends the loop with StopRequested before the next attempt, and cuts its back-off short."""
         c = self.cfg.carla
         while True:
+            self._stop_if_pending(err)
+            self._supervisor.alive()
             self._failures += 1
             if self._failures > c.max_reconnects:
                 raise SimulatorLostError(
@@ -281,7 +324,8 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
             delay = min(BACKOFF_S * 2 ** (self._failures - 1), MAX_BACKOFF_S)
             log.warning("CARLA at %s:%d: %s; reconnecting in %g s (attempt %d of %d).", c.host, c.port, err, delay,
                         self._failures, c.max_reconnects)
-            self._sleep(delay)
+            self._supervisor.wait(delay)
+            self._stop_if_pending(err)
             # The old sensors belong to the old connection and are not stopped (that would wait for it); the
             # take-over destroys every vehicle and sensor on the server, ours included.
             self._sensors, self._ego, self._npc_ids, self._on_tick_id = [], None, [], None
@@ -294,6 +338,12 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
                 continue
             self.reconnects += 1
             return
+
+    def _stop_if_pending(self, err: Exception) -> None:
+        """StopRequested when the run is stopping: a reconnect (a town load) would only eat the stop's grace period."""
+        if self._supervisor.stop_pending():
+            c = self.cfg.carla
+            raise StopRequested(f"CARLA at {c.host}:{c.port} lost ({err}) while the run is stopping: no reconnect")
 
     def _raise_unless_lost(self, err: Exception) -> None:
         """Return when ``err`` means a lost server (reconnect); raise it otherwise: an unusable server as the

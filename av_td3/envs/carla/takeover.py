@@ -31,6 +31,7 @@ class WorldTakeOver:
 
     carla: Any
     cfg: EnvConfig
+    _supervisor: Any  # the session's Supervisor (env.py): progress is reported to it
 
     # --- config ----------------------------------------------------------------------------------------------
     def _weather_preset(self, name: str) -> Any:
@@ -48,6 +49,7 @@ class WorldTakeOver:
         client = self.carla.Client(c.host, c.port)
         client.set_timeout(c.timeout_s)
         server = client.get_server_version()  # the first call that needs the server: fails after timeout_s
+        self._supervisor.alive()
         if server != client.get_client_version():
             log.warning("CARLA server %s at %s:%d differs from the client %s: use the carlasim/carla:0.9.16 image.",
                         server, c.host, c.port, client.get_client_version())
@@ -71,7 +73,8 @@ class WorldTakeOver:
             # Asynchronous while the town is loaded or cleared, so that nothing in it waits for our ticks.
             settings.synchronous_mode = False
             world.apply_settings(settings)
-        world = self._clean_world(world)
+        world = self._clean_world(world)  # a town load: up to LOAD_WORLD_TIMEOUT_S
+        self._supervisor.alive()
         self._world, self._map = world, world.get_map()  # from here on close() restores the settings
         settings = world.get_settings()
         settings.synchronous_mode = True

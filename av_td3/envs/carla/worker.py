@@ -9,6 +9,11 @@ up reconnecting (``SimulatorLostError`` after ``env.carla.max_reconnects``), the
 one — a fresh client and Traffic Manager — with back-off, ends the current episode as truncated on the last good
 observation, and training goes on. When no worker can be started for ``env.carla.server_lost_minutes``, it raises
 ``SimulatorLostError``: the trainer checkpoints and exits non-zero with that message.
+
+Deadlines: the worker reports progress (each tick, each reconnect attempt, a connection, a town loaded) through
+the pipe, and the trainer kills it only after :func:`watchdog_s` of silence, a bound derived from the time-outs.
+A stop signal pending in the trainer reaches the worker through a shared event: its reconnect loop ends at once
+(its back-off wait is cut short) instead of loading the town inside the stop's grace period.
 """
 
 from __future__ import annotations
@@ -48,15 +53,36 @@ class Worker(Protocol):
     def kill(self) -> None: ...
 
 
-StartWorker = Callable[[EnvConfig, "int | None"], Worker]
+# (cfg, seed, stop_pending): stop_pending() is true once the trainer has a stop signal pending.
+StartWorker = Callable[[EnvConfig, "int | None", Callable[[], bool]], Worker]
+# Longest a restart back-off sleeps before it asks again whether a stop is pending.
+STOP_POLL_S = 1.0
 
 
 # ------------------------------------------------------------------------------------------- the process worker
-def make_session(cfg: EnvConfig, seed: int | None) -> Any:
-    """The worker's env: a CarlaSession on the real client."""
+def make_session(cfg: EnvConfig, seed: int | None, supervisor: Any) -> Any:
+    """The worker's env: a CarlaSession on the real client, reporting to ``supervisor``."""
     from av_td3.envs.carla.env import CarlaSession
 
-    return CarlaSession(cfg, seed)
+    return CarlaSession(cfg, seed, supervisor=supervisor)
+
+
+class PipeSupervisor:
+    """The session's supervisor in the worker process (:class:`~av_td3.envs.carla.env.Supervisor`): progress goes
+    to the trainer as ``("alive", None)`` on the pipe; a stop is pending once the trainer has set ``stop`` (a
+    ``multiprocessing.Event``), which also ends a back-off wait early."""
+
+    def __init__(self, conn: Any, stop: Any) -> None:
+        self._conn, self._stop = conn, stop
+
+    def stop_pending(self) -> bool:
+        return bool(self._stop.is_set())
+
+    def wait(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def alive(self) -> None:
+        _send(self._conn, "alive", None)  # a trainer that is gone is noticed at the call's answer
 
 
 # Ctrl-C, scancel and a cluster's preemption notice (SLURM's --signal, submitit's USR2) reach the whole process group.
@@ -65,13 +91,17 @@ WORKER_IGNORES = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "
                        if hasattr(signal, name))
 
 
-def _serve(conn: Any, factory: Callable[[EnvConfig, "int | None"], Any], cfg: EnvConfig, seed: int | None) -> None:
+Factory = Callable[[EnvConfig, "int | None", Any], Any]  # (cfg, seed, supervisor) -> the worker's env
+
+
+def _serve(conn: Any, factory: Factory, cfg: EnvConfig, seed: int | None, stop: Any) -> None:
     """The worker's main loop: build the env with ``factory``, then answer (method, args, kwargs) until ``close``,
-    or until the trainer's end of the pipe is gone (read or written): then close the env, as for ``close``."""
+    or until the trainer's end of the pipe is gone (read or written): then close the env, as for ``close``.
+    ``stop`` is the event the trainer sets when a stop is pending."""
     for stop_signal in WORKER_IGNORES:
         signal.signal(stop_signal, signal.SIG_IGN)
     try:
-        env = factory(cfg, seed)
+        env = factory(cfg, seed, PipeSupervisor(conn, stop))
     except BaseException as err:  # handed to the trainer, which raises it
         _send(conn, "error", err)
         return
@@ -111,13 +141,17 @@ def _send(conn: Any, status: str, value: Any) -> bool:
 
 class ProcessWorker:
     """A CarlaSession (or what ``factory``, a picklable function, builds) in a child process, spawned: a clean
-    interpreter, no torch threads or CUDA inherited."""
+    interpreter, no torch threads or CUDA inherited. A call waits for the answer while the worker reports progress,
+    and kills it after ``watchdog_s`` seconds without a word; while it waits, a ``stop_pending()`` that turns true
+    is passed on to the worker."""
 
-    def __init__(self, cfg: EnvConfig, seed: int | None, watchdog_s: float,
-                 factory: Callable[[EnvConfig, "int | None"], Any] = make_session) -> None:
+    def __init__(self, cfg: EnvConfig, seed: int | None, watchdog_s: float, factory: Factory = make_session,
+                 stop_pending: Callable[[], bool] = lambda: False) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child, factory, cfg, seed), daemon=True,
+        self._stop = ctx.Event()
+        self._stop_pending = stop_pending
+        self._process = ctx.Process(target=_serve, args=(child, factory, cfg, seed, self._stop), daemon=True,
                                     name="carla-worker")
         self._process.start()
         child.close()
@@ -132,20 +166,28 @@ class ProcessWorker:
         return self._receive()
 
     def _receive(self) -> Any:
+        """The answer to the call under way; progress reports on the way renew the watchdog's deadline."""
         deadline = time.monotonic() + self.watchdog_s
-        while not self._conn.poll(0.1):
-            if not self._process.is_alive():
-                raise WorkerDied(f"the CARLA worker process ended (exit code {self._process.exitcode})")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise WorkerDied(f"the CARLA worker process did not answer within {self.watchdog_s:g} s")
-        try:
-            status, value = self._conn.recv()
-        except (EOFError, OSError):
-            raise WorkerDied(f"the CARLA worker process ended (exit code {self._process.exitcode})") from None
-        if status == "error":
-            raise value
-        return value
+        while True:
+            while not self._conn.poll(0.1):
+                if not self._stop.is_set() and self._stop_pending():
+                    self._stop.set()  # the worker's reconnect loop gives up at once
+                if not self._process.is_alive():
+                    raise WorkerDied(f"the CARLA worker process ended (exit code {self._process.exitcode})")
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise WorkerDied(f"the CARLA worker process was silent for {self.watchdog_s:g} s (hung; "
+                                     "env.carla.timeout_s and first_frame_timeout_s bound a healthy one's silence)")
+            try:
+                status, value = self._conn.recv()
+            except (EOFError, OSError):
+                raise WorkerDied(f"the CARLA worker process ended (exit code {self._process.exitcode})") from None
+            if status == "alive":
+                deadline = time.monotonic() + self.watchdog_s
+                continue
+            if status == "error":
+                raise value
+            return value
 
     def kill(self) -> None:
         if self._process.is_alive():
@@ -155,17 +197,19 @@ class ProcessWorker:
 
 
 def watchdog_s(cfg: EnvConfig) -> float:
-    """Longest a healthy worker may take to answer one call: a start (load the town, first frame) and a reset's
-    in-process reconnects, each attempt one time-out plus its back-off, with room to spare."""
+    """Seconds of silence after which the trainer kills a worker as hung: twice the longest wait a healthy one
+    spends between two progress reports (a town load, LOAD_WORLD_TIMEOUT_S; a new scene's tick,
+    env.carla.first_frame_timeout_s; a tick plus its camera image, 2 x env.carla.timeout_s; a reconnect back-off,
+    at most the session's MAX_BACKOFF_S). 120 s at the defaults."""
     from av_td3.envs.carla.env import MAX_BACKOFF_S as SESSION_BACKOFF_S
     from av_td3.envs.carla.takeover import LOAD_WORLD_TIMEOUT_S
 
-    scene = LOAD_WORLD_TIMEOUT_S + max(cfg.carla.first_frame_timeout_s, cfg.carla.timeout_s)
-    return 2.0 * (scene + (cfg.carla.max_reconnects + 1) * (scene + SESSION_BACKOFF_S)) + 60.0
+    c = cfg.carla
+    return 2.0 * max(LOAD_WORLD_TIMEOUT_S, c.first_frame_timeout_s, 2.0 * c.timeout_s, SESSION_BACKOFF_S)
 
 
-def start_process_worker(cfg: EnvConfig, seed: int | None) -> Worker:
-    return ProcessWorker(cfg, seed, watchdog_s(cfg))
+def start_process_worker(cfg: EnvConfig, seed: int | None, stop_pending: Callable[[], bool]) -> Worker:
+    return ProcessWorker(cfg, seed, watchdog_s(cfg), stop_pending=stop_pending)
 
 
 # Tests swap this for a worker that runs the session in the test's own process, against the test double.
@@ -196,7 +240,7 @@ class CarlaDrivingEnv(gym.Env):
         self._last_obs: dict | None = None
         # Set by the trainer: true once a stop signal is pending. A lost server is then not waited for.
         self.stop_pending: Callable[[], bool] = lambda: False
-        self._worker: Worker | None = self._start(cfg, seed)  # a server missing at start fails here, at once
+        self._worker: Worker | None = self._start_worker()  # a server missing at start fails here, at once
 
     @property
     def reconnects(self) -> int:
@@ -238,6 +282,16 @@ class CarlaDrivingEnv(gym.Env):
             self._worker = None
 
     # --- internals ----------------------------------------------------------------------------------------------
+    def _start_worker(self) -> Worker:
+        # A lambda: the trainer sets self.stop_pending after the env is built.
+        return self._start(self.cfg, self._seed, lambda: self.stop_pending())
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds``, asking every STOP_POLL_S whether a stop is pending (then return early)."""
+        end = self._clock() + seconds
+        while not self.stop_pending() and (left := end - self._clock()) > 0:
+            self._sleep(min(left, STOP_POLL_S))
+
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._worker is None:
             raise RuntimeError("the CARLA env is closed")
@@ -267,7 +321,7 @@ class CarlaDrivingEnv(gym.Env):
                 raise StopRequested(f"CARLA at {c.host}:{c.port} lost ({err}) while the run is stopping: "
                                     "no worker restarted")
             try:
-                self._worker = self._start(self.cfg, self._seed)
+                self._worker = self._start_worker()
                 log.warning("CARLA at %s:%d: a fresh worker is connected; the episode ends as truncated.",
                             c.host, c.port)
                 return
@@ -282,5 +336,5 @@ class CarlaDrivingEnv(gym.Env):
                     f"(env.carla.server_lost_minutes; last error: {err}). Bring the server back (`docker compose -f "
                     "docker/compose.yaml up -d carla`) and rerun the same command: training resumes from the last "
                     "checkpoint.") from None
-            self._sleep(min(delay, left))
+            self._wait(min(delay, left))
             delay = min(2 * delay, MAX_BACKOFF_S)
