@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -1026,6 +1027,17 @@ class SlowEnv:
             time.sleep(0.1)
         return "done"
 
+    def warn(self, text: str) -> None:
+        """Log a warning as the session does, from this thread, from another thread, with an argument that does
+        not pickle, and a debug line below the trainer's level."""
+        log = logging.getLogger("av_td3.envs.carla.env")
+        log.warning("main thread: %s", text)
+        thread = threading.Thread(target=log.warning, args=("callback thread: %s", text))
+        thread.start()
+        thread.join()
+        log.warning("unpicklable: %s", threading.Lock())
+        log.debug("debug: %s", text)
+
     def back_off(self, seconds: float) -> tuple[bool, float]:
         """A reconnect back-off: (stop pending after it, seconds it lasted)."""
         t0 = time.monotonic()
@@ -1083,6 +1095,21 @@ def test_a_stop_pending_in_the_trainer_cuts_the_workers_back_off_short():
     pending[0] = True
     stopped, lasted = worker.call("back_off", 30.0)
     assert stopped and lasted < 5.0
+    worker.kill()
+
+
+def test_worker_warnings_reach_the_trainers_log(caplog):
+    """#35 item 7: the spawned worker configured no logging, so its warnings (reconnects, strays destroyed, a server
+    already synchronous) went to its stderr only. They now reach the trainer's logger of the same name, from any
+    of the worker's threads, in order, before the call's answer; below the trainer's level nothing is sent."""
+    caplog.set_level(logging.WARNING)
+    worker = carla_worker.ProcessWorker(carla_cfg(), 0, watchdog_s=30.0, factory=SlowEnv)
+    worker.call("warn", "reconnecting")
+    records = [r for r in caplog.records if r.processName == "carla-worker"]
+    assert [r.getMessage() for r in records[:2]] == ["main thread: reconnecting", "callback thread: reconnecting"]
+    assert records[2].getMessage().startswith("unpicklable: <unlocked _thread.lock")
+    assert all(r.name == "av_td3.envs.carla.env" and r.levelno == logging.WARNING for r in records)
+    assert len(records) == 3 and records[0].process == worker.call("pid") != os.getpid()
     worker.kill()
 
 

@@ -13,14 +13,17 @@ observation, and training goes on. When no worker can be started for ``env.carla
 Deadlines: the worker reports progress (each tick, each reconnect attempt, a connection, a town loaded) through
 the pipe, and the trainer kills it only after :func:`watchdog_s` of silence, a bound derived from the time-outs.
 A stop signal pending in the trainer reaches the worker through a shared event: its reconnect loop ends at once
-(its back-off wait is cut short) instead of loading the town inside the stop's grace period.
+(its back-off wait is cut short) instead of loading the town inside the stop's grace period. The worker's log
+records travel on the same pipe to the trainer's loggers, so its warnings are in the run's log.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import multiprocessing as mp
 import signal
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -94,12 +97,45 @@ WORKER_IGNORES = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "
 Factory = Callable[[EnvConfig, "int | None", Any], Any]  # (cfg, seed, supervisor) -> the worker's env
 
 
-def _serve(conn: Any, factory: Factory, cfg: EnvConfig, seed: int | None, stop: Any) -> None:
+class _LockedConn:
+    """The worker's end of the pipe, safe to send on from several threads: answers go from the main thread, log
+    records also from the client's callback threads."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn, self._lock = conn, threading.Lock()
+
+    def send(self, message: Any) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+    def recv(self) -> Any:
+        return self._conn.recv()
+
+
+class PipeLogHandler(logging.handlers.QueueHandler):
+    """Sends the worker's log records to the trainer as ``("log", record)``, where they are handled by the logger
+    of the same name and so reach the run's log. ``prepare`` (QueueHandler's) formats the message and drops its
+    arguments and traceback object, so a record always pickles."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__(None)  # type: ignore[arg-type]  # no queue: enqueue sends on the pipe
+        self._conn = conn
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        _send(self._conn, "log", record)
+
+
+def _serve(conn: Any, factory: Factory, cfg: EnvConfig, seed: int | None, stop: Any, level: int) -> None:
     """The worker's main loop: build the env with ``factory``, then answer (method, args, kwargs) until ``close``,
     or until the trainer's end of the pipe is gone (read or written): then close the env, as for ``close``.
-    ``stop`` is the event the trainer sets when a stop is pending."""
+    ``stop`` is the event the trainer sets when a stop is pending; records at ``level`` and above are logged to
+    the trainer (a spawned process has no logging set up of its own)."""
     for stop_signal in WORKER_IGNORES:
         signal.signal(stop_signal, signal.SIG_IGN)
+    conn = _LockedConn(conn)
+    root = logging.getLogger()
+    root.handlers = [PipeLogHandler(conn)]
+    root.setLevel(level)
     try:
         env = factory(cfg, seed, PipeSupervisor(conn, stop))
     except BaseException as err:  # handed to the trainer, which raises it
@@ -151,7 +187,8 @@ class ProcessWorker:
         self._conn, child = ctx.Pipe()
         self._stop = ctx.Event()
         self._stop_pending = stop_pending
-        self._process = ctx.Process(target=_serve, args=(child, factory, cfg, seed, self._stop), daemon=True,
+        level = logging.getLogger().getEffectiveLevel()  # the worker logs what the trainer's log would show
+        self._process = ctx.Process(target=_serve, args=(child, factory, cfg, seed, self._stop, level), daemon=True,
                                     name="carla-worker")
         self._process.start()
         child.close()
@@ -166,7 +203,8 @@ class ProcessWorker:
         return self._receive()
 
     def _receive(self) -> Any:
-        """The answer to the call under way; progress reports on the way renew the watchdog's deadline."""
+        """The answer to the call under way; progress reports on the way renew the watchdog's deadline, and the
+        worker's log records are handed to the trainer's loggers of the same names (so to the run's log)."""
         deadline = time.monotonic() + self.watchdog_s
         while True:
             while not self._conn.poll(0.1):
@@ -184,6 +222,9 @@ class ProcessWorker:
                 raise WorkerDied(f"the CARLA worker process ended (exit code {self._process.exitcode})") from None
             if status == "alive":
                 deadline = time.monotonic() + self.watchdog_s
+                continue
+            if status == "log":
+                logging.getLogger(value.name).handle(value)
                 continue
             if status == "error":
                 raise value
