@@ -15,7 +15,7 @@ from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointError
 from av_td3.config import ConfigError, to_config
 from av_td3.envs.base import EnvUnavailableError, SimulatorLostError, SimulatorUnusableError
-from av_td3.rundir import FAILED_OBJECTIVE
+from av_td3.rundir import FAILED, FAILED_OBJECTIVE
 from av_td3.sweep import completed_objective, record_completed
 
 log = logging.getLogger("av_td3")
@@ -53,7 +53,7 @@ def _never_trained(run_dir: Path) -> bool:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return True  # failed before run() wrote one (an invalid config)
-    return summary.get("status") == "failed" and not summary.get("steps")
+    return summary.get("status") == FAILED and not summary.get("steps")
 
 
 def _resume_hint(resume_command: str | None) -> str:

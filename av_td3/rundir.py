@@ -44,8 +44,9 @@ CHECKPOINT_DIR = "checkpoints"
 
 # summary.json's status. running: in progress (or its process died: readers tell by the age of the files);
 # completed: reached trainer.total_steps; stopped: on purpose (NaN guard, signal, simulator lost); failed: crashed.
-STATUSES = ("running", "completed", "stopped", "failed")
-FINISHED = ("completed", "stopped")  # results that count
+RUNNING, COMPLETED, STOPPED, FAILED = "running", "completed", "stopped", "failed"
+STATUSES = (RUNNING, COMPLETED, STOPPED, FAILED)
+FINISHED = (COMPLETED, STOPPED)  # results that count
 # summary.json's objective of a run that produced no evaluation at all (finite: a NaN objective crashes Optuna).
 FAILED_OBJECTIVE = -1e9
 
@@ -89,7 +90,7 @@ INVARIANT_ALERTS = ("clip_violation",)
 @dataclass
 class Summary:
     """``summary.json``: what ``compare`` and the sweep report read instead of re-reading every scalar."""
-    status: str = "running"                # one of STATUSES
+    status: str = RUNNING                  # one of STATUSES
     reason: str | None = None
     steps: int = 0
     total_steps: int = 0
@@ -108,13 +109,13 @@ def objective_in_words(summary: Summary) -> str:
     """What ``summary.objective`` is: the final evaluation return, the last evaluation's return of a run that
     stopped early, or a penalty (the worst possible return, or FAILED_OBJECTIVE) and why, so that -12400.0 is
     never read as a return a policy achieved."""
-    if summary.status == "running":
+    if summary.status == RUNNING:
         return "not yet set: the run is in progress"
     why = f": {summary.reason}" if summary.reason else ""
     last = (summary.final_eval or {}).get("return")
     triggered = summary.nan_guard.get("triggered")
     if last is not None and summary.objective == last and not triggered:  # a NaN return never equals itself
-        if summary.status == "completed":
+        if summary.status == COMPLETED:
             return "final evaluation return"
         return (f"return of the last evaluation; the run {summary.status} at env step {summary.steps} of "
                 f"{summary.total_steps}{why}")

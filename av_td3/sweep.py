@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from av_td3 import commands
 from av_td3.config import Config
-from av_td3.rundir import (RUN_ONLY_KEYS, SUMMARY_FILE, UnsafePathError, check_inside, flatten, read_json,
-                           upgrade_config)
+from av_td3.rundir import (COMPLETED, RUN_ONLY_KEYS, RUNNING, SUMMARY_FILE, UnsafePathError, check_inside, flatten,
+                           read_json, upgrade_config)
 
 log = logging.getLogger("av_td3")
 
@@ -62,7 +62,7 @@ def completed_objective(config: Config, run_dir: Path) -> float | None:
     if config.trainer.resume != "auto":
         return None
     summary = read_json(run_dir / SUMMARY_FILE)
-    if summary is None or summary.get("status") != "completed":
+    if summary is None or summary.get("status") != COMPLETED:
         return None
     objective = summary.get("objective")
     done = read_json(run_dir / COMPLETED_CONFIG)
@@ -103,9 +103,9 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     if summary is None:
         return JobResult(name, "no summary", None, None, None,
                          "no summary.json: the job failed before training started (see its launch.log)")
-    status = summary.get("status", "running")
+    status = summary.get("status", RUNNING)
     reason = summary.get("reason")
-    if status == "running":  # the sweep is over, so the job's process died without writing its outcome
+    if status == RUNNING:  # the sweep is over, so the job's process died without writing its outcome
         reason = "summary.json still says running: the job's process was killed (out of memory? time limit?)"
     return JobResult(name, status, summary.get("steps"), summary.get("total_steps"), summary.get("objective"),
                      reason, summary.get("objective_is"))
@@ -127,7 +127,7 @@ def compare_command(sweep_dir: Path, baseline: str | None = None) -> str:
 def report(sweep_dir: Path, jobs: list[JobResult], baseline: str | None = None) -> str:
     """The text printed at the end of a sweep: a count, a table of the jobs that did not complete, and the compare
     command (with the experiment's ``plan.baseline``, when it declares one)."""
-    failed = [j for j in jobs if j.status != "completed"]
+    failed = [j for j in jobs if j.status != COMPLETED]
     compare = compare_command(sweep_dir, baseline)  # as this process was started, so it works as printed
     if not jobs:
         return (f"Sweep {sweep_dir}: no job folder found there. Jobs write their folders at hydra.sweep.dir as "
@@ -161,7 +161,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         baseline = OmegaConf.select(config, "plan.baseline")
         jobs = collect(sweep_dir)
-        failed = [j.job for j in jobs if j.status != "completed"]
+        failed = [j.job for j in jobs if j.status != COMPLETED]
         if not jobs:
             print(report(sweep_dir, jobs), flush=True)
             raise SweepIncomplete()

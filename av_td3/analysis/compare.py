@@ -24,8 +24,8 @@ from av_td3.analysis.plan import Plan, departures, study_plan
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import NETS, collapse_rule, judge
 from av_td3.config import ClipConfig
-from av_td3.rundir import (DEFAULTS_CHANGED, PRESET_CHOICES, RUN_ONLY_KEYS, flatten, is_experiment_key,
-                           schema_default)
+from av_td3.rundir import (COMPLETED, DEFAULTS_CHANGED, PRESET_CHOICES, RUN_ONLY_KEYS, STOPPED, flatten,
+                           is_experiment_key, schema_default)
 
 # Overrides that leave the experiment unchanged, so runs differing only in these belong together: presets and
 # keys that change how a job runs but not what it computes; the seed and the other keys that are no experiment
@@ -240,8 +240,8 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
     cfg = group.runs[0].config
     n = len(values)
     s: dict[str, Any] = {
-        "group": group.label, "runs": len(rows), "completed": int((rows["state"] == "completed").sum()),
-        "stopped": int((rows["state"] == "stopped").sum()), "incomplete": int((~rows["finished"]).sum()),
+        "group": group.label, "runs": len(rows), "completed": int((rows["state"] == COMPLETED).sum()),
+        "stopped": int((rows["state"] == STOPPED).sum()), "incomplete": int((~rows["finished"]).sum()),
         "seeds": sorted(int(x) for x in fin["seed"].dropna()),
         "total_steps": int(np.median([int(r.config.trainer.total_steps)  # type: ignore[union-attr]
                                       for r in group.runs])),

@@ -20,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from av_td3 import rundir
 from av_td3.analysis.events import EVENT_GLOB, find_event_files, is_event_file, read_event_files, read_scalars_csv
-from av_td3.rundir import FINISHED, UnsafePathError
+from av_td3.rundir import COMPLETED, FAILED, FINISHED, RUNNING, STOPPED, UnsafePathError
 
+# A run's state as compare reads it: its summary.json status, or CRASHED for a "running" one whose process is gone.
+CRASHED = "crashed"
 # A "running" summary (or none) whose run folder saw no write for this long belongs to a dead process: the
 # trainer rewrites scalars.csv / event files at every log interval, far more often than this.
 STALE_AFTER_S = 30 * 60
@@ -86,11 +88,11 @@ class Run:
     def state(self) -> str:
         """completed | stopped | failed from summary.json; otherwise running (recent writes) or crashed."""
         status = (self.summary or {}).get("status")
-        if status in ("completed", "stopped", "failed"):
+        if status in (COMPLETED, STOPPED, FAILED):
             return status
         if self.archive is not None:  # an archive is never still running
-            return "crashed"
-        return "running" if time.time() - self._last_write() < STALE_AFTER_S else "crashed"
+            return CRASHED
+        return RUNNING if time.time() - self._last_write() < STALE_AFTER_S else CRASHED
 
     @property
     def finished(self) -> bool:

@@ -24,7 +24,7 @@ from av_td3.config import Config, ConfigError
 from av_td3.envs import backend
 from av_td3.envs.base import SimulatorLostError, SimulatorUnusableError, StopRequested
 from av_td3.progress import Progress
-from av_td3.rundir import Summary, write_summary
+from av_td3.rundir import COMPLETED, FAILED, STOPPED, Summary, write_summary
 from av_td3.timing import NO_PHASES, NoPhases
 from av_td3.train import evaluation, resume, summary
 from av_td3.train.build import (agent_spec, check_env, eval_shares_env, make_agent, make_envs, resolve_device,
@@ -236,7 +236,7 @@ class Trainer:
                 self.signals.check()  # raises that stop, handled below like any other
                 raise
             self.ckpt.wait()  # the final checkpoint is complete, or its error fails the run
-            self.summary.status = "completed"
+            self.summary.status = COMPLETED
         except NonFiniteError as err:
             self.summary.nan_guard = {"triggered": True, "quantity": err.quantity, "step": err.step}
             self._stop(str(err))  # the weights are still the last good ones: the guard acted before the step
@@ -260,7 +260,7 @@ class Trainer:
             log.error("%s — checkpoint written.", err)
             raise
         except BaseException as err:
-            self.summary.status, self.summary.reason = "failed", f"{type(err).__name__}: {err}"
+            self.summary.status, self.summary.reason = FAILED, f"{type(err).__name__}: {err}"
             raise
         finally:
             self._wait_for_checkpoint()  # before the signal handlers go: a signal now cannot cut the write short
@@ -282,7 +282,7 @@ class Trainer:
 
     def _stop(self, reason: str) -> None:
         """A stop on purpose: record it, checkpoint, and log what the agent measured since the last interval."""
-        self.summary.status, self.summary.reason = "stopped", reason
+        self.summary.status, self.summary.reason = STOPPED, reason
         self.save_checkpoint()
         self.ckpt.wait()  # written before the stop is reported (a requeued job resumes from it at once)
         self._flush_metrics()

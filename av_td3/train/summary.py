@@ -14,7 +14,7 @@ import torch
 from av_td3 import machine
 from av_td3.agent.base import Health
 from av_td3.config import Config
-from av_td3.rundir import DIVERGENCE_ALERTS, FAILED_OBJECTIVE, Summary
+from av_td3.rundir import DIVERGENCE_ALERTS, FAILED, FAILED_OBJECTIVE, Summary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # where the git commit is read (a source checkout)
 
@@ -76,5 +76,5 @@ def close(summary: Summary, steps: int, wall_s: float, health: Health, worst_ret
 
 def failed(cfg: Config, err: BaseException) -> Summary:
     """The summary of an attempt that failed before training: an earlier attempt's must not pass for it."""
-    return Summary(status="failed", reason=f"{type(err).__name__}: {err}", total_steps=cfg.trainer.total_steps,
+    return Summary(status=FAILED, reason=f"{type(err).__name__}: {err}", total_steps=cfg.trainer.total_steps,
                    objective=FAILED_OBJECTIVE)
