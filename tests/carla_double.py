@@ -20,7 +20,8 @@ as the real client where the real client is strict, so the env's tests catch wha
   that Traffic Manager is bound to the dead server: any use of it, and any tick while it drives in synchronous
   mode, raises :class:`ProcessAborted` (the real client's worker thread aborts the whole process, carla#7597).
 - **A map with a curve and a junction.** Road A runs along CARLA's +x from x=0 to 200 with three 3.5 m lanes
-  centred at y = 0, 3.5 and 7 (CARLA's y points right). At x=200 a junction: every lane goes straight on (road B,
+  centred at y = 0, 3.5 and 7 (CARLA's y points right), and one oncoming lane (lane id -1, along -x, no spawn
+  points) centred at y = -3.5, to the left of the y = 0 lane as on a right-hand-traffic road. At x=200 a junction: every lane goes straight on (road B,
   to x=400), and the right lane (y=7) may also turn right along a quarter circle of radius 20 m onto road C, which
   runs along +y. Spawn points every 20 m on each lane of road A. One traffic light guards the junction: its trigger
   area is road A's last 10 m, its stop waypoints at x=200 on road A's lanes, its state ``server.light_state``
@@ -55,6 +56,7 @@ SPAWN_X = tuple(range(0, 200, 20))
 JUNCTION_X = 200.0  # road A ends and the junction begins here
 LIGHT_AREA_M = 10.0  # the traffic light's trigger area: this long, ending at the junction
 TURN_RADIUS = 20.0
+ONCOMING_Y = LANES_Y[0] - LANE_WIDTH  # road A's oncoming lane (traffic along -x)
 EGO = "vehicle.tesla.model3"
 # The real client's words (carla 0.9.16), for the failures the double raises.
 DESTROYED_ACTOR = ("trying to operate on a destroyed actor; an actor's function was called, but the actor is already "
@@ -388,7 +390,7 @@ class TrafficLight:
         """A call to the server on the real client (the env makes it once per scene)."""
         self._server.check()
         self._server.calls.append(("get_stop_waypoints", self.id))
-        return [Waypoint(lane, lane.length) for lane in self._server.lanes if lane.road_id == 1]
+        return [Waypoint(lane, lane.length) for lane in self._server.lanes if lane.road_id == 1 and lane.lane_id > 0]
 
 
 class ActorList(list):
@@ -453,7 +455,8 @@ def build_lanes() -> list[Lane]:
     c = Lane(5, 1, _line(arc[-1][0], arc[-1][1], arc[-1][0], arc[-1][1] + 200.0))
     turn.successors = [c]
     right_a.successors = right_a.successors + [turn]
-    return lanes + [turn, c]
+    oncoming = Lane(1, -1, _line(JUNCTION_X, ONCOMING_Y, 0.0, ONCOMING_Y))
+    return lanes + [turn, c, oncoming]
 
 
 class Waypoint:
@@ -616,7 +619,7 @@ class FakeServer:
             elif sensor.type_id == "sensor.other.lane_invasion":
                 # Client-side in CARLA: computed in an on_tick callback from two snapshots.
                 y0, y1 = old.get(ego.id, (0.0, 0.0))[1], ego.transform.location.y
-                edges = [y + LANE_WIDTH / 2 for y in LANES_Y] + [LANES_Y[0] - LANE_WIDTH / 2]
+                edges = [y + LANE_WIDTH / 2 for y in LANES_Y] + [y - LANE_WIDTH / 2 for y in (LANES_Y[0], ONCOMING_Y)]
                 if any(min(y0, y1) < b <= max(y0, y1) for b in edges):
                     self.delivery.put(d["on_tick"], sensor, LaneInvasionEvent(frame))
         for callback in list(self.on_tick.values()):

@@ -187,7 +187,7 @@ def test_collision_terminates_lane_invasion_is_flagged_off_road_terminates():
     assert info["lane_invasion"] and not info["off_road"] and not terminated
 
     env.reset(seed=0)
-    ego(fake).transform.location.y = LANES_Y[0] - LANE_WIDTH  # beyond the left edge of the road
+    ego(fake).transform.location.y = LANES_Y[0] - 2 * LANE_WIDTH  # beyond the oncoming lane: off the road
     _, _, terminated, _, info = env.step(np.zeros(2))
     assert info["off_road"] and terminated
     env.close()
@@ -1268,6 +1268,27 @@ def test_route_deviation_and_wrong_way_terminate_with_their_reason(key, off):
         else:
             assert not terminated and info["termination"] == ""
         env.close()
+
+
+@pytest.mark.parametrize("lane_y, wrong_way_deg, reason", [(carla_double.ONCOMING_Y, 135.0, "wrong_way"),
+                                                          (carla_double.ONCOMING_Y, None, None),
+                                                          (LANES_Y[1], 135.0, None)])
+def test_cruising_in_the_oncoming_lane_is_wrong_way(lane_y, wrong_way_deg, reason):
+    """#35 item 9: a car cruising along the oncoming lane, pointing the route's way, is only one lane width (3.5 m)
+    off the route: within env.carla.route_deviation_m (5 m) and not wrong-way by its heading, so it was never
+    stopped. Its lane runs against the route (Roach's wrong-lane test): wrong_way. The same offset into the next
+    lane of the route's own direction (a lane change) goes on."""
+    env, fake, _ = make_env(wrong_way_deg=wrong_way_deg, **{"route.start_index": 1})  # x=20, y=0
+    env.reset(seed=0)
+    car = ego(fake)
+    car.transform.location.y, car.speed = lane_y, 5.0  # pointing along the route (+x), in the other lane
+    steps, terminated, truncated, info = step_until_done(env, [0.0, 0.2], 40)
+    assert abs(info["reward_components"]["route_deviation"]) == 0.0  # 3.5 m: within route_deviation_m
+    if reason:
+        assert (steps, terminated, info["termination"]) == (1, True, reason)
+    else:
+        assert (steps, terminated, truncated) == (40, False, False) and not info["off_road"]
+    env.close()
 
 
 def test_blocked_terminates_after_blocked_s_of_standing_still():

@@ -121,6 +121,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         self._stop_lines: list[tuple[np.ndarray, Any]] = []  # the map's traffic-light stop lines (lights.py)
         self._lights = LightsAhead([])  # those on the episode's route
         self._in_junction = False  # the ego's lane position at the last observation
+        self._lane_error: float | None = None  # its lane's direction against the route's (radians), see _observe
         self._light: Any = None  # the traffic light that governs the ego (see _check_rules)
         self._frame = -1  # frame of the last tick
         k = cfg.carla
@@ -197,6 +198,9 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         on_lane = self._map.get_waypoint(transform.location, project_to_road=False,
                                          lane_type=self.carla.LaneType.Driving)
         self._in_junction = on_lane is not None and bool(on_lane.is_junction)
+        # The direction of the lane the car is in against the route's: the oncoming lane is off by about 180 deg.
+        self._lane_error = (None if on_lane is None or self._in_junction
+                            else wrap_angle(heading(on_lane.transform.rotation) - lane_heading))
         signals = DrivingSignals(
             speed=float(v @ [math.cos(yaw), math.sin(yaw)]),
             speed_along_lane=float(v @ [math.cos(lane_heading), math.sin(lane_heading)]),
@@ -300,7 +304,7 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
         if light is not None:
             self._light = light  # it governs the ego until the ego enters the junction
         light_red = self._light is not None and self._light.get_state() == self.carla.TrafficLightState.Red
-        broken = self._rules.check(signals, light_red, self._in_junction)
+        broken = self._rules.check(signals, light_red, self._in_junction, self._lane_error)
         if self._in_junction:
             self._light = None
         return broken
