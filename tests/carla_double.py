@@ -536,6 +536,7 @@ class FakeServer:
         self.first_image_after = 0  # a new camera sends nothing for its first N frames
         self.host_ports_in_use: set[int] = set()  # ports another program on the client's machine holds
         self.stale_images = False
+        self.lane_marking = False  # True: each image's top row is black (a marking), so it is not uniform
         self.collide_at: set[int] = set()
         # Seconds after a tick each kind of callback arrives (images, collisions, on_tick).
         self.delays = {"image": 0.0, "collision": 0.0, "on_tick": 0.0}
@@ -613,7 +614,10 @@ class FakeServer:
                 w, h = int(sensor.attributes["image_size_x"]), int(sensor.attributes["image_size_y"])
                 if self.stale_images:
                     self.delivery.put(d["image"], sensor, Image(frame - 1, w, h))
-                self.delivery.put(d["image"], sensor, Image(frame, w, h))
+                image = Image(frame, w, h)
+                if self.lane_marking:  # the trainer's camera check refuses a uniform first frame
+                    image.raw_data = bytes(4 * w) + image.raw_data[4 * w:]
+                self.delivery.put(d["image"], sensor, image)
             elif sensor.type_id == "sensor.other.collision" and frame in self.collide_at:
                 self.delivery.put(d["collision"], sensor, CollisionEvent(frame))
             elif sensor.type_id == "sensor.other.lane_invasion":

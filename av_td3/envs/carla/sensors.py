@@ -34,25 +34,36 @@ class SensorInbox:
         self._images: list[Any] = []
         self._ticked = -1  # newest frame whose on-tick callback has run
         self._events: dict[str, list[int]] = {"collision": [], "lane_invasion": []}
+        # Set to a list to record every callback as (kind, frame, time.monotonic()): the order in which a frame's
+        # image, events and on-tick callback arrive (scripts/carla_acceptance.py reports it for a real server).
+        self.arrivals: list[tuple[str, int, float]] | None = None
 
     # --- callbacks (CARLA's threads) ----------------------------------------------------------------------
     def image(self, image: Any) -> None:
         with self._cond:
+            self._arrived("image", image.frame)
             self._images = (self._images + [image])[-KEEP_IMAGES:]
             self._cond.notify_all()
 
     def collision(self, event: Any) -> None:
         with self._cond:
+            self._arrived("collision", event.frame)
             self._events["collision"].append(int(event.frame))
 
     def lane_invasion(self, event: Any) -> None:
         with self._cond:
+            self._arrived("lane_invasion", event.frame)
             self._events["lane_invasion"].append(int(event.frame))
 
     def on_tick(self, snapshot: Any) -> None:
         with self._cond:
+            self._arrived("on_tick", snapshot.frame)
             self._ticked = max(self._ticked, int(snapshot.frame))
             self._cond.notify_all()
+
+    def _arrived(self, kind: str, frame: int) -> None:
+        if self.arrivals is not None:
+            self.arrivals.append((kind, int(frame), time.monotonic()))
 
     # --- the stepping thread ------------------------------------------------------------------------------
     def wait(self, frame: int, timeout_s: float, grace_s: float) -> Any:
