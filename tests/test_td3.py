@@ -196,11 +196,16 @@ def test_non_finite_action_never_reaches_the_simulator() -> None:
     assert np.all(np.isfinite(out)) and skip.monitor.nonfinite_actions == 1
 
 
-def test_state_dict_round_trip_continues_identically() -> None:
-    a = make_agent()
+@pytest.mark.parametrize("overrides", [{}, {"clip.mode": "agc"}, {"optimizer": "sgd", "lr.actor": 1e-3, "lr.critic": 1e-3},
+                                       {"clip.mode": "adaptive", "clip.warmup": 2},
+                                       {"clip.mode": "zscore", "clip.warmup": 2}],
+                         ids=["norm", "agc", "sgd", "adaptive", "zscore"])
+def test_state_dict_round_trip_continues_identically(overrides: dict) -> None:
+    """Every clip mode and optimizer (a killed process's resume, end to end: tests/test_resume.py)."""
+    a = make_agent(**overrides)
     for i in range(3):
         a.update(make_batch(i), step=i)
-    b = make_agent()
+    b = make_agent(**overrides)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     for i in range(3, 6):
         a.update(make_batch(i), step=i)
