@@ -33,8 +33,8 @@ def prefer_passive_waiting() -> None:
     unless the user chose a policy. Must run before torch is first imported (OpenMP reads it once, when it
     loads): ``av_td3/__init__.py`` calls it. Spinning threads on cores that other processes also use make every
     multi-threaded op wait for a descheduled thread; measured on the 2-core VM under background load, torch's
-    default 2 threads trained 0.3-0.7x as fast as one thread when spinning and about as fast when passive (see
-    benchmarks/README.md, the ``busy/*`` rows)."""
+    default 2 threads updated 0.3-0.7x as fast as one thread when spinning, and trained 1.02x as fast when passive
+    (``av-td3 bench --only busy``, benchmarks/2026-12-07_busy.md)."""
     os.environ.setdefault(WAIT_POLICY_VAR, "PASSIVE")
 
 
