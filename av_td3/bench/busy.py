@@ -21,15 +21,10 @@ from pathlib import Path
 
 from av_td3.bench.config import BenchConfig
 from av_td3.bench.regression import Code, code_root, learning_rate
-from av_td3.bench.result import TODAY, BenchResult, Row, paired_ratio
+from av_td3.bench.result import BUSY_PREFIX, TODAY, BenchResult, Row, busy_row, paired_ratio
 from av_td3.machine import WAIT_POLICY_VAR
 
 BACKGROUND = 2  # busy processes next to the measured run: on a 2-core machine, every core has other work
-BUSY_PREFIX = "busy/"
-
-
-def busy_row(threads: int) -> str:
-    return f"{BUSY_PREFIX}threads{threads if threads > 0 else '_default'}"
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from av_td3.bench.machine import busy_warning
-from av_td3.bench.result import REGRESSION_PREFIX, TODAY, BenchResult, paired_ratio, targets
+from av_td3.bench.result import REGRESSION_PREFIX, TODAY, BenchResult, busy_row, paired_ratio, targets
 
 
 def compute_ratios(result: BenchResult) -> dict[str, float]:
@@ -58,9 +58,8 @@ def compute_ratios(result: BenchResult) -> dict[str, float]:
     if "env/steps_per_s_stock_road" in rows:
         ratios["env_vectorised_road_speedup"] = paired_ratio(rows["env/steps_per_s"].values,
                                                              rows["env/steps_per_s_stock_road"].values)
-    if "busy/threads_default" in rows and "busy/threads1" in rows:  # paired by A/B repetition
-        ratios["busy_default_vs_threads1"] = paired_ratio(rows["busy/threads_default"].values,
-                                                          rows["busy/threads1"].values)
+    if busy_row(0) in rows and busy_row(1) in rows:  # paired by A/B repetition
+        ratios["busy_default_vs_threads1"] = paired_ratio(rows[busy_row(0)].values, rows[busy_row(1)].values)
     # today / the earlier commit, paired by A/B repetition (the two runs of a pair ran back to back)
     today = f"{REGRESSION_PREFIX}{TODAY}_"
     for name, row in rows.items():

@@ -28,6 +28,11 @@ TARGETS = {
 }
 
 
+def threads_label(threads: int) -> str:
+    """How a row names its ``trainer.torch_threads``: ``threads1``, ..., ``threads_default`` for 0 (torch's)."""
+    return f"threads{threads if threads > 0 else '_default'}"
+
+
 # The regression section's rows: regression/<code>_<threads>, <code> = TODAY (this checkout) or a commit's short hash
 REGRESSION_PREFIX = "regression/"
 TODAY = "today"
@@ -36,7 +41,16 @@ TODAY = "today"
 def regression_row(code: str, threads: int) -> str:
     """The row of ``code`` (:data:`TODAY` or a short commit hash) run with ``trainer.torch_threads=threads``
     (0: torch's default)."""
-    return f"{REGRESSION_PREFIX}{code}_threads{threads if threads > 0 else '_default'}"
+    return f"{REGRESSION_PREFIX}{code}_{threads_label(threads)}"
+
+
+# The busy section's rows: busy/threads1 and busy/threads_default
+BUSY_PREFIX = "busy/"
+
+
+def busy_row(threads: int) -> str:
+    """The busy section's row of ``trainer.torch_threads=threads`` (0: torch's default)."""
+    return f"{BUSY_PREFIX}{threads_label(threads)}"
 
 
 class RowSkipped(Exception):
