@@ -65,6 +65,8 @@ def _compare(args: argparse.Namespace) -> int:
     out = args.out or args.dirs[0]
     if out.is_file():
         return _usage_error("compare", f"--out {out}: is a file, give a folder")
+    if args.axis:
+        return _when_map(args, runs, out)
     try:
         result = write_comparison(runs, out, baseline=args.baseline, metric=args.metric)
     except ValueError as e:  # an unknown --baseline label or --metric
@@ -83,6 +85,19 @@ def _compare(args: argparse.Namespace) -> int:
         print("\n".join(f"  {line}" for line in found))
     print(f"\nwrote {out / 'comparison.md'}, {out / 'comparison.csv'} and {len(result.plots)} plots in "
           f"{out / 'plots'}")
+    return OK
+
+
+def _when_map(args: argparse.Namespace, runs: list, out: Path) -> int:
+    from av_td3.analysis.whenmap import write_when_map
+
+    try:
+        result = write_when_map(runs, args.axis, out, baseline=args.baseline, metric=args.metric)
+    except ValueError as e:  # an unknown --axis key, --baseline label or --metric
+        return _usage_error("compare", str(e))
+    print((out / "when_map.md").read_text())
+    print(f"wrote {out / 'when_map.md'}, {out / 'when_map.csv'}, {out / 'plots' / 'when_map.png'} and "
+          f"{sum(1 for lv in result.levels if lv.folder)} level reports in {out / 'levels'}")
     return OK
 
 
@@ -237,6 +252,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                                                   "(plan.metric; the report names the departure): "
                                                   "late_return, auc_return, final_return, late_success, "
                                                   "late_collisions")
+    p.add_argument("--axis", action="append", default=None, metavar="KEY",
+                   help="a 'when' map: split the runs into levels by this config key's value (repeat for a level "
+                        "made of several keys, e.g. --axis agent.optimizer --axis agent.lr.critic), compare each "
+                        "level's arms with that level's baseline, all comparisons sharing the plan's alpha; writes "
+                        "when_map.md, when_map.csv, plots/when_map.png and levels/*/comparison.md")
     p.set_defaults(run=_compare)
 
 

@@ -77,6 +77,8 @@ def summary(job_dir: Path) -> dict:
     ("traffic_density", {"env.npcs": "20,50,100", "seed": "0,1,2"}),
     ("clip_study", {"arm": "td3_noclip,td3,td3_adaptive,td3_zscore,td3_agc", "seed": "10,11,12,13,14,15,16,17"}),
     ("clip_stress", {"arm": "td3_noclip,td3_zscore", "seed": "10,11,12"}),
+    ("clip_when", {"arm": "td3_noclip,td3,td3_adaptive,td3_zscore,td3_agc", "agent.lr.critic": "0.001,0.01,0.03",
+                   "seed": "40,41,42,43,44"}),
 ])
 def test_experiment_files_set_name_sweep_dir_and_params(experiment: str, params: dict) -> None:
     cfg = hydra_compose(f"experiment={experiment}", "debug=smoke")
@@ -94,6 +96,24 @@ def test_the_clip_study_declares_its_plan_and_sweeps_the_planned_seeds() -> None
     assert [int(s) for s in cfg.hydra.sweeper.params.seed.split(",")] == list(study.plan.seeds)
     assert (study.plan.metric, study.plan.baseline, study.plan.effect) == ("late_return", "arm=td3_noclip", 0.25)
     assert study.plan.baseline.split("=")[1] in cfg.hydra.sweeper.params.arm.split(",")
+
+
+def test_the_when_map_declares_its_plan_and_moves_both_nets_along_one_axis() -> None:
+    """Every level runs SGD with momentum with both nets at the level's rate; the plan's seeds are the sweep's and
+    none was used by the main study or a pilot."""
+    cfg = hydra_compose("experiment=clip_when", "debug=smoke")
+    when = to_config(hydra_compose("experiment=clip_when", hydra=False))
+    assert [int(s) for s in cfg.hydra.sweeper.params.seed.split(",")] == list(when.plan.seeds)
+    assert (when.plan.metric, when.plan.baseline, when.plan.effect) == ("late_return", "arm=td3_noclip", 0.5)
+    study = to_config(hydra_compose("experiment=clip_study", hydra=False))
+    assert not set(when.plan.seeds) & set(range(10, 23)) and 0 not in when.plan.seeds
+    assert study.plan.seeds[0] == 10
+    for rate in (1e-3, 1e-2, 3e-2):
+        level = to_config(hydra_compose("experiment=clip_when", f"agent.lr.critic={rate}", "arm=td3_agc",
+                                        hydra=False))
+        assert (level.agent.optimizer, level.agent.momentum) == ("sgd", 0.9)
+        assert (level.agent.lr.actor, level.agent.lr.critic) == (rate, rate)
+        assert level.agent.clip.mode == "agc" and level.trainer.total_steps == 15000
 
 
 def test_the_stressed_condition_sets_its_learning_rates_and_length_and_smoke_still_shrinks_it() -> None:

@@ -297,7 +297,7 @@ class Power:
     sd: float             # pooled within-group SD of the primary metric
     base_mean: float      # the baseline's mean primary metric (the unit of the % figures)
     n: int                # the fewest finished runs with the metric among the compared groups
-    comparisons: int      # groups compared with the baseline (the family the alpha is shared by)
+    comparisons: int      # the family the alpha is shared by: groups compared with the baseline (x levels of a map)
     alpha: float          # per comparison: plan.alpha / comparisons (Bonferroni)
     detectable: float     # smallest detectable difference at n, in metric units
     runs_for_effect: int  # runs per group to detect plan.effect x base_mean (-1: unknown)
@@ -307,29 +307,31 @@ class Power:
         return self.detectable / self.base_mean if self.base_mean > 0 else NAN
 
 
-def _family(rows: list[dict[str, Any]], base_label: str, plan: Plan) -> tuple[dict[str, Any], list[dict[str, Any]],
-                                                                            float]:
-    """The baseline's row, the rows compared with it (>= 2 runs with the metric) and the alpha of each comparison
-    (Bonferroni: the plan's alpha shared by them): the same family for the intervals and the power."""
+def _family(rows: list[dict[str, Any]], base_label: str, plan: Plan, levels: int = 1) -> tuple[
+        dict[str, Any], list[dict[str, Any]], int]:
+    """The baseline's row, the rows compared with it (>= 2 runs with the metric) and the size of the family the
+    plan's alpha is shared by (Bonferroni): those comparisons, times ``levels`` when they are one level of a
+    "when" map (:mod:`av_td3.analysis.whenmap`). The same family for the intervals and the power."""
     base = next(s for s in rows if s["group"] == base_label)
     others = [s for s in rows if s is not base and s["n"] >= 2]
-    return base, others, plan.alpha / max(1, len(others))
+    return base, others, max(1, len(others)) * levels
 
 
 def power_of(rows: list[dict[str, Any]], metrics: dict[str, pd.DataFrame], base_label: str | None, plan: Plan,
-             metric: str) -> Power | None:
+             metric: str, levels: int = 1) -> Power | None:
     """What the comparison of ``rows``' groups with the baseline can detect (None without a baseline)."""
     if base_label is None:
         return None
-    base, others, alpha = _family(rows, base_label, plan)
+    base, others, family = _family(rows, base_label, plan, levels)
+    alpha = plan.alpha / family
     sd = stats.pooled_sd([metrics[s["group"]].query("finished")[metric].dropna() for s in rows])
     n = min(s["n"] for s in others + [base])
-    return Power(sd, base["mean"], n, max(1, len(others)), alpha, stats.detectable_difference(n, sd, alpha, plan.power),
+    return Power(sd, base["mean"], n, family, alpha, stats.detectable_difference(n, sd, alpha, plan.power),
                  stats.runs_needed(plan.effect * base["mean"], sd, alpha, plan.power) if base["mean"] > 0 else -1)
 
 
 def effects_against_baseline(rows: list[dict[str, Any]], metrics: dict[str, pd.DataFrame], base_label: str | None,
-                             plan: Plan, metric: str) -> None:
+                             plan: Plan, metric: str, levels: int = 1) -> None:
     """Fill each group's row with its effect against the baseline (difference of means, % of the baseline's
     mean, the family-adjusted interval, Holm-adjusted p) and its verdict."""
     for s in rows:
@@ -337,7 +339,8 @@ def effects_against_baseline(rows: list[dict[str, Any]], metrics: dict[str, pd.D
                  effect_pct_high=NAN, p_value=NAN, p_holm=NAN, paired=False, verdict="", is_baseline=False)
     if base_label is None:
         return
-    base, others, alpha = _family(rows, base_label, plan)
+    base, others, family = _family(rows, base_label, plan, levels)
+    alpha = plan.alpha / family
     base["is_baseline"] = True
     y_all = _by_seed(metrics[base_label].query("finished"), metric)
     if base["n"] < 2:
@@ -387,11 +390,12 @@ class Report:
     power: Power | None                 # None: no baseline
 
 
-def summarize(runs: list[Run], baseline: str | None = None, metric: str | None = None) -> Report:
+def summarize(runs: list[Run], baseline: str | None = None, metric: str | None = None, levels: int = 1) -> Report:
     """Group ``runs`` and compute every group's numbers and its comparison with the baseline group.
 
     ``baseline`` is a group label; None takes the plan's, else :func:`default_baseline`. ``metric`` overrides the
-    plan's primary metric (a departure the report names). Raises ValueError for an unknown label or metric.
+    plan's primary metric (a departure the report names). ``levels``: the runs are one of this many levels of a
+    "when" map, whose comparisons all share the plan's alpha. Raises ValueError for an unknown label or metric.
     """
     grouped = [r for r in runs if r.config is not None]
     groups, warnings, common = group_runs(grouped)
@@ -411,8 +415,8 @@ def summarize(runs: list[Run], baseline: str | None = None, metric: str | None =
     metrics = {g.label: pd.DataFrame([run_metrics(r, plan.late_fraction) for r in g.runs]) for g in groups}
     rows = [summarize_group(g, metrics[g.label], metric) for g in groups]
     base_label = None if base is None else base.label
-    effects_against_baseline(rows, metrics, base_label, plan, metric)
-    power = power_of(rows, metrics, base_label, plan, metric)
+    effects_against_baseline(rows, metrics, base_label, plan, metric, levels)
+    power = power_of(rows, metrics, base_label, plan, metric, levels)
     for g, s in zip(groups, rows):
         if base is not None and g is not base:
             s.update(improvement(metrics[g.label].query("finished"), metrics[base.label].query("finished"), metric))

@@ -178,3 +178,36 @@ def write_plots(groups: dict[str, list[Run]], folder: Path) -> list[Path]:
     for plot, path in zip((plot_eval_return, plot_grad_norms, plot_alerts), paths):
         plot(groups, path)
     return paths
+
+
+def plot_when_map(table: pd.DataFrame, levels: list[str], margin: float, metric: str, confidence: float,
+                  path: Path) -> None:
+    """The "when" map: each arm's effect against the baseline of its own level (% of that baseline's mean, with
+    the interval adjusted for every comparison of the map) against the stress level; ``table``: one row per
+    (level, group) as :func:`av_td3.analysis.whenmap.when_map` gives it, ``levels`` in axis order."""
+    fig = Figure(figsize=(max(6.0, 1.8 * len(levels) + 2), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    rows = table[~table["is_baseline"] & np.isfinite(table["effect_pct"].to_numpy(dtype=float))]
+    if rows.empty:
+        _empty(ax, "no effect to draw (no level has a baseline and another arm with 2 or more runs)")
+        fig.savefig(path, dpi=100)
+        return
+    groups = sorted(set(rows["group"]))
+    colors = _colors(len(groups))
+    width = 0.6 / max(1, len(groups))
+    ax.axhspan(-100 * margin, 100 * margin, color="0.9", label=f"±{margin:.0%}: the plan's smallest effect of interest")
+    ax.axhline(0, color="k", lw=0.8)
+    for i, group in enumerate(groups):
+        g = rows[rows["group"] == group]
+        x = np.array([levels.index(level) for level in g["level"]]) + (i - (len(groups) - 1) / 2) * width
+        mid = 100 * g["effect_pct"].to_numpy(dtype=float)
+        lo = 100 * g["effect_pct_low"].to_numpy(dtype=float)
+        hi = 100 * g["effect_pct_high"].to_numpy(dtype=float)
+        ax.errorbar(x, mid, yerr=[mid - lo, hi - mid], fmt="o-", color=colors[i], capsize=3, lw=1, label=group)
+    ax.set_xticks(range(len(levels)), [level.replace(", ", "\n") for level in levels], fontsize="small")
+    ax.set_xlim(-0.5, len(levels) - 0.5)
+    ax.set_xlabel("stress level")
+    ax.set_ylabel(f"{metric}: effect vs its level's baseline, %")
+    ax.set_title(f"{confidence:.1%} intervals, adjusted for every comparison of the map", fontsize="small")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.savefig(path, dpi=100)

@@ -336,9 +336,10 @@ class Comparison:
 
 
 def write_comparison(runs: list[Run], out: Path, baseline: str | None = None,
-                     metric: str | None = None) -> Comparison:
-    """Summarize ``runs`` and write ``comparison.md``, ``comparison.csv`` and ``plots/*.png`` into ``out``."""
-    summary = summarize(runs, baseline, metric)
+                     metric: str | None = None, levels: int = 1) -> Comparison:
+    """Summarize ``runs`` and write ``comparison.md``, ``comparison.csv`` and ``plots/*.png`` into ``out``
+    (``levels``: as :func:`av_td3.analysis.compare.summarize`)."""
+    summary = summarize(runs, baseline, metric, levels)
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots({g.label: [r for r in g.runs if r.finished] for g in summary.groups}, out / "plots")
     if summary.baseline is not None:
