@@ -264,3 +264,16 @@ def test_bf16_update_follows_the_fp32_update_to_bf16_rounding() -> None:
     assert not torch.equal(step32, step16)
     assert torch.nn.functional.cosine_similarity(step32, step16, dim=0) > 0.95
     assert (step16 - step32).norm() < 0.25 * step32.norm()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "replay slice", "shifted"])
+def test_frames_become_the_same_floats_in_channels_last_whatever_their_strides(layout: str) -> None:
+    """The update's uint8 → float conversion (stacking planes, for speed) gives exactly what torch's own
+    channels_last conversion gives, with its strides, for every layout the update feeds it."""
+    agent = make_agent(augment="shift")
+    frames = torch.randint(0, 256, (8, SPEC.stack + 1, SPEC.height, SPEC.width), dtype=torch.uint8)
+    image = {"contiguous": frames[:, :SPEC.stack].contiguous(), "replay slice": frames[:, 1:],
+             "shifted": agent._augment(frames[:, 1:])}[layout]
+    expected = image.to(dtype=torch.float32, memory_format=torch.channels_last) / 255.0
+    got = agent._images(image)
+    assert torch.equal(got, expected) and got.stride() == expected.stride() and got.dtype == torch.float32

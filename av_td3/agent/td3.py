@@ -94,8 +94,14 @@ class TD3:
 
     # ------------------------------------------------------------------------------------------------- helpers
     def _images(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 frames → floats in [0, 1], once per batch, on the training device."""
+        """uint8 frames [B, stack, H, W] (any strides) → floats in [0, 1] in the nets' memory format, once per
+        batch, on the training device."""
         image = image.to(self.device, non_blocking=True)
+        if self._memory_format is torch.channels_last:
+            # NCHW → NHWC by stacking the frame planes along a new last axis, on the uint8 bytes: torch's strided
+            # copy (what .to(memory_format=channels_last) does) took several times longer at [128, 4, 64, 64] on
+            # the 2-core VM (benchmarks/README.md). Same values, same strides as that conversion.
+            return torch.stack(image.unbind(1), dim=-1).to(torch.float32).div_(255.0).permute(0, 3, 1, 2)
         return image.to(dtype=torch.float32, memory_format=self._memory_format).div_(255.0)
 
     def _states(self, state: torch.Tensor) -> torch.Tensor:
