@@ -184,7 +184,7 @@ def plot_when_map(table: pd.DataFrame, levels: list[str], margin: float, metric:
                   path: Path) -> None:
     """The "when" map: each arm's effect against the baseline of its own level (% of that baseline's mean, with
     the interval adjusted for every comparison of the map) against the stress level; ``table``: one row per
-    (level, group) as :func:`av_td3.analysis.whenmap.when_map` gives it, ``levels`` in axis order."""
+    (level, group) as :func:`av_td3.analysis.whenmap.write_when_map` builds it, ``levels`` in axis order."""
     fig = Figure(figsize=(max(6.0, 1.8 * len(levels) + 2), 4.5), layout="constrained")
     ax = fig.add_subplot()
     rows = table[~table["is_baseline"] & np.isfinite(table["effect_pct"].to_numpy(dtype=float))]
