@@ -156,12 +156,13 @@ def _grid(result: WhenMap, cell: Any) -> str:
 def markdown(result: WhenMap) -> str:
     """when_map.md: the axis, the effect table, the clip table, the levels without a comparison, the plot."""
     md = [f"# When does clipping matter? {len(result.levels)} levels of {', '.join(result.axis)}", "",
-          f"At each level every arm is compared with that level's baseline on `{result.metric}` (difference of "
+          (f"At each level every arm is compared with that level's baseline on `{result.metric}` (difference of "
           f"means in % of the baseline's mean). Intervals are {1 - result.alpha:.2%} intervals: the plan's alpha "
           f"shared by all {result.comparisons} comparisons of the map (Bonferroni), so a level where an interval "
           f"excludes 0 is not picked out of many looks. Verdicts as in `compare` (better / worse need at least 5 "
-          f"runs per group and an interval excluding 0; equivalent within the plan's ±{result.margin:.0%}; "
-          f"otherwise inconclusive). Each level's full report, with its power and run verdicts, is linked below.",
+          f"runs per group and an interval excluding 0; equivalent within the smallest effect of interest of the "
+          f"plan the level's runs record (±{result.margin:.0%} on the plot: the plan most runs record); otherwise "
+          f"inconclusive). Each level's full report, with its power and run verdicts, is linked below."),
           "", "## Effect against the level's baseline", "", _grid(result, _effect_cell), "",
           "## Share of updates clipped (actor / critic)", "",
           "Where an arm's limit binds on no update, it cannot be what differs at that level.", "",
