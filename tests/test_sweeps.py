@@ -79,6 +79,7 @@ def summary(job_dir: Path) -> dict:
     ("clip_stress", {"arm": "td3_noclip,td3_zscore", "seed": "10,11,12"}),
     ("clip_when", {"arm": "td3_noclip,td3,td3_adaptive,td3_zscore,td3_agc", "agent.lr.critic": "0.001,0.01,0.03",
                    "seed": "40,41,42,43,44"}),
+    ("clip_control", {"arm": "td3_noclip,td3_adaptive", "seed": "30,31,32,33,34"}),
 ])
 def test_experiment_files_set_name_sweep_dir_and_params(experiment: str, params: dict) -> None:
     cfg = hydra_compose(f"experiment={experiment}", "debug=smoke")
@@ -114,6 +115,23 @@ def test_the_when_map_declares_its_plan_and_moves_both_nets_along_one_axis() -> 
         assert (level.agent.optimizer, level.agent.momentum) == ("sgd", 0.9)
         assert (level.agent.lr.actor, level.agent.lr.critic) == (rate, rate)
         assert level.agent.clip.mode == "agc" and level.trainer.total_steps == 15000
+
+
+def test_the_positive_control_runs_the_selected_level_with_its_declared_plan() -> None:
+    """pilot 6's level (SGD with momentum at 1e-2 for both nets, 15k steps), the plan declared with it in
+    docs/results/clip-study.md, and fresh seeds: none a pilot's, the main study's or the when-map's."""
+    cfg = hydra_compose("experiment=clip_control", "debug=smoke")
+    control = to_config(hydra_compose("experiment=clip_control", "arm=td3_adaptive", hydra=False))
+    assert [int(s) for s in cfg.hydra.sweeper.params.seed.split(",")] == list(control.plan.seeds) == [30, 31, 32,
+                                                                                                        33, 34]
+    plan = control.plan
+    assert (plan.metric, plan.baseline, plan.effect, plan.alpha, plan.power) == (
+        "late_return", "arm=td3_noclip", 1.0, 0.05, 0.8)
+    assert (control.agent.optimizer, control.agent.momentum) == ("sgd", 0.9)
+    assert (control.agent.lr.actor, control.agent.lr.critic, control.trainer.total_steps) == (1e-2, 1e-2, 15000)
+    assert control.agent.clip.mode == "adaptive"
+    when = to_config(hydra_compose("experiment=clip_when", hydra=False))
+    assert not set(plan.seeds) & (set(range(10, 23)) | set(when.plan.seeds) | {0})
 
 
 def test_the_stressed_condition_sets_its_learning_rates_and_length_and_smoke_still_shrinks_it() -> None:
