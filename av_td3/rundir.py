@@ -25,7 +25,7 @@ import json
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +298,23 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def without_other_backends(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened run config without the own sections of the backends it does not use (``env.carla.*`` of an
+    ``env.name=highway`` run): the run never read them, so two runs that differ only there (a CARLA default changed
+    between them) are one experiment. A backend's section is named as its ``env.name`` (tested against
+    :mod:`av_td3.envs.backends`)."""
+    chosen = flat.get("env.name")
+    unread = tuple(f"env.{name}." for name in _backend_names() if name != chosen)
+    return {k: v for k, v in flat.items() if not k.startswith(unread)}
+
+
+@functools.lru_cache(maxsize=1)
+def _backend_names() -> tuple[str, ...]:
+    from av_td3.config import EnvConfig  # the schema, imported when first needed (see _schema_defaults)
+
+    return next(f.metadata["choices"] for f in fields(EnvConfig) if f.name == "name")
 
 
 def is_experiment_key(key: str) -> bool:

@@ -14,7 +14,7 @@ from av_td3 import envs
 from av_td3.config import CarlaConfig, ConfigError, EnvConfig, RENAMED_KEYS, RewardConfig, renamed_key
 from av_td3.envs import backends, base
 from av_td3.envs.base import DrivingEnv, DrivingSignals
-from av_td3.rundir import renamed_override
+from av_td3.rundir import renamed_override, without_other_backends
 
 
 def test_declarations_are_read_without_importing_a_simulator() -> None:
@@ -80,6 +80,17 @@ def test_another_backends_changed_keys_are_warned_about(caplog: pytest.LogCaptur
     cfg = EnvConfig()
     cfg.carla.camera.x = 2.0  # a nested key of the section
     assert backends.warn_ignored(cfg) == ["env.carla.camera.x"]
+
+
+def test_a_backends_section_is_named_as_the_backend() -> None:
+    """rundir.without_other_backends reads env.<name>.* as backend <name>'s own keys without importing the
+    backends; this holds it to their declarations."""
+    assert backends.CARLA.section == "carla"
+    for declared in backends.BACKENDS.values():
+        assert declared.section in (None, declared.name)
+    assert without_other_backends({"env.name": "highway", "env.carla.port": 2000, "env.npcs": 5}) == {
+        "env.name": "highway", "env.npcs": 5}
+    assert "env.carla.port" in without_other_backends({"env.name": "carla", "env.carla.port": 2000})
 
 
 def test_max_abs_reward_counts_the_largest_rule_penalty_of_the_backend() -> None:

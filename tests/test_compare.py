@@ -138,6 +138,23 @@ def test_runs_with_the_same_config_pool_across_folders_and_spellings(tmp_path: P
     assert "group `env.npcs=20` pools runs from 2 code versions: aaa, bbb" in warnings
 
 
+def test_another_backends_section_never_splits_a_group(tmp_path: Path) -> None:
+    """results/clip_study holds highway runs recorded before and after env.carla.tm_port's default changed (8000,
+    then null): the highway backend never reads env.carla.*, so they are one group; CARLA runs that differ there
+    are two."""
+    write_run(tmp_path / "old", [], seed=0)
+    write_run(tmp_path / "new", [], seed=1)
+    config = tmp_path / "old" / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("tm_port: null", "tm_port: 8000"))
+    assert "tm_port: 8000" in config.read_text()
+    groups, warnings, _ = group_runs(find_runs(tmp_path))
+    assert [(g.label, len(g.runs)) for g in groups] == [("default", 2)] and warnings == []
+    for name, port in (("carla_a", "null"), ("carla_b", "8000")):
+        write_run(tmp_path / "carla" / name, ["env.name=carla", f"env.carla.tm_port={port}"], seed=0)
+    groups, _, _ = group_runs(find_runs(tmp_path / "carla"))
+    assert len(groups) == 2
+
+
 def test_norm_scale_binding_and_verdicts_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for seed in range(3):
         scalars = healthy_scalars(make_config(), level=100.0 + seed)

@@ -25,7 +25,7 @@ from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import NETS, collapse_rule, judge
 from av_td3.config import ClipConfig
 from av_td3.rundir import (COMPLETED, DEFAULTS_CHANGED, PRESET_CHOICES, RUN_ONLY_KEYS, STOPPED, flatten,
-                           is_experiment_key, schema_default)
+                           is_experiment_key, schema_default, without_other_backends)
 
 # Overrides that leave the experiment unchanged, so runs differing only in these belong together: presets and
 # keys that change how a job runs but not what it computes; the seed and the other keys that are no experiment
@@ -86,7 +86,7 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
     (``python launch.py -m experiment=X agent.encoder=shared``): those are left out of the labels, so
     ``arm=td3`` stays ``arm=td3`` whatever else the sweep's command line set.
     """
-    flats = [flatten(r.config) for r in runs]  # type: ignore[arg-type]
+    flats = [without_other_backends(flatten(r.config)) for r in runs]  # type: ignore[arg-type]
     keys = sorted({k for f in flats for k in f if is_experiment_key(k)})
     varying = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
     run_items = [_override_items(run.overrides, flat) if run.overrides is not None
