@@ -1,4 +1,5 @@
-"""``av-td3`` command line: ``validate``, ``compare``, ``plan``, ``archive`` and ``bench`` (``python -m av_td3.cli`` works too).
+"""``av-td3`` command line: ``validate``, ``compare``, ``plan``, ``archive`` and ``bench`` (``python -m av_td3.cli``
+works too).
 
 Each subcommand is one ``_add_<name>`` function that declares its arguments and sets ``run``; adding one means
 writing that function and listing it in ``SUBCOMMANDS``. Exit status: 0 success, 1 a check failed, 2 bad usage,
@@ -235,7 +236,8 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check runs: clip limits held, finite, both nets trained, no divergence",
                        description="Check every run under PATH against the limits in its own .hydra/config.yaml. "
                                    "Exit 0: all pass; 1: a check failed; 2: bad usage.")
-    p.add_argument("path", type=Path, metavar="PATH", help="a run folder, a sweep folder, or one TensorBoard event file")
+    p.add_argument("path", type=Path, metavar="PATH",
+                   help="a run folder, a sweep folder, or one TensorBoard event file")
     p.set_defaults(run=_validate)
 
 

@@ -207,7 +207,9 @@ def scalars_file(run_dir: Path, config: DictConfig | None) -> Path | None:
 def _schema_defaults() -> dict[str, Any]:
     from av_td3.config import Config  # the schema (imported when first needed: most readers of a run need no config)
 
-    return OmegaConf.to_container(OmegaConf.structured(Config))  # type: ignore[return-value]
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    assert isinstance(defaults, dict), "a structured config is a mapping"
+    return {str(k): v for k, v in defaults.items()}
 
 
 def read_config(run_dir: Path) -> DictConfig:

@@ -181,5 +181,6 @@ def missing_launcher_plugin(overrides: list[str]) -> str | None:
     for preset, (module, package) in OPTIONAL_LAUNCHERS.items():
         if f"launcher={preset}" in overrides and importlib.util.find_spec(module) is None:
             return (f"launcher={preset} needs the Hydra plugin {package}, in the cluster extra: "
-                    f"{commands.pip_install('.[cluster]')} (from the repository root), or {commands.pip_install(package)}")
+                    f"{commands.pip_install('.[cluster]')} (from the repository root), or "
+                    f"{commands.pip_install(package)}")
     return None

@@ -181,7 +181,7 @@ def check_same_seed(target: Any, cfg: Config) -> Check:
             session.reset(seed=7)
             points = [(p.location.x, p.location.y) for p in session._spawn_points]
 
-            def nearest(actor: Any) -> int:
+            def nearest(actor: Any, points: list[tuple[float, float]] = points) -> int:
                 loc = actor.get_transform().location
                 return int(np.argmin([(x - loc.x) ** 2 + (y - loc.y) ** 2 for x, y in points]))
 

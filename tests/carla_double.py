@@ -21,7 +21,8 @@ as the real client where the real client is strict, so the env's tests catch wha
   mode, raises :class:`ProcessAborted` (the real client's worker thread aborts the whole process, carla#7597).
 - **A map with a curve and a junction.** Road A runs along CARLA's +x from x=0 to 200 with three 3.5 m lanes
   centred at y = 0, 3.5 and 7 (CARLA's y points right), and one oncoming lane (lane id -1, along -x, no spawn
-  points) centred at y = -3.5, to the left of the y = 0 lane as on a right-hand-traffic road. At x=200 a junction: every lane goes straight on (road B,
+  points) centred at y = -3.5, to the left of the y = 0 lane as on a right-hand-traffic road. At x=200 a junction:
+  every lane goes straight on (road B,
   to x=400), and the right lane (y=7) may also turn right along a quarter circle of radius 20 m onto road C, which
   runs along +y. Spawn points every 20 m on each lane of road A. One traffic light guards the junction: its trigger
   area is road A's last 10 m, its stop waypoints at x=200 on road A's lanes, its state ``server.light_state``

@@ -3,18 +3,25 @@ base class deciding termination and truncation from the signals a backend report
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-from av_td3 import envs
-from av_td3.config import CarlaConfig, ConfigError, EnvConfig, RENAMED_KEYS, RewardConfig, renamed_key
+from av_td3 import bounds, envs
+from av_td3.agent.td3 import TD3
+from av_td3.config import (RENAMED_KEYS, AgentConfig, CarlaConfig, ConfigError, EnvConfig, MonitorConfig,
+                           RewardConfig, renamed_key)
 from av_td3.envs import backends, base
 from av_td3.envs.base import DrivingEnv, DrivingSignals
 from av_td3.rundir import renamed_override, without_other_backends
+from av_td3.train import agent_spec
+from av_td3.train.build import make_envs
 
 
 def test_declarations_are_read_without_importing_a_simulator() -> None:
@@ -24,12 +31,55 @@ def test_declarations_are_read_without_importing_a_simulator() -> None:
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
 
 
-def test_each_backend_declares_what_it_is() -> None:
-    highway, carla = EnvConfig(), EnvConfig(name="carla", carla=CarlaConfig(fixed_delta_s=0.02))
-    assert envs.backend(highway) is backends.HIGHWAY and envs.backend(carla) is backends.CARLA
-    assert not backends.HIGHWAY.eval_shares_env and backends.CARLA.eval_shares_env
-    assert backends.HIGHWAY.decision_dt(EnvConfig(simulation_frequency=20, policy_frequency=10)) == pytest.approx(0.1)
-    assert backends.CARLA.decision_dt(carla) == 0.02
+@pytest.mark.parametrize("shares", [False, True])
+def test_where_evaluation_runs_follows_the_declaration_not_the_name(shares: bool, monkeypatch) -> None:
+    """eval_shares_env: the evaluation env is the training env itself (one world per server), and a second
+    training env is refused naming env.num_envs; otherwise evaluation gets an env of its own."""
+    monkeypatch.setitem(backends.BACKENDS, "highway", dataclasses.replace(backends.HIGHWAY, eval_shares_env=shares))
+    cfg = EnvConfig(max_episode_steps=5)
+    train_envs, eval_env = make_envs(cfg)
+    try:
+        assert (eval_env is train_envs.envs[0]) == shares
+    finally:
+        train_envs.close()
+        if not shares:
+            eval_env.close()
+    if shares:
+        with pytest.raises(ConfigError, match=r"env\.num_envs=2 with env=highway"):
+            make_envs(EnvConfig(num_envs=2))
+
+
+def test_carla_refuses_a_second_env_before_contacting_a_server() -> None:
+    with pytest.raises(ConfigError, match=r"env\.num_envs=2 with env=carla: one carla server runs one env"):
+        make_envs(EnvConfig(name="carla", num_envs=2, carla=CarlaConfig(host="192.0.2.1", timeout_s=0.1)))
+
+
+def test_the_declared_decision_interval_sets_the_reward_bound() -> None:
+    """The bound on |r| (and so the q_divergence alert) grows with the seconds one decision lasts: CARLA's
+    fixed tick, highway-env's sim // policy physics steps. Each backend ignores the other's timing keys."""
+    def bound(**env) -> float:
+        return bounds.max_abs_reward(SimpleNamespace(env=EnvConfig(**env)))
+
+    def carla(dt: float, **env) -> float:
+        return bound(name="carla", carla=CarlaConfig(fixed_delta_s=dt), **env)
+
+    assert carla(0.1) > carla(0.05) and carla(0.05) == carla(0.05, policy_frequency=1)
+    assert bound(policy_frequency=1) > bound(policy_frequency=5) == bound(carla=CarlaConfig(fixed_delta_s=0.5))
+
+
+def test_the_state_the_highway_env_returns_is_the_state_the_agent_is_built_for() -> None:
+    cfg = EnvConfig(lane_points=3, max_episode_steps=5)
+    spec = agent_spec(cfg)
+    env = envs.make(cfg, seed=0)
+    try:
+        obs, _ = env.reset(seed=0)
+        assert obs["state"].shape == (spec.state_dim,) == spec.state_scale.shape
+        agent = TD3(AgentConfig(batch_size=8, features_dim=16, hidden_dim=32), MonitorConfig(), spec,
+                    torch.device("cpu"), q_bound=1e6, seed=0)
+        action = agent.act({k: v[None] for k, v in obs.items()})
+        assert action.shape == (1, 2) and env.action_space.contains(action[0])
+    finally:
+        env.close()
 
 
 @pytest.mark.parametrize("sim, policy, dt", [(15, 5, 0.2), (15, 4, 0.2), (10, 3, 0.3), (5, 5, 0.2)])
@@ -49,18 +99,6 @@ def test_the_highway_decision_interval_is_the_one_highway_env_integrates(sim: in
         assert (env.sim.steps - before) / sim == pytest.approx(dt)  # physics steps integrated by this decision
     finally:
         env.close()
-
-
-def test_the_highway_state_is_the_base_layout_and_carla_appends_the_traffic_light() -> None:
-    cfg = EnvConfig(lane_points=3, lane_point_spacing=2.0)
-    assert backends.HIGHWAY.state_dim(cfg) == base.state_dim(3) == 11
-    np.testing.assert_array_equal(backends.HIGHWAY.state_scale(cfg), base.state_scale(3, 2.0))
-    assert backends.CARLA.state_dim(cfg) == 13
-    np.testing.assert_array_equal(backends.CARLA.state_scale(cfg)[:11], base.state_scale(3, 2.0))
-    np.testing.assert_array_equal(backends.CARLA.state_scale(cfg)[11:], [50.0, 1.0])
-    assert backends.HIGHWAY.reward_components == base.REWARD_COMPONENTS
-    assert backends.CARLA.reward_components == base.REWARD_COMPONENTS + ("route_deviation", "wrong_way", "blocked",
-                                                                          "red_light")
 
 
 def test_an_unknown_backend_names_the_choices() -> None:

@@ -27,13 +27,32 @@ def test_defaults_compose_with_the_public_key_names() -> None:
     assert cfg.agent.clip.actor == 1.5 and cfg.agent.clip.critic == 200.0 and cfg.agent.policy_freq == 2
     assert cfg.env.name == "highway" and cfg.env.town == "racetrack"
     assert cfg.logger.tensorboard is not None and cfg.logger.csv is not None and cfg.logger.wandb is None
-    for key in ("total_steps", "learning_starts", "eval_every", "eval_episodes", "checkpoint_every", "log_every",
-                "device"):
-        assert hasattr(cfg.trainer, key)
-    for key in ("tau", "gamma", "policy_noise", "noise_clip", "exploration_noise", "batch_size", "buffer_size"):
-        assert hasattr(cfg.agent, key)
-    assert {"efficiency", "lane_keeping", "comfort", "collision_penalty", "offroad_penalty", "progress"} <= set(
-        vars(cfg.env.reward))
+
+
+# A value for each public key that differs from its default: the override must arrive, typed, where the trainer
+# reads it (tests/test_config_effects.py shows what each one then changes).
+PUBLIC_KEYS = {
+    "trainer.total_steps": 1234, "trainer.learning_starts": 111, "trainer.eval_every": 2222,
+    "trainer.eval_episodes": 3, "trainer.checkpoint_every": 4444, "trainer.log_every": 555, "trainer.device": "cpu",
+    "agent.tau": 0.01, "agent.gamma": 0.95, "agent.policy_noise": 0.3, "agent.noise_clip": 0.4,
+    "agent.exploration_noise": 0.25, "agent.batch_size": 64, "agent.buffer_size": 5000,
+    "env.reward.efficiency": 2.0, "env.reward.lane_keeping": 0.75, "env.reward.comfort": 0.5,
+    "env.reward.collision_penalty": 20.0, "env.reward.offroad_penalty": 15.0, "env.reward.progress": 0.3,
+}
+
+
+def _get(cfg: Config, key: str) -> object:
+    node: object = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+@pytest.mark.parametrize("key, value", PUBLIC_KEYS.items(), ids=list(PUBLIC_KEYS))
+def test_a_public_key_set_on_the_command_line_reaches_the_typed_config(key: str, value: object) -> None:
+    assert _get(load(), key) != value, "the test value must differ from the default"
+    cfg = load(f"{key}={value}")
+    assert _get(cfg, key) == value and type(_get(cfg, key)) is type(value)
 
 
 def test_null_disables_clipping() -> None:

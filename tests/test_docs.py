@@ -48,10 +48,32 @@ def test_the_readme_is_short() -> None:
 def test_the_two_commands_are_as_they_were_and_ci_runs_the_test_command() -> None:
     text = _read(README)
     assert TWO_COMMANDS in text, "the README's two commands changed"
-    test_command = next(line.split("#")[0].strip() for line in TWO_COMMANDS.splitlines() if line.startswith("make test"))
+    test_command = next(line.split("#")[0].strip() for line in TWO_COMMANDS.splitlines()
+                        if line.startswith("make test"))
     ci = [line.strip() for line in _read(ROOT / ".ci" / "run").splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert ci == [test_command], f".ci/run must run exactly the README's test command `{test_command}`, runs {ci}"
+
+
+def _recipe(makefile: str, target: str) -> list[str]:
+    """The commands of ``target``'s recipe, with the Makefile's ``:=`` variables expanded once."""
+    variables = dict(re.findall(r"^(\w+)\s*:=\s*(.*)$", makefile, flags=re.M))
+    lines = makefile.split(f"\n{target}:", 1)[1].splitlines()[1:]
+    recipe = [line.strip() for line in lines[:next((i for i, line in enumerate(lines) if not line.startswith("\t")),
+                                                   len(lines))]]
+    return [re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)), line) for line in recipe]
+
+
+def test_the_test_target_lints_before_the_suite() -> None:
+    """`make test` (what CI runs) stops at a lint finding before running pytest: the two are separate recipe lines,
+    and make stops at the first that fails."""
+    recipe = _recipe(_read(ROOT / "Makefile"), "test")
+    tools = [next((i for i, line in enumerate(recipe) if f" -m {tool}" in line), None)
+             for tool in ("ruff check", "pytest")]
+    assert None not in tools and tools == sorted(tools), recipe
+    ruff = shlex.split(recipe[tools[0]])
+    assert set(ruff[ruff.index("check") + 1:]) == {"av_td3", "tests", "scripts", "launch.py"}
+    assert not any(line.startswith("-") or "|| true" in line for line in recipe), "a step whose failure is ignored"
 
 
 # -------------------------------------------------------------------------------------------------------- links

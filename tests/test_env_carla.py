@@ -1556,7 +1556,8 @@ def test_a_server_that_comes_back_without_the_town_stops_with_the_fix():
     env.reset(seed=0)
     fake.server.restart()
     fake.server.maps = ["Town02"]
-    with pytest.raises(SimulatorUnusableError, match=r"localhost:2000 changed under the run: env.town='Town01' is not a map"):
+    with pytest.raises(SimulatorUnusableError,
+                       match=r"localhost:2000 changed under the run: env.town='Town01' is not a map"):
         env.step(np.zeros(2))
     env.close()
 

@@ -47,8 +47,8 @@ def test_random_overrides_give_a_clean_error_or_a_valid_config(overrides, group)
             cfg = to_config(compose("config", overrides=args))
         except ConfigError as e:
             key = str(e).split("=")[0].split(" ")[0]
-            assert key in {k for k, _ in overrides} | {"agent", "env"} or "agent.batch_size" in str(e) or "policy_frequency" in str(e) \
-                or "logger" in str(e), str(e)
+            assert key in {k for k, _ in overrides} | {"agent", "env"} or "agent.batch_size" in str(e) \
+                or "policy_frequency" in str(e) or "logger" in str(e), str(e)
             return
         except (ConfigCompositionException, MissingConfigException) as e:
             assert str(e)

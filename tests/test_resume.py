@@ -80,10 +80,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_parameters(tmp_path: Path, extra
     assert summary["status"] == "completed" and summary["steps"] == 240
 
     # no duplicated or missing steps in either scalar store, and the same history shape as the uninterrupted run
-    for reader, source in ((read_scalars_csv, "scalars.csv"), (read_event_files, None)):
-        def load(d: Path):
-            raw = reader(d / source) if source else reader(find_event_files(d))
-            return raw
+    def csv_store(d: Path):
+        return read_scalars_csv(d / "scalars.csv")
+
+    def event_store(d: Path):
+        return read_event_files(find_event_files(d))
+
+    for load in (csv_store, event_store):
         resumed, ref = load(run_dir), load(reference)
         for tag in ("perf/steps_per_s", "grad/critic/updates", "eval/return", "train/critic_loss"):
             steps = list(resumed[resumed.tag == tag]["step"])

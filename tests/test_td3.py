@@ -196,7 +196,8 @@ def test_non_finite_action_never_reaches_the_simulator() -> None:
     assert np.all(np.isfinite(out)) and skip.monitor.nonfinite_actions == 1
 
 
-@pytest.mark.parametrize("overrides", [{}, {"clip.mode": "agc"}, {"optimizer": "sgd", "lr.actor": 1e-3, "lr.critic": 1e-3},
+@pytest.mark.parametrize("overrides", [{}, {"clip.mode": "agc"},
+                                       {"optimizer": "sgd", "lr.actor": 1e-3, "lr.critic": 1e-3},
                                        {"clip.mode": "adaptive", "clip.warmup": 2},
                                        {"clip.mode": "zscore", "clip.warmup": 2}],
                          ids=["norm", "agc", "sgd", "adaptive", "zscore"])

@@ -194,9 +194,10 @@ def test_lean_update_matches_the_loop_reference(encoder: str, monitor: bool, aug
         ours = dict(getattr(agent, name).named_parameters())
         theirs = dict(getattr(ref, name).named_parameters())
         assert ours.keys() == theirs.keys()
-        for (pname, p), p0 in zip(ours.items(), before[name]):
+        for pname, p in ours.items():
+            where = f"{encoder}: {name}.{pname}"
             torch.testing.assert_close(p.detach(), theirs[pname].detach(), atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"{encoder}: {name}.{pname} differs from the reference: {m}")
+                                       msg=lambda m, where=where: f"{where} differs from the reference: {m}")
         assert any(not torch.equal(p.detach(), p0) for p, p0 in zip(ours.values(), before[name])), \
             f"{name} did not change, the comparison would prove nothing"
 
@@ -225,9 +226,10 @@ def test_agc_and_sgd_updates_match_the_loop_reference(mode: str, optimizer: str)
     for name in ("actor", "critic", "actor_target", "critic_target"):
         ours = dict(getattr(agent, name).named_parameters())
         theirs = dict(getattr(ref, name).named_parameters())
-        for (pname, p), p0 in zip(ours.items(), before[name]):
+        for pname, p in ours.items():
+            where = f"{mode}/{optimizer}: {name}.{pname}"
             torch.testing.assert_close(p.detach(), theirs[pname].detach(), atol=1e-5, rtol=1e-5,
-                                       msg=lambda m: f"{mode}/{optimizer}: {name}.{pname} differs: {m}")
+                                       msg=lambda m, where=where: f"{where} differs: {m}")
         assert any(not torch.equal(p.detach(), p0) for p, p0 in zip(ours.values(), before[name])), \
             f"{name} did not change, the comparison would prove nothing"
 

@@ -125,8 +125,8 @@ def test_carla_without_a_server_fails_before_allocating_and_leaves_no_folder(tmp
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = launch(*SMOKE, "env=carla", f"env.carla.port={port}", "env.carla.timeout_s=1", f"hydra.run.dir={tmp_path}/run",
-                  cwd=tmp_path)
+    proc = launch(*SMOKE, "env=carla", f"env.carla.port={port}", "env.carla.timeout_s=1",
+                  f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-2000:]
     assert "replay buffer" not in out and "optimizer owns" not in out

@@ -13,8 +13,9 @@ output row is then one contiguous run of ``W`` bytes read from the padded rows, 
 image: replicate padding down and up) and column offset. One ``index_select`` of ``N * C * H`` such runs, no
 per-sample Python loop and no interpolation (DrQ-v2 gets the same integer shifts from ``F.grid_sample`` on a
 pixel-centred grid). The per-pixel ``gather`` on the float images this replaced took 25 ms a call against 0.8 ms
-(torch profiler, one thread, batch 128 of 4x64x64, 2-core AMD EPYC; see benchmarks/README.md). The offsets come from the augmenter's own ``torch.Generator``, seeded from the agent seed
-and saved in the agent's checkpoint, so a resumed run draws the same shifts as an uninterrupted one.
+(torch profiler, one thread, batch 128 of 4x64x64, 2-core AMD EPYC; see benchmarks/README.md). The offsets come
+from the augmenter's own ``torch.Generator``, seeded from the agent seed and saved in the agent's checkpoint, so a
+resumed run draws the same shifts as an uninterrupted one.
 """
 
 from __future__ import annotations

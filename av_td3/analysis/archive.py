@@ -88,8 +88,8 @@ def _study_runs(study: Path) -> list[Run]:
 def _differs_from_study(run: Run, study_runs: list[Run], study: Path) -> str | None:
     """Why ``run`` does not look like a run of the study, or None: another length than all of them, or a preset
     (debug=smoke) none of them was launched with."""
-    lengths = {int(r.config.trainer.total_steps) for r in study_runs}  # type: ignore[union-attr]
-    steps = int(run.config.trainer.total_steps)  # type: ignore[union-attr]
+    lengths = {int(r.known_config.trainer.total_steps) for r in study_runs}
+    steps = int(run.known_config.trainer.total_steps)
     why = []
     if steps not in lengths:
         why.append(f"trainer.total_steps={steps} (they: {', '.join(map(str, sorted(lengths)))})")

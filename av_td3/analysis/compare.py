@@ -86,7 +86,7 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
     (``python launch.py -m experiment=X agent.encoder=shared``): those are left out of the labels, so
     ``arm=td3`` stays ``arm=td3`` whatever else the sweep's command line set.
     """
-    flats = [without_other_backends(flatten(r.config)) for r in runs]  # type: ignore[arg-type]
+    flats = [without_other_backends(flatten(r.known_config)) for r in runs]
     keys = sorted({k for f in flats for k in f if is_experiment_key(k)})
     varying = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
     run_items = [_override_items(run.overrides, flat) if run.overrides is not None
@@ -137,7 +137,7 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
         versions = sorted({r.code_version for r in group.runs if r.code_version})
         if len(versions) > 1:
             warnings.append(f"group `{label}` pools runs from {len(versions)} code versions: {', '.join(versions)}")
-        episodes = sorted({int(r.config.trainer.eval_episodes) for r in group.runs})  # type: ignore[union-attr]
+        episodes = sorted({int(r.known_config.trainer.eval_episodes) for r in group.runs})
         if len(episodes) > 1:
             warnings.append(f"group `{label}` pools runs evaluated on {' and '.join(map(str, episodes))} episodes per "
                             "evaluation: the same training, measured with different precision")
@@ -152,9 +152,9 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
 def default_baseline(groups: list[Group]) -> Group | None:
     """The group clipping both networks at the schema's default limits (the fewest overrides if several)."""
     clip = ClipConfig()
-    candidates = [g for g in groups if all(r.config.agent.clip.actor == clip.actor  # type: ignore[union-attr]
-                                           and r.config.agent.clip.critic == clip.critic  # type: ignore[union-attr]
-                                           and r.config.agent.clip.mode == clip.mode  # type: ignore[union-attr]
+    candidates = [g for g in groups if all(r.known_config.agent.clip.actor == clip.actor
+                                           and r.known_config.agent.clip.critic == clip.critic
+                                           and r.known_config.agent.clip.mode == clip.mode
                                            for r in g.runs)]
     return min(candidates, key=lambda g: (len(g.items), g.label), default=None)
 
@@ -174,7 +174,7 @@ def run_metrics(run: Run, late_fraction: float) -> dict[str, Any]:
     for name, metric in METRICS.items():
         m[name] = metric.compute(run, late_fraction)
     m["late_evaluations"] = late_evaluations(run, late_fraction)
-    m["eval_episodes"] = int(run.config.trainer.eval_episodes)  # type: ignore[union-attr]
+    m["eval_episodes"] = int(run.known_config.trainer.eval_episodes)
     for net in NETS:
         fraction = series(df, f"grad/{net}/clip_fraction")
         after = series(df, f"grad/{net}/total/after_clip_max")
@@ -237,14 +237,13 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
     ``metric``: the primary metric's name."""
     fin = rows[rows["finished"]]
     values = fin[metric].dropna().to_numpy()
-    cfg = group.runs[0].config
+    cfg = group.runs[0].known_config
     n = len(values)
     s: dict[str, Any] = {
         "group": group.label, "runs": len(rows), "completed": int((rows["state"] == COMPLETED).sum()),
         "stopped": int((rows["state"] == STOPPED).sum()), "incomplete": int((~rows["finished"]).sum()),
         "seeds": sorted(int(x) for x in fin["seed"].dropna()),
-        "total_steps": int(np.median([int(r.config.trainer.total_steps)  # type: ignore[union-attr]
-                                      for r in group.runs])),
+        "total_steps": int(np.median([int(r.known_config.trainer.total_steps) for r in group.runs])),
         "metric": metric, "n": n,
         "mean": float(np.mean(values)) if n else NAN,
         "sd": float(np.std(values, ddof=1)) if n >= 2 else NAN,
@@ -254,8 +253,8 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
         "late_evaluations": _median(fin["late_evaluations"].astype(float)),
         "eval_episodes": "/".join(str(e) for e in sorted(set(fin["eval_episodes"]))),
         "wall_h_mean": float(fin["wall_s"].dropna().mean() / 3600) if fin["wall_s"].notna().any() else NAN,
-        "clip_mode": str(cfg.agent.clip.mode),  # type: ignore[union-attr]
-        "clip_agc": float(cfg.agent.clip.agc),  # type: ignore[union-attr]
+        "clip_mode": str(cfg.agent.clip.mode),
+        "clip_agc": float(cfg.agent.clip.agc),
         # the machines its finished runs recorded (summary.json provenance; runs before the record: "not recorded")
         "machines": "; ".join(sorted({m if isinstance(m, str) else "not recorded" for m in fin["machine"]})),
     }
@@ -265,7 +264,7 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
     for name in METRICS:
         s[f"{name}_mean"] = float(fin[name].mean()) if fin[name].notna().any() else NAN
     for net in NETS:
-        limit = cfg.agent.clip[net]  # type: ignore[union-attr]
+        limit = cfg.agent.clip[net]
         s[f"{net}_clip_limit"] = NAN if limit is None else float(limit)
         s[f"{net}_clip_limit_used"] = _median(fin[f"{net}_clip_limit_used"])
         s[f"{net}_clip_fraction"] = float(fin[f"{net}_clip_fraction"].mean()) if len(fin) else NAN

@@ -91,8 +91,8 @@ def plot_grad_norms(groups: dict[str, list[Run]], path: Path) -> None:
             for i, r in enumerate(runs):
                 p99 = series(r.scalars, f"grad/{net}/total/before_clip_p99")
                 ax.plot(p99.index, p99, color="C2", lw=0.6, alpha=0.7, label="before clip p99" if i == 0 else None)
-            cfg = runs[0].config  # type: ignore[union-attr]  # grouped runs have a config
-            limit = cfg.agent.clip[net]  # type: ignore[union-attr]
+            cfg = runs[0].known_config
+            limit = cfg.agent.clip[net]
             used = [series(r.scalars, f"grad/{net}/clip_limit") for r in runs]
             if limit is not None and cfg.agent.clip.mode != "norm" and any(len(u) for u in used):
                 for i, u in enumerate(used):  # the adaptive limit as it was used, interval means

@@ -361,7 +361,7 @@ def seeds_table(runs: list[Run], effects: list[float] | None = None, baseline: s
     gives the seeds needed if the true SD is at the upper end of its 80% interval (chi-square)."""
     summary = summarize(runs, baseline, metric)
     plan, pw = summary.plan, summary.power
-    if pw is None:
+    if pw is None or summary.baseline is None:  # a Power exists only with a baseline
         raise ValueError("no baseline group: name one with --baseline")
     alpha = plan.alpha if alpha is None else alpha
     power = plan.power if power is None else power
@@ -377,7 +377,7 @@ def seeds_table(runs: list[Run], effects: list[float] | None = None, baseline: s
     sd_high = pw.sd * float(np.sqrt(df / scipy_stats.chi2.ppf(0.2, df)))
     effects = sorted(set(effects or [plan.effect, 0.1, 0.2, 0.3]))
     n_runs = sum(s["n"] for s in summary.table.to_dict("records"))
-    base = summary.baseline.label  # type: ignore[union-attr]  # a Power exists only with a baseline
+    base = summary.baseline.label
     lines = [f"Spread from {n_runs} runs in {len(summary.groups)} groups: {summary.metric}, within-group SD "
              f"pooled over the groups {_num(pw.sd)} ({df} degrees of freedom; 80% upper bound {_num(sd_high)}); "
              f"baseline `{base}` mean {_num(pw.base_mean)}, so CV {pw.sd / pw.base_mean:.1%}.",

@@ -54,6 +54,14 @@ class Run:
         return read_event_files(self.event_files)
 
     @property
+    def known_config(self) -> DictConfig:
+        """The config of a run that has one: grouping, comparing and archiving read only those (they leave out
+        runs without ``.hydra/config.yaml`` first). Raises ValueError naming the run folder otherwise."""
+        if self.config is None:
+            raise ValueError(f"{self.path}: no .hydra/config.yaml, so this run cannot be grouped or compared")
+        return self.config
+
+    @property
     def scalars_file(self) -> Path | None:
         return rundir.scalars_file(self.path, self.config)
 

@@ -29,7 +29,7 @@ def iqm(x: ArrayLike, axis: int | None = None) -> float | np.ndarray:
     return trim_mean(np.asarray(x, dtype=float), 0.25, axis=axis)
 
 
-def _percentiles(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+def _percentiles(samples: ArrayLike, confidence: float) -> tuple[float, float]:
     tail = (1.0 - confidence) / 2.0 * 100.0
     lo, hi = np.percentile(samples, [tail, 100.0 - tail])
     return float(lo), float(hi)

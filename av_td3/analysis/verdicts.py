@@ -179,7 +179,8 @@ def collapse_rule(df: pd.DataFrame, run: Run, window: int | None = None) -> tupl
     what = "evaluation" if window == 1 else "level"
     return (f"final {what} {level(final, final_step)} lost {(best - final) / gain:.0%} of the gain of its best, "
             f"{level(best, best_step)}, over its first evaluation, {first:.4g} at step {steps[0]} (more than "
-            f"monitor.collapse_fraction = {fraction:g}{'' if window == 1 else f', monitor.collapse_window = {window}'})",
+            f"monitor.collapse_fraction = {fraction:g}"
+            f"{'' if window == 1 else f', monitor.collapse_window = {window}'})",
             final_step)
 
 

@@ -63,7 +63,7 @@ def _order(values: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
 def split_levels(runs: list[Run], axis: list[str]) -> list[tuple[str, list[Run]]]:
     """The runs per level of ``axis`` (the values of those config keys), in axis order. Raises ValueError naming
     a key no run's config has, or an axis along which all runs sit at one level."""
-    flats = [flatten(r.config) for r in runs]  # type: ignore[arg-type]
+    flats = [flatten(r.known_config) for r in runs]
     for key in axis:
         if not any(key in f for f in flats):
             varying = sorted({k for f in flats for k in f if len({repr(g.get(k)) for g in flats}) > 1})

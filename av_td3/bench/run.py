@@ -34,8 +34,9 @@ def default_out() -> Path:
 
 
 class BenchInterrupted(Exception):
-    """The bench was stopped (Ctrl-C, or SIGTERM during a training run) in a section. The message says which section and where the
-    finished sections' results are (or that nothing was kept); ``exit_code`` is 128 + the signal number."""
+    """The bench was stopped (Ctrl-C, or SIGTERM during a training run) in a section. The message says which
+    section and where the finished sections' results are (or that nothing was kept); ``exit_code`` is 128 + the signal
+    number."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)

@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ NULL_MEANS = {"agent.clip.actor": "turns clipping off for the actor, in every ag
               "env.carla.tm_port": "uses env.carla.port + 6000"}
 
 
-def _check_field(key: str, value: Any, meta: dict) -> None:
+def _check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     choices = meta.get("choices")
     if choices is not None:
         if value not in choices:
@@ -94,7 +95,8 @@ def to_config(cfg: DictConfig | Config) -> Config:
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, Config):  # composed without the schema (e.g. a bare dict in a test)
         obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
-    return validate(obj)  # type: ignore[arg-type]
+    assert isinstance(obj, Config), "merged onto the schema, a config is a Config"
+    return validate(obj)
 
 
 # The config folder shipped with the package (in a checkout, av_td3/conf links to the repository's conf/).
@@ -161,7 +163,8 @@ def check_override_types(args: list[str]) -> None:
     from omegaconf.errors import ValidationError
     from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
-    nodes = {int: IntegerNode, float: FloatNode, bool: BooleanNode}
+    nodes: dict[type, type[IntegerNode | FloatNode | BooleanNode]] = {int: IntegerNode, float: FloatNode,
+                                                                    bool: BooleanNode}
     types = schema_types()
     for o in _parse_overrides(args):
         if o.is_hydra_override() or o.is_delete() or o.key_or_group not in types:
@@ -230,7 +233,7 @@ def _schema_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, bool]]:
         nullable = type(None) in args
         inner = next((t for t in args if t is not type(None)), hint) if nullable else hint
         fields.append((prefix + name, inner, nullable))
-        if dataclasses.is_dataclass(inner):
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
             fields += _schema_fields(inner, f"{prefix}{name}.")
     return fields
 

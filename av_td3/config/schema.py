@@ -2,8 +2,8 @@
 
 Hydra composes ``conf/`` on top of these dataclasses (registered in the ConfigStore below), so a wrong type or
 an unknown key fails at compose time. Ranges and cross-field rules are checked by
-:func:`av_td3.config.checks.validate`, which names the full key and the fix. Every key here is read somewhere in ``av_td3``; ``tests/test_config_effects.py``
-shows each one changing behaviour.
+:func:`av_td3.config.checks.validate`, which names the full key and the fix. Every key here is read somewhere in
+``av_td3``; ``tests/test_config_effects.py`` shows each one changing behaviour.
 """
 
 from __future__ import annotations

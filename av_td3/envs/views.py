@@ -139,15 +139,16 @@ class BirdsEyeView:
     def render(self, road: Road, ego: Vehicle) -> np.ndarray:
         """The bird's-eye frame, uint8[H, W], of ``road`` as seen from ``ego``."""
         position = np.asarray(ego.position, dtype=np.float64)
-        if self._canvas is None or np.any(np.abs(position - self._centre) > self.margin):
-            self._draw_road(road, position)
+        canvas = self._canvas
+        if canvas is None or np.any(np.abs(position - self._centre) > self.margin):
+            canvas = self._draw_road(road, position)
         forward = np.array([math.cos(ego.heading), math.sin(ego.heading)])
         left = np.array([math.sin(ego.heading), -math.cos(ego.heading)])  # driver's left in a y-down world
         # World position of every pixel centre, in canvas pixels; the canvas covers them all (see margin).
         cx = (position[0] - self._origin[0] + self._fwd * forward[0] + self._left * left[0]) * self.px_per_m
         cy = (position[1] - self._origin[1] + self._fwd * forward[1] + self._left * left[1]) * self.px_per_m
         last = self._canvas_px - 1
-        frame = self._canvas[np.clip(cx.astype(np.intp), 0, last), np.clip(cy.astype(np.intp), 0, last)]
+        frame = canvas[np.clip(cx.astype(np.intp), 0, last), np.clip(cy.astype(np.intp), 0, last)]
         for vehicle in road.vehicles:  # the ego last, so it stays whole when it touches another car
             if vehicle is not ego:
                 self._draw_vehicle(frame, vehicle, position, forward, left, ego.heading, VEHICLE)
@@ -155,8 +156,8 @@ class BirdsEyeView:
         return frame
 
     # --- the road canvas -----------------------------------------------------------------------------------
-    def _draw_road(self, road: Road, centre: np.ndarray) -> None:
-        """Draw every lane near ``centre`` onto the world-aligned canvas: surfaces first, then their markings."""
+    def _draw_road(self, road: Road, centre: np.ndarray) -> np.ndarray:
+        """Draw every lane near ``centre`` onto the world-aligned canvas (returned): surfaces, then their markings."""
         surface, half = self._surface, self._canvas_px / (2 * self.px_per_m)
         # The canvas' pixel grid is the world's fixed grid of 1/px_per_m cells, wherever it is centred: a frame
         # reads the same cells from a redrawn canvas, so nothing shifts by a pixel when the canvas moves.
@@ -176,6 +177,7 @@ class BirdsEyeView:
             for line in shape[1] if shape is not None else []:
                 pygame.draw.lines(surface, MARKING, False, self._to_canvas(line), self._marking_px)
         self._canvas = np.array(pygame.surfarray.pixels2d(surface))  # [x, y], a copy: the surface stays unlocked
+        return self._canvas
 
     def _lane_geometry(self, lane: AbstractLane, centre: np.ndarray,
                        radius: float) -> tuple[np.ndarray, list[np.ndarray]] | None:

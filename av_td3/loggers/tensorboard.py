@@ -17,7 +17,8 @@ from av_td3.rundir import EVENT_FILE_PREFIX, TB_DIR, atomic_write_bytes
 
 def purge_event_files(tb_dir: Path, purge_step: int) -> int:
     """Drop every event at or after ``purge_step`` from the event files in ``tb_dir`` (a resumed run logs those
-    steps again), keeping the rest in order; each file is rewritten atomically (:func:`av_td3.rundir.atomic_write_bytes`).
+    steps again), keeping the rest in order; each file is rewritten atomically
+    (:func:`av_td3.rundir.atomic_write_bytes`).
     SummaryWriter's own ``purge_step`` only writes a marker that some TensorBoard loaders ignore, which left the
     purged steps there twice. Returns the number of events dropped."""
     dropped = 0

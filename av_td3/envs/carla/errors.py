@@ -67,8 +67,9 @@ def unusable(err: BaseException, cfg: CarlaConfig) -> SimulatorUnusableError:
     if TM_BIND in str(err):
         return SimulatorUnusableError(
             f"the Traffic Manager cannot listen on port {cfg.traffic_manager_port()} (env.carla.tm_port): another "
-            f"program or av-td3 job on this machine holds it ({err}). Give every job its own port: env.carla.tm_port=<a free port>, "
-            "or leave it out to use env.carla.port + 6000 (see docs/carla.md, 'Sweeps').")
+            f"program or av-td3 job on this machine holds it ({err}). Give every job its own port: "
+            "env.carla.tm_port=<a free port>, or leave it out to use env.carla.port + 6000 (see docs/carla.md, "
+            "'Sweeps').")
     if isinstance(err, ConfigError):  # at start a ConfigError stops the run as it is; here the server changed
         return SimulatorUnusableError(f"the CARLA server at {cfg.host}:{cfg.port} changed under the run: {err}")
     return SimulatorUnusableError(f"the CARLA server at {cfg.host}:{cfg.port} cannot be used as configured: {err}")
