@@ -144,14 +144,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
+def atomic_write_bytes(path: Path, write: Callable[[Any], Any], durable: bool = True, private: bool = False) -> None:
     """Write through a temporary file, fsync it, then rename: a crash leaves the old file or the new, never half.
+    The one atomic write of the package: run-folder files (summary.json, checkpoints, purged event files and
+    CSV) and the CARLA port claims all go through it.
 
     The temporary file lies next to ``path`` (so the rename stays on one file system) under a random name and
     is created exclusively (O_EXCL: never an existing file or a symlink planted in its place); its mode follows
-    the umask, like the file it replaces."""
+    the umask, like the file it replaces. ``durable``: also fsync the directory, so the rename itself survives a
+    power cut (checkpoints, summary.json); a file that is rebuilt anyway (a purged CSV, a port claim) skips it.
+    ``private``: mode 0600 and no symlink followed (a file in a directory other users can see)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (getattr(os, "O_NOFOLLOW", 0) if private else 0)
+    fd = os.open(tmp, flags, 0o600 if private else 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -165,7 +170,8 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
         if isinstance(cause, OSError) and cause is not err:
             raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from err
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
