@@ -1,19 +1,24 @@
-"""The run-folder format, in one place: file names, the ``summary.json`` schema, run statuses, which config keys
-are run-only, how an older run's config is read today, and the alert vocabulary the verdicts are built on.
+"""The run-folder format, in one place: file names, the ``summary.json`` schema with its writer and reader, run
+statuses, finding run folders (and the interrupted run a command could resume), which config keys are run-only,
+how an older run's config is read today, the alert vocabulary the verdicts are built on, and the one atomic write.
 
 The trainer writes through this module and every reader (``validate``, ``compare``, ``archive``, the sweep
-report) reads through it, so the two sides cannot drift apart. Kept free of torch and pandas at import: Hydra
-imports the sweep module, and so this one, at the start of every run.
+report, ``launch.py``) reads through it, so the two sides cannot drift apart. Kept free of torch and pandas at
+import: Hydra imports the sweep module, and so this one, at the start of every run.
 
 A run folder (live, under ``outputs/``) holds::
 
     .hydra/config.yaml  .hydra/overrides.yaml   the composed config and the command-line overrides (Hydra's)
+    launch.log                                  the run's log (Hydra's job log, named after launch.py)
     summary.json                                status, final evaluation, alert counts, provenance (Summary)
     scalars.csv                                 every scalar as step,tag,value (logger.csv.filename)
     tb/events.out.tfevents.*                    the same scalars for TensorBoard, plus images
     checkpoints/                                resumable state (not read by the analysis)
+    completed_config.json                       the config of the attempt that completed (lets a rerun skip it)
 
-An archived run (``av-td3 archive``, committed under ``results/``) keeps only what the analysis needs::
+A sweep folder holds one such run folder per job (named by its overrides) and, once the sweep ends,
+``sweep_summary.json`` (every job's outcome). An archived run (``av-td3 archive``, committed under ``results/``)
+keeps only what the analysis needs::
 
     .hydra/config.yaml  .hydra/overrides.yaml  summary.json  scalars.csv.gz  archive.json
 """
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 HYDRA_DIR = ".hydra"
@@ -41,6 +47,14 @@ ARCHIVE_FILE = "archive.json"              # marks an archived run: source, code
 TB_DIR = "tb"
 EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's event files in TB_DIR (one more per resume)
 CHECKPOINT_DIR = "checkpoints"
+LAUNCH_LOG = "launch.log"                  # Hydra's job log: <job name>.log, the job named after launch.py
+# The config of the attempt that completed: Hydra rewrites .hydra/config.yaml before every attempt, so that
+# file cannot tell whether a rerun asks for the same run.
+COMPLETED_CONFIG = "completed_config.json"
+SWEEP_SUMMARY = "sweep_summary.json"       # in a sweep folder: every job's outcome, written when the sweep ends
+# What a run writes into its folder before and during its start: a folder holding no more than these, and no
+# checkpoint, belongs to an attempt that never trained.
+START_FILES = frozenset({HYDRA_DIR, LAUNCH_LOG, SUMMARY_FILE, TB_DIR, DEFAULT_SCALARS_FILE, CHECKPOINT_DIR})
 
 # summary.json's status. running: in progress (or its process died: readers tell by the age of the files);
 # completed: reached trainer.total_steps; stopped: on purpose (NaN guard, signal, simulator lost); failed: crashed.
@@ -188,8 +202,58 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``summary.json`` as written (a dict: older files lack newer fields); None when there is none yet
+    or it cannot be read (see :func:`read_json`)."""
+    return read_json(run_dir / SUMMARY_FILE)
+
+
+def is_resumable_stop(summary: dict[str, Any] | None) -> bool:
+    """Whether a run with this summary was stopped resumably: by a signal, a time-out or a lost simulator, not by
+    the NaN guard (resuming would diverge again)."""
+    return (summary is not None and summary.get("status") == STOPPED
+            and not (summary.get("nan_guard") or {}).get("triggered"))
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file()
+
+
+def find_run_dirs(folder: Path) -> list[Path]:
+    """Folders under ``folder`` (itself included) that hold ``.hydra/config.yaml``; a run's own sub-folders
+    (checkpoints, tb) are not searched further."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(folder):
+        here = Path(dirpath)
+        if is_run_dir(here):
+            found.append(here)
+            dirnames[:] = []
+        else:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    return sorted(found)
+
+
+def without_run_only(overrides: list[str]) -> list[str]:
+    """Command-line overrides, sorted, without those of :data:`RUN_ONLY_KEYS`: what makes two commands one run."""
+    return sorted(o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in RUN_ONLY_KEYS)
+
+
+def interrupted_run(runs_root: Path, overrides: list[str]) -> tuple[Path, int] | None:
+    """The newest run in ``runs_root`` (Hydra's ``<date>/<time>`` folders) that was stopped resumably
+    (:func:`is_resumable_stop`) with the same overrides, run-only keys aside; and its step."""
+    wanted = without_run_only(overrides)
+    for summary_file in sorted(runs_root.glob(f"*/*/{SUMMARY_FILE}"), reverse=True):  # newest first
+        run = summary_file.parent
+        summary = read_summary(run)
+        if not is_resumable_stop(summary):
+            continue
+        try:
+            used = [str(o) for o in OmegaConf.load(run / OVERRIDES_FILE)]
+        except (OSError, ValueError, yaml.YAMLError):  # cut short by a killed process: not a candidate
+            continue
+        if without_run_only(used) == wanted:
+            return run, int(summary.get("steps") or 0)  # type: ignore[union-attr]
+    return None
 
 
 def is_archived(path: Path) -> bool:
