@@ -37,11 +37,14 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from av_td3.config import RENAMED_KEYS, Config, CsvConfig, EnvConfig, renamed_key
+from av_td3.config.tree import flatten  # the one walker of a config's values (re-exported for rundir's readers)
+
 HYDRA_DIR = ".hydra"
 CONFIG_FILE = f"{HYDRA_DIR}/config.yaml"
 OVERRIDES_FILE = f"{HYDRA_DIR}/overrides.yaml"
 SUMMARY_FILE = "summary.json"
-DEFAULT_SCALARS_FILE = "scalars.csv"       # logger.csv.filename's default
+DEFAULT_SCALARS_FILE = CsvConfig().filename  # logger.csv.filename's default (the schema's)
 ARCHIVED_SCALARS_FILE = "scalars.csv.gz"   # what an archived run holds instead of scalars.csv and tb/
 ARCHIVE_FILE = "archive.json"              # marks an archived run: source, code version, when
 TB_DIR = "tb"
@@ -67,9 +70,11 @@ FAILED_OBJECTIVE = -1e9
 # Keys that change how a job runs, not what it computes: a sweep rerun that differs only in these still skips,
 # and `compare` never splits a group on them.
 RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress", "trainer.trust_checkpoint"})
-# Config-group choices that select presets rather than name an experiment: a sweep's job folder and compare's group
-# labels leave them out, like the run-only keys (conf/config.yaml's exclude_keys is these two lists, tested).
+# Config-group choices that select presets rather than name an experiment.
 PRESET_CHOICES = frozenset({"experiment", "debug", "launcher", "hydra/launcher", "hparams_search"})
+# Overrides that never name a run: left out of a sweep job's folder name (conf/config.yaml's
+# hydra.job.config.override_dirname.exclude_keys is this list, tested) and of compare's group labels.
+UNNAMED_OVERRIDES = PRESET_CHOICES | RUN_ONLY_KEYS
 # Keys that never make two runs different experiments: the seed is pooled by the statistics, the device and
 # the loggers and the analysis plan (plan.*) do not change what is computed, the experiment's name is a label.
 # trainer.eval_episodes changes how precisely a run is measured, not how it trains (on the embedded simulator the
@@ -275,8 +280,6 @@ def scalars_file(run_dir: Path, config: DictConfig | None) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------------- configs
 def _schema_defaults() -> dict[str, Any]:
-    from av_td3.config import Config  # the schema (imported when first needed: most readers of a run need no config)
-
     return OmegaConf.to_container(OmegaConf.structured(Config))  # type: ignore[return-value]
 
 
@@ -333,8 +336,6 @@ _MISSING = object()
 def renamed_override(override: str) -> str:
     """A recorded command-line override under today's key names (``env.port=2004`` -> ``env.carla.port=2004``),
     so an old run's label matches a new run's; anything else is returned as it is."""
-    from av_td3.config import renamed_key
-
     key, sep, value = override.partition("=")
     bare = key.lstrip("+~")
     new = renamed_key(bare) if sep else None
@@ -344,8 +345,6 @@ def renamed_override(override: str) -> str:
 def _rename_keys(loaded: DictConfig) -> None:
     """Move each key of :data:`av_td3.config.RENAMED_KEYS` the config has to its new name, in place (a value the
     config also holds under the new name wins)."""
-    from av_td3.config import RENAMED_KEYS
-
     for old, new in RENAMED_KEYS.items():
         parent, _, leaf = old.rpartition(".")
         node = OmegaConf.select(loaded, parent) if parent else loaded
@@ -354,20 +353,6 @@ def _rename_keys(loaded: DictConfig) -> None:
         value = node.pop(leaf)
         if OmegaConf.select(loaded, new, default=_MISSING) is _MISSING:
             OmegaConf.update(loaded, new, value, force_add=True)
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (a DictConfig is resolved first). An empty mapping is a value of its
-    own (``logger.csv: {}`` differs from ``logger.csv: null``)."""
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def without_other_backends(flat: dict[str, Any]) -> dict[str, Any]:
@@ -382,8 +367,6 @@ def without_other_backends(flat: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _backend_names() -> tuple[str, ...]:
-    from av_td3.config import EnvConfig  # the schema, imported when first needed (see _schema_defaults)
-
     return next(f.metadata["choices"] for f in fields(EnvConfig) if f.name == "name")
 
 
