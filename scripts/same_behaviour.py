@@ -147,21 +147,36 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
 def compare_runs(base: Path, current: Path) -> dict[str, list[str]]:
-    """Every comparison of two run folders: name -> the differences (empty: identical)."""
+    """Every comparison of two run folders: "<what> (<how much was compared>)" -> the differences (empty:
+    identical)."""
     import torch
 
     out: dict[str, list[str]] = {}
-    out["scalars"] = compare_scalars(read_scalars(base), read_scalars(current))
+    sa, sb = read_scalars(base), read_scalars(current)
+    out[f"scalars ({len(sa)} tags, {sum(map(len, sa.values()))} points)"] = compare_scalars(sa, sb)
     a = comparable_summary(json.loads((base / "summary.json").read_text()), base)
     b = comparable_summary(json.loads((current / "summary.json").read_text()), current)
-    out["summary.json"] = list(compare_values(a, b))
+    out[f"summary.json ({len(a)} fields)"] = list(compare_values(a, b))
     ca, cb = latest_checkpoint(base), latest_checkpoint(current)
     if ca is None or cb is None or ca.name != cb.name:
         out["checkpoint"] = [f"newest checkpoint: {ca and ca.name} vs {cb and cb.name}"]
     else:
-        out[f"checkpoint {ca.name}"] = list(compare_values(torch.load(ca, weights_only=True),
-                                                           torch.load(cb, weights_only=True)))
+        state = torch.load(ca, weights_only=True)
+        tensors = [v for v in _leaves(state) if isinstance(v, torch.Tensor)]
+        what = f"checkpoint {ca.name} ({len(tensors)} tensors, {sum(t.numel() for t in tensors)} elements)"
+        out[what] = list(compare_values(state, torch.load(cb, weights_only=True)))
     return out
 
 
@@ -206,12 +221,13 @@ def main() -> int:
                         help="keep the commit's runs already in --out (they do not depend on this tree)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (default 1)")
+    parser.add_argument("--compare-only", action="store_true", help="compare the runs already in --out, train none")
     args = parser.parse_args()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.commit}^{{commit}}"],
                             capture_output=True, text=True, check=True).stdout.strip()
     out = (args.out or Path(tempfile.mkdtemp(prefix="same-behaviour-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base_tree = worktree(commit, out)
+    base_tree = None if args.compare_only else worktree(commit, out)
     status = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                             capture_output=True, text=True).stdout.strip()
     here = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -220,9 +236,10 @@ def main() -> int:
     differs = False
     try:
         pending: list[tuple[subprocess.Popen, Path]] = []
-        for name in args.variants:  # every training at once (--jobs), each into its own folder
+        for name in [] if args.compare_only else args.variants:  # every training at once (--jobs), each into its own folder
             base_run, current_run = out / "base" / name, out / "current" / name
             if not (args.reuse_base and (base_run / "summary.json").is_file()):
+                assert base_tree is not None
                 pending.append((train(base_tree, base_run, VARIANTS[name]), base_run))
             pending.append((train(ROOT, current_run, VARIANTS[name]), current_run))
             while len(pending) >= args.jobs:
@@ -242,7 +259,9 @@ def main() -> int:
                 if len(diffs) > 20:
                     print(f"    ... and {len(diffs) - 20} more")
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], capture_output=True)
+        if base_tree is not None:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
+                           capture_output=True)
     print("RESULT: " + ("DIFFERS" if differs else f"identical to {commit[:12]} in every variant"))
     return 1 if differs else 0
 

@@ -6,7 +6,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "same_behaviour.py"
@@ -25,14 +24,15 @@ def _run(path: Path, rows: list[str], summary: dict, state: dict) -> Path:
 
 
 def test_identical_runs_compare_identical_whatever_their_timings_and_folders(tmp_path: Path) -> None:
-    state = {"actor": {"w": torch.ones(2, 3)}, "step": 300, "rng": np.arange(3), "stats": [1.0, float("nan")]}
+    state = {"actor": {"w": torch.ones(2, 3)}, "step": 300, "rng": torch.arange(3), "stats": [1.0, float("nan")]}
     a = _run(tmp_path / "a", ["50,train/q,0.5", "50,perf/sps,12.0"],
              {"status": "completed", "wall_s": 1.0, "provenance": {"host": "x"}, "reason": f"{tmp_path / 'a'}/f"},
              state)
     b = _run(tmp_path / "b", ["50,train/q,0.5", "50,perf/sps,99.0"],
              {"status": "completed", "wall_s": 2.0, "provenance": {"host": "y"}, "reason": f"{tmp_path / 'b'}/f"},
              state)
-    assert same.compare_runs(a, b) == {"scalars": [], "summary.json": [], "checkpoint step_0000000300.pt": []}
+    assert same.compare_runs(a, b) == {"scalars (1 tags, 1 points)": [], "summary.json (2 fields)": [],
+                                       "checkpoint step_0000000300.pt (2 tensors, 9 elements)": []}
 
 
 def test_each_difference_is_named_where_it_first_occurs(tmp_path: Path) -> None:
@@ -44,11 +44,11 @@ def test_each_difference_is_named_where_it_first_occurs(tmp_path: Path) -> None:
     b = _run(tmp_path / "b", ["50,train/q,0.5", "100,train/q,0.60000001"],
              {"status": "stopped", "objective": 1.0},
              {"actor": {"w": changed}, "step": 300, "extra": 1})
-    diffs = same.compare_runs(a, b)
+    diffs = dict(zip(["scalars", "summary.json", "checkpoint"], same.compare_runs(a, b).values()))
     assert diffs["scalars"] == ["tag train/only_a only in base",
                                 "train/q: first differs at step 100: 0.6 vs 0.60000001"]
     assert diffs["summary.json"] == ["status: 'completed' vs 'stopped'"]
-    checkpoint = diffs["checkpoint step_0000000300.pt"]
+    checkpoint = diffs["checkpoint"]
     assert checkpoint[0].startswith("actor.w: 1 of 4 elements differ, first at (1, 0)")
     assert checkpoint[1] == "extra: only in current"
 
