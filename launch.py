@@ -19,16 +19,15 @@ if os.environ.get("SDL_VIDEODRIVER", "dummy") == "dummy":
     os.environ["SDL_VIDEODRIVER"] = "offscreen"
 
 import hydra  # noqa: E402
-import yaml  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 import av_td3.config  # noqa: E402  (registers the config schema)
 from av_td3 import commands  # noqa: E402
 from av_td3.config import CONF_DIR, NULL_MEANS, ConfigError, renamed_key, schema_keys  # noqa: E402
 from av_td3.config.checks import check_override_types, override_values  # noqa: E402
-from av_td3.rundir import OVERRIDES_FILE, RUN_ONLY_KEYS, SUMMARY_FILE, read_json  # noqa: E402
+from av_td3.rundir import interrupted_run  # noqa: E402
 from av_td3.sweep import SweepIncomplete  # noqa: E402
 
 log = logging.getLogger("av_td3")
@@ -70,27 +69,6 @@ def resume_command(multirun: bool) -> str | None:
         return commands.launch(sys.argv[1:], {"hydra.sweep.dir": commands.display_path(Path(hc.sweep.dir))},
                                multirun=True)
     return commands.launch(sys.argv[1:], {"hydra.run.dir": commands.display_path(Path(hc.runtime.output_dir))})
-
-
-def interrupted_run(runs_root: Path, overrides: list[str]) -> tuple[Path, int] | None:
-    """The newest run in ``runs_root`` (Hydra's ``<date>/<time>`` folders) that was stopped resumably (a signal, a
-    time-out, a lost simulator; not the NaN guard) with the same overrides, run-only keys aside; and its step."""
-    def experiment(items: list[str]) -> list[str]:
-        return sorted(o for o in items if o.lstrip("+~").split("=", 1)[0] not in RUN_ONLY_KEYS)
-
-    wanted = experiment(overrides)
-    for summary_file in sorted(runs_root.glob(f"*/*/{SUMMARY_FILE}"), reverse=True):  # newest first
-        run = summary_file.parent
-        summary = read_json(summary_file)
-        if summary is None or summary.get("status") != "stopped" or (summary.get("nan_guard") or {}).get("triggered"):
-            continue
-        try:
-            used = [str(o) for o in OmegaConf.load(run / OVERRIDES_FILE)]
-        except (OSError, ValueError, yaml.YAMLError):  # cut short by a killed process: not a candidate
-            continue
-        if experiment(used) == wanted:
-            return run, int(summary.get("steps") or 0)
-    return None
 
 
 def point_to_interrupted_run(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:

@@ -3,7 +3,6 @@ paragraph (no traceback wall for problems the user can fix)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import traceback
@@ -15,7 +14,7 @@ from av_td3.agent.monitor import NonFiniteError
 from av_td3.checkpoint import CheckpointError
 from av_td3.config import ConfigError, to_config
 from av_td3.envs.base import EnvUnavailableError, SimulatorLostError, SimulatorUnusableError
-from av_td3.rundir import FAILED, FAILED_OBJECTIVE
+from av_td3.rundir import CHECKPOINT_DIR, FAILED, FAILED_OBJECTIVE, START_FILES, SUMMARY_FILE, read_summary
 from av_td3.sweep import completed_objective, record_completed
 
 log = logging.getLogger("av_td3")
@@ -23,11 +22,6 @@ log = logging.getLogger("av_td3")
 EXIT_CONFIG = 2       # bad configuration or checkpoint, or a simulator unusable as configured: fix the input
 EXIT_FAILED = 1       # crashed, or the simulator could not be reached
 EXIT_NAN_GUARD = 3    # stopped by monitor.nan_policy=stop; interrupted by a signal: 128 + signal number
-
-
-# What a run writes into its folder before and during its start: a folder holding no more than these, and no
-# checkpoint, belongs to an attempt that never trained.
-START_FILES = frozenset({".hydra", "launch.log", "summary.json", "tb", "scalars.csv", "checkpoints"})
 
 
 def run_job(cfg: DictConfig, run_dir: Path, resume_command: str | None = None,
@@ -47,11 +41,10 @@ def run_job(cfg: DictConfig, run_dir: Path, resume_command: str | None = None,
 def _never_trained(run_dir: Path) -> bool:
     if not run_dir.is_dir() or any(p.name not in START_FILES for p in run_dir.iterdir()):
         return False
-    if any((run_dir / "checkpoints").glob("*.pt")):
+    if any((run_dir / CHECKPOINT_DIR).glob("*.pt")):
         return False
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
+    summary = read_summary(run_dir)
+    if summary is None:
         return True  # failed before run() wrote one (an invalid config)
     return summary.get("status") == FAILED and not summary.get("steps")
 
@@ -94,15 +87,15 @@ def _run_job(cfg: DictConfig, run_dir: Path, resume_command: str | None) -> tupl
         log.error("simulator unusable: %s. Once that is fixed, %s", e, _resume_hint(resume_command))
         return FAILED_OBJECTIVE, EXIT_CONFIG
     except NonFiniteError as e:
-        log.error("stopped by the NaN guard: %s (see %s/summary.json)", e, run_dir)
+        log.error("stopped by the NaN guard: %s (see %s)", e, run_dir / SUMMARY_FILE)
         return _objective(run_dir), EXIT_NAN_GUARD
     except Preempted as e:
         log.warning("%s: checkpoint saved in %s; handing over to the launcher, which requeues the job.", e,
-                    run_dir / "checkpoints")
+                    run_dir / CHECKPOINT_DIR)
         e.requeue(e.signum, None)  # submitit's handler: requeues the job and exits this process
         return _objective(run_dir), 128 + e.signum
     except Interrupted as e:
-        log.warning("%s: checkpoint saved in %s; %s", e, run_dir / "checkpoints", _resume_hint(resume_command))
+        log.warning("%s: checkpoint saved in %s; %s", e, run_dir / CHECKPOINT_DIR, _resume_hint(resume_command))
         return _objective(run_dir), 128 + e.signum
     except MemoryError as e:
         log.error("out of memory: %s. Lower agent.buffer_size or agent.batch_size.", e)
@@ -118,7 +111,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, resume_command: str | None) -> tupl
 
 def _objective(run_dir: Path) -> float:
     try:
-        return float(json.loads((run_dir / "summary.json").read_text())["objective"])
-    except (OSError, ValueError, KeyError):
+        return float((read_summary(run_dir) or {})["objective"])
+    except (KeyError, TypeError, ValueError):
         return FAILED_OBJECTIVE
 

@@ -1,19 +1,24 @@
-"""The run-folder format, in one place: file names, the ``summary.json`` schema, run statuses, which config keys
-are run-only, how an older run's config is read today, and the alert vocabulary the verdicts are built on.
+"""The run-folder format, in one place: file names, the ``summary.json`` schema with its writer and reader, run
+statuses, finding run folders (and the interrupted run a command could resume), which config keys are run-only,
+how an older run's config is read today, the alert vocabulary the verdicts are built on, and the one atomic write.
 
 The trainer writes through this module and every reader (``validate``, ``compare``, ``archive``, the sweep
-report) reads through it, so the two sides cannot drift apart. Kept free of torch and pandas at import: Hydra
-imports the sweep module, and so this one, at the start of every run.
+report, ``launch.py``) reads through it, so the two sides cannot drift apart. Kept free of torch and pandas at
+import: Hydra imports the sweep module, and so this one, at the start of every run.
 
 A run folder (live, under ``outputs/``) holds::
 
     .hydra/config.yaml  .hydra/overrides.yaml   the composed config and the command-line overrides (Hydra's)
+    launch.log                                  the run's log (Hydra's job log, named after launch.py)
     summary.json                                status, final evaluation, alert counts, provenance (Summary)
     scalars.csv                                 every scalar as step,tag,value (logger.csv.filename)
     tb/events.out.tfevents.*                    the same scalars for TensorBoard, plus images
     checkpoints/                                resumable state (not read by the analysis)
+    completed_config.json                       the config of the attempt that completed (lets a rerun skip it)
 
-An archived run (``av-td3 archive``, committed under ``results/``) keeps only what the analysis needs::
+A sweep folder holds one such run folder per job (named by its overrides) and, once the sweep ends,
+``sweep_summary.json`` (every job's outcome). An archived run (``av-td3 archive``, committed under ``results/``)
+keeps only what the analysis needs::
 
     .hydra/config.yaml  .hydra/overrides.yaml  summary.json  scalars.csv.gz  archive.json
 """
@@ -29,18 +34,30 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+
+from av_td3.config import RENAMED_KEYS, Config, CsvConfig, EnvConfig, renamed_key
+from av_td3.config.tree import flatten  # the one walker of a config's values (re-exported for rundir's readers)
 
 HYDRA_DIR = ".hydra"
 CONFIG_FILE = f"{HYDRA_DIR}/config.yaml"
 OVERRIDES_FILE = f"{HYDRA_DIR}/overrides.yaml"
 SUMMARY_FILE = "summary.json"
-DEFAULT_SCALARS_FILE = "scalars.csv"       # logger.csv.filename's default
+DEFAULT_SCALARS_FILE = CsvConfig().filename  # logger.csv.filename's default (the schema's)
 ARCHIVED_SCALARS_FILE = "scalars.csv.gz"   # what an archived run holds instead of scalars.csv and tb/
 ARCHIVE_FILE = "archive.json"              # marks an archived run: source, code version, when
 TB_DIR = "tb"
 EVENT_FILE_PREFIX = "events.out.tfevents."  # TensorBoard's event files in TB_DIR (one more per resume)
 CHECKPOINT_DIR = "checkpoints"
+LAUNCH_LOG = "launch.log"                  # Hydra's job log: <job name>.log, the job named after launch.py
+# The config of the attempt that completed: Hydra rewrites .hydra/config.yaml before every attempt, so that
+# file cannot tell whether a rerun asks for the same run.
+COMPLETED_CONFIG = "completed_config.json"
+SWEEP_SUMMARY = "sweep_summary.json"       # in a sweep folder: every job's outcome, written when the sweep ends
+# What a run writes into its folder before and during its start: a folder holding no more than these, and no
+# checkpoint, belongs to an attempt that never trained.
+START_FILES = frozenset({HYDRA_DIR, LAUNCH_LOG, SUMMARY_FILE, TB_DIR, DEFAULT_SCALARS_FILE, CHECKPOINT_DIR})
 
 # summary.json's status. running: in progress (or its process died: readers tell by the age of the files);
 # completed: reached trainer.total_steps; stopped: on purpose (NaN guard, signal, simulator lost); failed: crashed.
@@ -53,9 +70,11 @@ FAILED_OBJECTIVE = -1e9
 # Keys that change how a job runs, not what it computes: a sweep rerun that differs only in these still skips,
 # and `compare` never splits a group on them.
 RUN_ONLY_KEYS = frozenset({"trainer.resume", "trainer.torch_threads", "trainer.progress", "trainer.trust_checkpoint"})
-# Config-group choices that select presets rather than name an experiment: a sweep's job folder and compare's group
-# labels leave them out, like the run-only keys (conf/config.yaml's exclude_keys is these two lists, tested).
+# Config-group choices that select presets rather than name an experiment.
 PRESET_CHOICES = frozenset({"experiment", "debug", "launcher", "hydra/launcher", "hparams_search"})
+# Overrides that never name a run: left out of a sweep job's folder name (conf/config.yaml's
+# hydra.job.config.override_dirname.exclude_keys is this list, tested) and of compare's group labels.
+UNNAMED_OVERRIDES = PRESET_CHOICES | RUN_ONLY_KEYS
 # Keys that never make two runs different experiments: the seed is pooled by the statistics, the device and
 # the loggers and the analysis plan (plan.*) do not change what is computed, the experiment's name is a label.
 # trainer.eval_episodes changes how precisely a run is measured, not how it trains (on the embedded simulator the
@@ -144,14 +163,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
+def atomic_write_bytes(path: Path, write: Callable[[Any], Any], durable: bool = True, private: bool = False) -> None:
     """Write through a temporary file, fsync it, then rename: a crash leaves the old file or the new, never half.
+    The one atomic write of the package: run-folder files (summary.json, checkpoints, purged event files and
+    CSV) and the CARLA port claims all go through it.
 
     The temporary file lies next to ``path`` (so the rename stays on one file system) under a random name and
     is created exclusively (O_EXCL: never an existing file or a symlink planted in its place); its mode follows
-    the umask, like the file it replaces."""
+    the umask, like the file it replaces. ``durable``: also fsync the directory, so the rename itself survives a
+    power cut (checkpoints, summary.json); a file that is rebuilt anyway (a purged CSV, a port claim) skips it.
+    ``private``: mode 0600 and no symlink followed (a file in a directory other users can see)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (getattr(os, "O_NOFOLLOW", 0) if private else 0)
+    fd = os.open(tmp, flags, 0o600 if private else 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -165,7 +189,8 @@ def atomic_write_bytes(path: Path, write: Callable[[Any], Any]) -> None:
         if isinstance(cause, OSError) and cause is not err:
             raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from err
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -182,8 +207,58 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """A run's ``summary.json`` as written (a dict: older files lack newer fields); None when there is none yet
+    or it cannot be read (see :func:`read_json`)."""
+    return read_json(run_dir / SUMMARY_FILE)
+
+
+def is_resumable_stop(summary: dict[str, Any] | None) -> bool:
+    """Whether a run with this summary was stopped resumably: by a signal, a time-out or a lost simulator, not by
+    the NaN guard (resuming would diverge again)."""
+    return (summary is not None and summary.get("status") == STOPPED
+            and not (summary.get("nan_guard") or {}).get("triggered"))
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file()
+
+
+def find_run_dirs(folder: Path) -> list[Path]:
+    """Folders under ``folder`` (itself included) that hold ``.hydra/config.yaml``; a run's own sub-folders
+    (checkpoints, tb) are not searched further."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(folder):
+        here = Path(dirpath)
+        if is_run_dir(here):
+            found.append(here)
+            dirnames[:] = []
+        else:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    return sorted(found)
+
+
+def without_run_only(overrides: list[str]) -> list[str]:
+    """Command-line overrides, sorted, without those of :data:`RUN_ONLY_KEYS`: what makes two commands one run."""
+    return sorted(o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in RUN_ONLY_KEYS)
+
+
+def interrupted_run(runs_root: Path, overrides: list[str]) -> tuple[Path, int] | None:
+    """The newest run in ``runs_root`` (Hydra's ``<date>/<time>`` folders) that was stopped resumably
+    (:func:`is_resumable_stop`) with the same overrides, run-only keys aside; and its step."""
+    wanted = without_run_only(overrides)
+    for summary_file in sorted(runs_root.glob(f"*/*/{SUMMARY_FILE}"), reverse=True):  # newest first
+        run = summary_file.parent
+        summary = read_summary(run)
+        if not is_resumable_stop(summary):
+            continue
+        try:
+            used = [str(o) for o in OmegaConf.load(run / OVERRIDES_FILE)]
+        except (OSError, ValueError, yaml.YAMLError):  # cut short by a killed process: not a candidate
+            continue
+        if without_run_only(used) == wanted:
+            return run, int(summary.get("steps") or 0)  # type: ignore[union-attr]
+    return None
 
 
 def is_archived(path: Path) -> bool:
@@ -205,8 +280,6 @@ def scalars_file(run_dir: Path, config: DictConfig | None) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------------- configs
 def _schema_defaults() -> dict[str, Any]:
-    from av_td3.config import Config  # the schema (imported when first needed: most readers of a run need no config)
-
     defaults = OmegaConf.to_container(OmegaConf.structured(Config))
     assert isinstance(defaults, dict), "a structured config is a mapping"
     return {str(k): v for k, v in defaults.items()}
@@ -265,8 +338,6 @@ _MISSING = object()
 def renamed_override(override: str) -> str:
     """A recorded command-line override under today's key names (``env.port=2004`` -> ``env.carla.port=2004``),
     so an old run's label matches a new run's; anything else is returned as it is."""
-    from av_td3.config import renamed_key
-
     key, sep, value = override.partition("=")
     bare = key.lstrip("+~")
     new = renamed_key(bare) if sep else None
@@ -276,8 +347,6 @@ def renamed_override(override: str) -> str:
 def _rename_keys(loaded: DictConfig) -> None:
     """Move each key of :data:`av_td3.config.RENAMED_KEYS` the config has to its new name, in place (a value the
     config also holds under the new name wins)."""
-    from av_td3.config import RENAMED_KEYS
-
     for old, new in RENAMED_KEYS.items():
         parent, _, leaf = old.rpartition(".")
         node = OmegaConf.select(loaded, parent) if parent else loaded
@@ -286,20 +355,6 @@ def _rename_keys(loaded: DictConfig) -> None:
         value = node.pop(leaf)
         if OmegaConf.select(loaded, new, default=_MISSING) is _MISSING:
             OmegaConf.update(loaded, new, value, force_add=True)
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (a DictConfig is resolved first). An empty mapping is a value of its
-    own (``logger.csv: {}`` differs from ``logger.csv: null``)."""
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def without_other_backends(flat: dict[str, Any]) -> dict[str, Any]:
@@ -314,8 +369,6 @@ def without_other_backends(flat: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _backend_names() -> tuple[str, ...]:
-    from av_td3.config import EnvConfig  # the schema, imported when first needed (see _schema_defaults)
-
     return next(f.metadata["choices"] for f in fields(EnvConfig) if f.name == "name")
 
 

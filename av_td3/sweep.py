@@ -21,15 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from av_td3 import commands
 from av_td3.config import Config
-from av_td3.rundir import (COMPLETED, RUN_ONLY_KEYS, RUNNING, SUMMARY_FILE, UnsafePathError, check_inside, flatten,
-                           read_json, upgrade_config)
+from av_td3.rundir import (COMPLETED, COMPLETED_CONFIG, LAUNCH_LOG, RUN_ONLY_KEYS, RUNNING, SUMMARY_FILE, SWEEP_SUMMARY,
+                           UnsafePathError, check_inside, find_run_dirs, flatten, read_json, read_summary,
+                           upgrade_config)
 
 log = logging.getLogger("av_td3")
 
-SWEEP_SUMMARY = "sweep_summary.json"
-# The config of the attempt that completed: Hydra rewrites .hydra/config.yaml before every attempt, so that
-# file cannot tell whether a rerun asks for the same run.
-COMPLETED_CONFIG = "completed_config.json"
 # Exit status of a sweep in which some job did not complete.
 EXIT_SWEEP_INCOMPLETE = 1
 # Launcher presets whose Hydra plugin is an optional install: preset name -> (plugin module, pip package).
@@ -61,7 +58,7 @@ def completed_objective(config: Config, run_dir: Path) -> float | None:
     latest checkpoint. Only ``trainer.resume=auto`` skips: ``none`` or a checkpoint path asks for training."""
     if config.trainer.resume != "auto":
         return None
-    summary = read_json(run_dir / SUMMARY_FILE)
+    summary = read_summary(run_dir)
     if summary is None or summary.get("status") != COMPLETED:
         return None
     objective = summary.get("objective")
@@ -81,10 +78,15 @@ def completed_objective(config: Config, run_dir: Path) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ sweep report
+# A job's status in the sweep report when it has no summary.json to give one: none was written, or the job's
+# summary.json resolves outside the sweep folder (rundir.check_inside).
+NO_SUMMARY, REFUSED = "no summary", "refused"
+
+
 @dataclass
 class JobResult:
     job: str                  # the job's folder relative to the sweep dir (named by its overrides)
-    status: str               # completed | stopped | failed | running | no summary
+    status: str               # a summary.json status (rundir.STATUSES), or NO_SUMMARY or REFUSED
     steps: int | None
     total_steps: int | None
     objective: float | None
@@ -98,11 +100,11 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
     try:
         check_inside(sweep_dir, job_dir / SUMMARY_FILE)
     except UnsafePathError as e:
-        return JobResult(name, "refused", None, None, None, str(e))
-    summary = read_json(job_dir / SUMMARY_FILE)
+        return JobResult(name, REFUSED, None, None, None, str(e))
+    summary = read_summary(job_dir)
     if summary is None:
-        return JobResult(name, "no summary", None, None, None,
-                         "no summary.json: the job failed before training started (see its launch.log)")
+        return JobResult(name, NO_SUMMARY, None, None, None,
+                         f"no {SUMMARY_FILE}: the job failed before training started (see its {LAUNCH_LOG})")
     status = summary.get("status", RUNNING)
     reason = summary.get("reason")
     if status == RUNNING:  # the sweep is over, so the job's process died without writing its outcome
@@ -113,8 +115,6 @@ def read_job(job_dir: Path, sweep_dir: Path) -> JobResult:
 
 def collect(sweep_dir: Path) -> list[JobResult]:
     """Every job folder under ``sweep_dir`` (the folders `av-td3 compare` reads), earlier runs' included."""
-    from av_td3.analysis.runs import find_run_dirs  # pandas: only paid for at the end of a sweep
-
     return [read_job(d, sweep_dir) for d in find_run_dirs(sweep_dir)]
 
 
@@ -141,7 +141,7 @@ def report(sweep_dir: Path, jobs: list[JobResult], baseline: str | None = None) 
         steps = "-" if j.steps is None else f"{j.steps}/{j.total_steps}"
         reason = (j.reason or "-").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {j.job} | {j.status} | {steps} | {reason} |")
-    lines += ["", f"Details in {sweep_dir / SWEEP_SUMMARY} and each job's summary.json and launch.log. Runs "
+    lines += ["", f"Details in {sweep_dir / SWEEP_SUMMARY} and each job's {SUMMARY_FILE} and {LAUNCH_LOG}. Runs "
               f"stopped by the NaN guard still count in `{compare}` (as diverged). Rerun the same command with "
               f"hydra.sweep.dir={sweep_dir} to skip the completed jobs and retry the others."]
     return "\n".join(lines)

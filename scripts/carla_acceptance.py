@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # the test double lives in tests/
 from av_td3.config import Config, to_config  # noqa: E402
 from av_td3.envs.carla import worker as carla_worker  # noqa: E402
 from av_td3.envs.carla.env import CarlaSession  # noqa: E402
+from av_td3.rundir import CHECKPOINT_DIR, STOPPED  # noqa: E402
 from av_td3.timing import NoPhases  # noqa: E402
 
 Check = tuple[bool | None, str, list[str]]  # (passed; None: measured only), one line, the report's details
@@ -284,13 +285,13 @@ def check_restart_then_sigterm(target: Any, cfg: Config, run_dir: Path, restart_
 
     trainer, err = train_until_signal(target, cfg, run_dir, signal.SIGTERM, restart_at, stop_at)
     env = trainer.envs.envs[0]
-    checkpoints = list((run_dir / "checkpoints").glob("*.pt"))
+    checkpoints = list((run_dir / CHECKPOINT_DIR).glob("*.pt"))
     lost_steps = trainer.step - len(trainer.buffer)  # interrupted steps store nothing (the step never happened)
     given_back = server_given_back(target, cfg, "after SIGTERM")
     details = [f"stopped by {err!r} at env step {trainer.step}; {len(checkpoints)} checkpoint(s); status "
                f"{trainer.summary.status}; worker restarts {env.restarts}, reconnects {env.reconnects}; "
                f"{len(trainer.buffer)} transitions stored for {trainer.step} steps", given_back[1]]
-    ok = (isinstance(err, Interrupted) and trainer.summary.status == "stopped" and bool(checkpoints)
+    ok = (isinstance(err, Interrupted) and trainer.summary.status == STOPPED and bool(checkpoints)
           and trainer.step >= stop_at and bool(given_back[0])
           and (restart_at is None or (env.reconnects >= 1 and lost_steps >= 1)))
     what = (f"server restarted at step {restart_at}: {lost_steps} interrupted step(s) not stored, training went "
@@ -307,7 +308,7 @@ def check_sigusr2(target: Any, cfg: Config, run_dir: Path, stop_at: int) -> Chec
         trainer, err = train_until_signal(target, cfg, run_dir, signal.SIGUSR2, None, stop_at)
     finally:
         signal.signal(signal.SIGUSR2, old)
-    checkpoints = list((run_dir / "checkpoints").glob("*.pt"))
+    checkpoints = list((run_dir / CHECKPOINT_DIR).glob("*.pt"))
     given_back = server_given_back(target, cfg, "after SIGUSR2")
     ok = isinstance(err, Preempted) and bool(checkpoints) and bool(given_back[0])
     return ok, f"SIGUSR2 at step {stop_at}: {err!s}, {len(checkpoints)} checkpoint(s); {given_back[1]}", []

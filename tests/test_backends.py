@@ -101,6 +101,30 @@ def test_the_highway_decision_interval_is_the_one_highway_env_integrates(sim: in
         env.close()
 
 
+def test_every_consumer_of_the_highway_decision_interval_uses_the_one_formula() -> None:
+    """At 15 Hz simulation and 4 Hz policy the two formulas the code once had disagree (1/4 = 0.25 s against
+    (15 // 4) / 15 = 0.2 s): the PID the trainer builds, the Q bound and the env's reward (jerk) all take 0.2 s."""
+    import torch
+
+    from av_td3 import bounds
+    from av_td3.config import AgentConfig, Config
+    from av_td3.envs.highway import HighwayDrivingEnv
+    from av_td3.train.build import make_agent
+
+    cfg = Config(agent=AgentConfig(name="pid"), env=EnvConfig(simulation_frequency=15, policy_frequency=4))
+    dt = backends.HIGHWAY.decision_dt(cfg.env)
+    assert dt == pytest.approx(0.2)
+    pid, _ = make_agent(cfg, None, torch.device("cpu"), q_bound=0.0)  # type: ignore[arg-type]  (pid needs no spec)
+    assert pid.dt == dt  # type: ignore[attr-defined]
+    assert bounds.max_abs_reward(cfg) == base.max_abs_reward(cfg.env.reward, dt)
+    assert bounds.max_abs_reward(cfg) != base.max_abs_reward(cfg.env.reward, 1 / cfg.env.policy_frequency)
+    env = HighwayDrivingEnv(cfg.env, seed=0)
+    try:
+        assert env.reward_fn.dt == dt
+    finally:
+        env.close()
+
+
 def test_an_unknown_backend_names_the_choices() -> None:
     cfg = EnvConfig()
     object.__setattr__(cfg, "name", "gta")  # past the schema's own check

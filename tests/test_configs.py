@@ -80,11 +80,10 @@ def test_the_composed_default_is_the_schema() -> None:
 
 
 def test_the_keys_left_out_of_job_folders_are_the_run_only_keys_and_the_presets() -> None:
-    """One list: conf/config.yaml's exclude_keys (sweep job folder names) = rundir's run-only keys + preset choices,
-    which compare also leaves out of its group labels."""
-    from av_td3.analysis.compare import IGNORED_OVERRIDES
-    from av_td3.rundir import PRESET_CHOICES, RUN_ONLY_KEYS
+    """One list: conf/config.yaml's exclude_keys (sweep job folder names) = rundir.UNNAMED_OVERRIDES, the run-only
+    keys + preset choices, which compare also leaves out of its group labels (tests/test_rundir.py)."""
+    from av_td3.rundir import PRESET_CHOICES, RUN_ONLY_KEYS, UNNAMED_OVERRIDES
 
     cfg = _compose(hydra=True)
     excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
-    assert excluded == set(PRESET_CHOICES | RUN_ONLY_KEYS) == set(IGNORED_OVERRIDES)
+    assert excluded == set(UNNAMED_OVERRIDES) == set(PRESET_CHOICES | RUN_ONLY_KEYS)

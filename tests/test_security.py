@@ -173,8 +173,8 @@ def test_a_save_removes_temporary_files_left_by_a_killed_writer(tmp_path: Path) 
 
 
 def test_the_csv_purge_on_resume_never_writes_through_a_planted_file(tmp_path: Path, monkeypatch) -> None:
-    """The CSV logger rewrites scalars.csv without the points a killed process logged after its checkpoint; its
-    temporary file is created the same way as the checkpoint's."""
+    """The CSV logger rewrites scalars.csv without the points a killed process logged after its checkpoint,
+    through the checkpoint's atomic write (rundir.atomic_write_bytes)."""
     from av_td3.config import CsvConfig
     from av_td3.loggers import csv as csv_logger
 
@@ -183,7 +183,7 @@ def test_the_csv_purge_on_resume_never_writes_through_a_planted_file(tmp_path: P
     assert (tmp_path / "scalars.csv").read_text().splitlines() == ["step,tag,value", "10,a,1.0"]
     assert [p.name for p in tmp_path.iterdir()] == ["scalars.csv"]
 
-    monkeypatch.setattr(csv_logger.secrets, "token_hex", lambda n: "guessed")
+    monkeypatch.setattr(rundir.secrets, "token_hex", lambda n: "guessed")
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / ".scalars.csv.guessed.tmp").symlink_to(victim)

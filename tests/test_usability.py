@@ -195,7 +195,7 @@ def test_interrupted_run_validates_on_its_updates_and_the_printed_command_resume
 
 def test_a_rerun_of_an_interrupted_command_is_pointed_to_the_run_it_can_resume(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT))
-    from launch import interrupted_run
+    from av_td3.rundir import interrupted_run
 
     def run(name: str, status: str, overrides: list[str], nan: bool = False) -> Path:
         d = tmp_path / "runs" / "2026-12-01" / name

@@ -24,13 +24,9 @@ from av_td3.analysis.plan import Plan, departures, study_plan
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import NETS, collapse_rule, judge
 from av_td3.config import ClipConfig
-from av_td3.rundir import (COMPLETED, DEFAULTS_CHANGED, PRESET_CHOICES, RUN_ONLY_KEYS, STOPPED, flatten,
-                           is_experiment_key, schema_default, without_other_backends)
+from av_td3.rundir import (COMPLETED, DEFAULTS_CHANGED, STOPPED, UNNAMED_OVERRIDES, flatten, is_experiment_key,
+                           schema_default, without_other_backends)
 
-# Overrides that leave the experiment unchanged, so runs differing only in these belong together: presets and
-# keys that change how a job runs but not what it computes; the seed and the other keys that are no experiment
-# key (rundir.is_experiment_key) are left out of labels too.
-IGNORED_OVERRIDES = PRESET_CHOICES | RUN_ONLY_KEYS
 NORM_PERCENTILES = (50, 90, 99)
 # A limit that binds on at most / at least this share of updates "never binds" / "binds on every update".
 NEVER_BINDS, ALWAYS_BINDS = 0.001, 0.99
@@ -64,7 +60,8 @@ def _override_items(overrides: list[str], flat: dict[str, Any]) -> list[str]:
     for override in overrides:
         override = override.lstrip("+")
         key = override.partition("=")[0]
-        if key in IGNORED_OVERRIDES or not is_experiment_key(key) or key.startswith(("hydra.", "hydra/")):
+        # presets and run-only keys; the seed and the other keys that are no experiment key are left out too
+        if key in UNNAMED_OVERRIDES or not is_experiment_key(key) or key.startswith(("hydra.", "hydra/")):
             continue
         items.append(f"{key}={_value_text(flat[key])}" if key in flat else override)
     chosen = {item.partition("=")[0] for item in items}

@@ -8,7 +8,6 @@ big sweep should not parse every event file. Every file read must lie inside the
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from av_td3 import rundir
 from av_td3.analysis.events import EVENT_GLOB, find_event_files, is_event_file, read_event_files, read_scalars_csv
-from av_td3.rundir import COMPLETED, FAILED, FINISHED, RUNNING, STOPPED, UnsafePathError
+from av_td3.rundir import COMPLETED, FAILED, FINISHED, RUNNING, STOPPED, UnsafePathError, find_run_dirs
 
 # A run's state as compare reads it: its summary.json status, or CRASHED for a "running" one whose process is gone.
 CRASHED = "crashed"
@@ -132,7 +131,7 @@ def load_run(run_dir: Path, root: Path, event_files: list[Path] | None = None) -
         config=config,
         overrides=([rundir.renamed_override(str(o)) for o in OmegaConf.load(overrides)]  # type: ignore[union-attr]
                    if overrides.is_file() else None),
-        summary=rundir.read_json(run_dir / rundir.SUMMARY_FILE),
+        summary=rundir.read_summary(run_dir),
         event_files=events,
         archive=rundir.read_json(run_dir / rundir.ARCHIVE_FILE),
         recorded_keys=recorded,
@@ -152,20 +151,6 @@ def _event_file_run(file: Path, root: Path) -> Run:
         run = Run(path=file.parent, name="", config=None, overrides=None, summary=None, event_files=[file])
     run.name = str(file.relative_to(root)) if root.is_dir() else str(file)
     return run
-
-
-def find_run_dirs(folder: Path) -> list[Path]:
-    """Folders under ``folder`` (itself included) that hold ``.hydra/config.yaml``; a run's own sub-folders
-    (checkpoints, tb) are not searched further."""
-    found = []
-    for dirpath, dirnames, _ in os.walk(folder):
-        here = Path(dirpath)
-        if rundir.is_run_dir(here):
-            found.append(here)
-            dirnames[:] = []
-        else:
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    return sorted(found)
 
 
 def find_runs(path: Path) -> list[Run]:

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from av_td3.config.schema import TM_PORT_OFFSET, CarlaConfig, Config, ConfigError
+from av_td3.config.tree import flatten, schema_fields
 
 # What `<key>=null` means, for the keys where null is the way to turn something off (named in range errors, since
 # 0 or None are the values people try first).
@@ -45,19 +46,12 @@ def _check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
         raise ConfigError(f"{key}={value} is out of range: it must be {op} {hi}.")
 
 
-def _walk(obj: Any, prefix: str) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            _walk(value, key + ".")
-        elif f.metadata:
-            _check_field(key, value, f.metadata)
-
-
 def validate(cfg: Config) -> Config:
     """Check every range and cross-field rule; raise :class:`ConfigError` naming the key and the fix."""
-    _walk(cfg, "")
+    metadata = {f.key: f.metadata for f in schema_fields(Config)}
+    for key, value in flatten(cfg).items():
+        if metadata.get(key):
+            _check_field(key, value, metadata[key])
     t, a, e = cfg.trainer, cfg.agent, cfg.env
     if a.batch_size > a.buffer_size:
         raise ConfigError(f"agent.batch_size={a.batch_size} is larger than agent.buffer_size={a.buffer_size}: "
@@ -223,28 +217,14 @@ def check_output_dir(args: list[str], cwd: Path | None = None) -> None:
                           f"be created there. Fix its permissions or choose another dir with {key}=PATH.")
 
 
-def _schema_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, bool]]:
-    """(dotted key, type, accepts null) of every key of the schema, sections too (``Optional[X]`` gives ``X``)."""
-    import typing
-
-    fields = []
-    for name, hint in typing.get_type_hints(cls).items():
-        args = typing.get_args(hint)
-        nullable = type(None) in args
-        inner = next((t for t in args if t is not type(None)), hint) if nullable else hint
-        fields.append((prefix + name, inner, nullable))
-        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
-            fields += _schema_fields(inner, f"{prefix}{name}.")
-    return fields
-
-
 def schema_types(cls: type = Config) -> dict[str, tuple[Any, bool]]:
     """Every leaf key of the schema, dotted, mapped to its type (``int``, ``float``, ``str``, ``list[int]``, ...)
     and whether it accepts null."""
-    return {key: (kind, nullable) for key, kind, nullable in _schema_fields(cls) if not dataclasses.is_dataclass(kind)}
+    return {key: (kind, nullable) for key, kind, nullable, _ in schema_fields(cls)
+            if not dataclasses.is_dataclass(kind)}
 
 
 def schema_keys(cls: type = Config) -> dict[str, bool]:
     """Every key of the schema, dotted (sections too, e.g. ``agent.clip`` and ``agent.clip.actor``), mapped to
     whether it accepts null. The command-line pre-checks use it to name the nearest valid key for a typo."""
-    return {key: nullable for key, _, nullable in _schema_fields(cls)}
+    return {f.key: f.nullable for f in schema_fields(cls)}

@@ -7,7 +7,6 @@ modules here): each backend's module is imported by :meth:`Backend.build` only.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 
 from av_td3.config import ConfigError, EnvConfig
+from av_td3.config.tree import flatten
 from av_td3.envs import base
 
 log = logging.getLogger(__name__)
@@ -111,19 +111,8 @@ def warn_ignored(cfg: EnvConfig) -> list[str]:
             continue
         changed += [f"env.{k}" for k in other.own_keys if getattr(cfg, k) != getattr(defaults, k)]
         if other.section:
-            mine, default = _flat(getattr(cfg, other.section)), _flat(getattr(defaults, other.section))
+            mine, default = flatten(getattr(cfg, other.section)), flatten(getattr(defaults, other.section))
             changed += [f"env.{other.section}.{k}" for k, v in mine.items() if v != default[k]]
     if changed:
         log.warning("%s: settings of another backend, ignored by env.name=%s.", ", ".join(changed), chosen.name)
     return changed
-
-
-def _flat(section: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(_flat(value, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = value
-    return out

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 
 from av_td3.config import CsvConfig
+from av_td3.rundir import atomic_write_bytes
 
 
 HEADER = ["step", "tag", "value"]
@@ -44,17 +44,10 @@ class CsvBackend:
         with open(self.path, newline="") as f:
             rows = list(csv.reader(f))
         kept = [HEADER] + [r for r in rows[1:] if _complete(r) and int(r[0]) < purge_step]
-        # A fresh file under a random name next to the CSV, created exclusively (never an existing file or a
-        # planted link; mode from the umask), renamed over it: a crash leaves the old CSV or the purged one.
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                csv.writer(f).writerows(kept)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(kept)
+        # Renamed over the CSV: a crash leaves the old CSV or the purged one (a resume purges it again).
+        atomic_write_bytes(self.path, lambda f: f.write(text.getvalue().encode()), durable=False)
 
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         self._writer.writerows((step, tag, repr(float(v)) if math.isfinite(v) else str(float(v)))

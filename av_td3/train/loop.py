@@ -24,7 +24,7 @@ from av_td3.config import Config, ConfigError
 from av_td3.envs import backend
 from av_td3.envs.base import SimulatorLostError, SimulatorUnusableError, StopRequested
 from av_td3.progress import Progress
-from av_td3.rundir import COMPLETED, FAILED, STOPPED, Summary, write_summary
+from av_td3.rundir import CHECKPOINT_DIR, COMPLETED, FAILED, STOPPED, Summary, write_summary
 from av_td3.timing import NO_PHASES, NoPhases
 from av_td3.train import evaluation, resume, summary
 from av_td3.train.build import (agent_spec, check_env, eval_shares_env, make_agent, make_envs, resolve_device,
@@ -61,7 +61,7 @@ class Trainer:
         self.spec = agent_spec(e)
         self.reward_bound = bounds.max_abs_reward(cfg)
         self.summary = Summary(total_steps=t.total_steps)
-        self.ckpt = CheckpointManager(run_dir / "checkpoints", t.checkpoint_keep)
+        self.ckpt = CheckpointManager(run_dir / CHECKPOINT_DIR, t.checkpoint_keep)
         self.eval_shares_env = eval_shares_env(e)
         self.envs, self.eval_env = make_envs(e)
         try:

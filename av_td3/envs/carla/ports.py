@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from av_td3.config import ConfigError
+from av_td3.rundir import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,7 @@ def claim_port(key: str, label: str) -> Path:
         log.warning("%s is already in use by av-td3 process %d: give each parallel job its own CARLA server "
                     "(env.carla.port) and Traffic Manager port (env.carla.tm_port), see docs/carla.md.",
                     label, holder)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, lambda f: f.write(str(os.getpid()).encode()), durable=False, private=True)
     return path
 
 
