@@ -31,6 +31,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from av_td3.tags import DIVERGENCE, INVARIANT, alerts_of
+
 HYDRA_DIR = ".hydra"
 CONFIG_FILE = f"{HYDRA_DIR}/config.yaml"
 OVERRIDES_FILE = f"{HYDRA_DIR}/overrides.yaml"
@@ -80,11 +82,11 @@ RETIRED_KEYS = ("monitor.warn_factor", "monitor.critical_factor", "monitor.refer
 # Keys that moved are read under today's names (av_td3.config.RENAMED_KEYS: the CARLA backend's env.host, ... are
 # env.carla.host, ...), so an old run and a new run of one configuration are one group.
 
-# Alerts (tags alert/<net>/<name>) that mean numerical failure: with the NaN guard and a non-finite logged
-# value, the only grounds on which a run is called diverged.
-DIVERGENCE_ALERTS = ("q_divergence",)
+# Alerts (tags alert/<net>/<name>) by severity, from the one table of alerts (av_td3.tags.ALERTS). Numerical
+# failure: with the NaN guard and a non-finite logged value, the only grounds on which a run is called diverged.
+DIVERGENCE_ALERTS = alerts_of(DIVERGENCE)
 # The monitor's own invariant (after-clip norm <= the limit used): firing means a broken clip, not a bad run.
-INVARIANT_ALERTS = ("clip_violation",)
+INVARIANT_ALERTS = alerts_of(INVARIANT)
 
 
 @dataclass
