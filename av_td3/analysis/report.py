@@ -14,12 +14,13 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from av_td3.analysis import stats
-from av_td3.analysis.compare import ALWAYS_BINDS, MIN_RUNS_FOR_VERDICT, NEVER_BINDS, NORM_PERCENTILES, Report, summarize
-from av_td3.analysis.metrics import METRICS
+from av_td3.analysis.compare import ALWAYS_BINDS, MIN_RUNS_FOR_VERDICT, NEVER_BINDS, Report, summarize
+from av_td3.analysis.metrics import METRICS, NET_COLUMNS, num, pct
 from av_td3.analysis.plots import plot_effects, write_plots
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import NETS, RULES, RULES_VERSION
+from av_td3.analysis.verdicts import RULES, RULES_VERSION
 from av_td3.rundir import schema_default
+from av_td3.tags import NETS
 
 
 # ------------------------------------------------------------------------------------------------------ words
@@ -32,44 +33,23 @@ def binding_notes(s: dict[str, Any]) -> list[str]:
             continue
         what = "units" if s["clip_mode"] == "agc" else "updates"  # AGC clips unit by unit
         if fraction <= NEVER_BINDS:
-            notes.append(f"the {net}'s limit never binds ({_pct(fraction)} of {what} clipped): clipping the "
+            notes.append(f"the {net}'s limit never binds ({pct(fraction)} of {what} clipped): clipping the "
                          f"{net} changes nothing here")
         elif s["clip_mode"] == "agc":
             if fraction >= ALWAYS_BINDS:
-                notes.append(f"AGC clips {_pct(fraction)} of the {net}'s units: it rescales nearly every unit's "
+                notes.append(f"AGC clips {pct(fraction)} of the {net}'s units: it rescales nearly every unit's "
                              "gradient to lambda x its weight norm")
         elif fraction >= ALWAYS_BINDS:
-            notes.append(f"the {net}'s limit binds on {_pct(fraction)} of updates: its clipping acts as gradient "
-                         f"normalisation (norm p50 {_num(s[f'{net}_norm_p50'])} vs limit "
-                         f"{_num(s[f'{net}_clip_limit_used'])})")
+            notes.append(f"the {net}'s limit binds on {pct(fraction)} of updates: its clipping acts as gradient "
+                         f"normalisation (norm p50 {num(s[f'{net}_norm_p50'])} vs limit "
+                         f"{num(s[f'{net}_clip_limit_used'])})")
     return notes
 
 
 
 # -------------------------------------------------------------------------------------------------- formatting
-def _num(x: float, digits: int = 4) -> str:
-    if x is None or not np.isfinite(x):
-        return "-"
-    return f"{x:,.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
-
-
-def _pct(x: float) -> str:
-    return "-" if not np.isfinite(x) else f"{100 * x:.0f}%"
-
-
-def _clipping_text(s: dict[str, Any], net: str) -> str:
-    """How often a net's clip bound, and its limit: per update for the global-norm modes, per unit for AGC (whose
-    limit moves with each unit's weight norm, so no single limit is shown)."""
-    fraction, mode = _pct(s[f"{net}_clip_fraction"]), s["clip_mode"]
-    if mode == "agc":
-        return f"{fraction} of units clipped (agc, lambda {_num(s['clip_agc'])})"
-    if mode == "norm":
-        return f"{fraction} clipped (limit {_num(s[f'{net}_clip_limit'])})"
-    return f"{fraction} clipped ({mode}, limit used ~{_num(s[f'{net}_clip_limit_used'])})"
-
-
 def _metric_cell(s: dict[str, Any], percent: bool) -> str:
-    fmt = _pct if percent else _num
+    fmt = pct if percent else num
     if s["n"] >= 2:
         return f"{fmt(s['mean'])} [{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]"
     if s["n"] == 1:
@@ -98,25 +78,18 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
     runs += f", {s['incomplete']} incomplete)" if s["incomplete"] else ")"
     cells = {"group": f"`{s['group']}`", "runs": runs, "steps/run": f"{s['total_steps']:,}",
              f"{metric.title} mean [95% CI]": _metric_cell(s, metric.percent),
-             "CV": _pct(s["cv"]),
+             "CV": pct(s["cv"]),
              "effect vs baseline [adj. CI]": _effect_cell(s),
-             "verdict": "baseline" if s["is_baseline"] else (s["verdict"] or "-"),
-             "late success": _pct(s["late_success_mean"]),
-             "late collisions/ep": _num(s["late_collisions_mean"], 3)}
+             "verdict": "baseline" if s["is_baseline"] else (s["verdict"] or "-")}
+    cells.update({m.title: m.show(s[f"{m.name}_mean"]) for m in METRICS.values() if m.column})
     for net in NETS:
-        limit, top = s[f"{net}_clip_limit"], _num(s[f"{net}_after_clip_max"])
-        if not np.isfinite(s[f"{net}_clip_fraction"]) and not np.isfinite(s[f"{net}_after_clip_max"]):
-            cells[f"{net} clipping"] = "no gradients logged"  # e.g. agent=pid: nothing is learned
-            cells[f"{net} norm p50/p90/p99"] = "-"
-            cells[f"{net} spikes /1k upd."] = "-"
-            continue
-        cells[f"{net} clipping"] = (f"unclipped, max norm {top}" if not np.isfinite(limit) else
-                                    _clipping_text(s, net))
-        cells[f"{net} norm p50/p90/p99"] = "/".join(_num(s[f"{net}_norm_p{q}"], 3) for q in NORM_PERCENTILES)
-        cells[f"{net} spikes /1k upd."] = _num(s[f"{net}_spikes_per_1k"], 2)
+        # no gradients logged, e.g. agent=pid: nothing is learned
+        logged = np.isfinite(s[f"{net}_clip_fraction"]) or np.isfinite(s[f"{net}_after_clip_max"])
+        for column in NET_COLUMNS:
+            cells[f"{net} {column.title}"] = column.cell(s, net) if logged else column.missing
     for verdict, title in (("diverged", "diverged"), ("collapsed", "collapsed"), ("failed", "failed to learn")):
         cells[title] = f"{s[verdict]}/{s['finished']}"
-    cells["wall h/run"] = _num(s["wall_h_mean"], 2)
+    cells["wall h/run"] = num(s["wall_h_mean"], 2)
     return cells
 
 
@@ -127,12 +100,12 @@ def power_lines(summary: Report) -> list[str]:
         return ["no baseline: no effects, no power"]
     if not np.isfinite(pw.sd) or not np.isfinite(pw.base_mean):
         return [f"{summary.metric}: too few runs with the metric to estimate its spread"]
-    unit = f"{pw.sd / pw.base_mean:.1%} of the baseline's mean {_num(pw.base_mean)}" if pw.base_mean > 0 else \
-        f"the baseline's mean is {_num(pw.base_mean)}"
-    lines = [f"within-group SD of {summary.metric}, pooled over the groups: {_num(pw.sd)} ({unit})"]
+    unit = f"{pw.sd / pw.base_mean:.1%} of the baseline's mean {num(pw.base_mean)}" if pw.base_mean > 0 else \
+        f"the baseline's mean is {num(pw.base_mean)}"
+    lines = [f"within-group SD of {summary.metric}, pooled over the groups: {num(pw.sd)} ({unit})"]
     shown = (f"{pw.detectable_share:.0%} of the baseline" if pw.base_mean > 0 and np.isfinite(pw.detectable) else
              "(not computable: the power solver found no solution)" if not np.isfinite(pw.detectable) else
-             f"a difference of {_num(pw.detectable)} (in {summary.metric}'s units: the baseline's mean is not "
+             f"a difference of {num(pw.detectable)} (in {summary.metric}'s units: the baseline's mean is not "
              f"positive, so no share of it)")
     lines.append(f"with n={pw.n} per group and {pw.comparisons} comparison(s) with the baseline (alpha "
                  f"{plan.alpha:g} / {pw.comparisons} = {pw.alpha:.3g} each, two-sided), these runs detect a "
@@ -147,8 +120,8 @@ def power_lines(summary: Report) -> list[str]:
 def verdict_line(s: dict[str, Any], summary: Report) -> str:
     """One sentence per group against the baseline, read off its effect's family-adjusted interval."""
     metric, plan, pw = summary.metric, summary.plan, summary.power
-    spread = f", CV {_pct(s['cv'])}" if np.isfinite(s["cv"]) else ""
-    head = f"`{s['group']}`: {metric} {_num(s['mean'])} (n={s['n']}{spread})"
+    spread = f", CV {pct(s['cv'])}" if np.isfinite(s["cv"]) else ""
+    head = f"`{s['group']}`: {metric} {num(s['mean'])} (n={s['n']}{spread})"
     if s["is_baseline"]:
         return f"{head}: the baseline"
     if summary.baseline is None:
@@ -261,6 +234,8 @@ def plan_lines(summary: Report) -> list[str]:
 def _legend(summary: Report) -> str:
     metric = METRICS[summary.metric]
     n_comp = summary.power.comparisons if summary.power else 1
+    columns = " ".join([m.legend for m in METRICS.values() if m.column and m.legend]
+                       + [column.legend for column in NET_COLUMNS])
     return (f"Primary metric `{summary.metric}`: {metric.what}, per run; per group its mean with a 95% Student-t "
             f"interval and its coefficient of variation (CV = SD / mean over the group's runs). Effect vs baseline: "
             f"the difference of the group's mean from the baseline's, in % of the baseline's mean, with a "
@@ -270,11 +245,7 @@ def _legend(summary: Report) -> str:
             f"excludes 0 with at least {MIN_RUNS_FOR_VERDICT} runs in each group; equivalent when it lies within the "
             f"plan's ±{summary.plan.effect:.0%}; otherwise inconclusive. comparison.csv also holds the Holm-adjusted "
             f"p-values, every metric per group and P(improvement). Statistics use finished runs (completed or "
-            f"stopped). Late success and collisions: means over the late evaluations. Clipping: share of updates "
-            f"clipped and the limit (for the adaptive modes the median limit used). Norm p50/p90/p99: percentiles of "
-            f"the before-clip global gradient norm within each logging interval, median over the run's intervals and "
-            f"the group's runs. Spikes: updates whose before-clip norm jumped more than monitor.spike_z std above its "
-            f"running log-mean, per 1,000 updates. Diverged: numerical failure (NaN guard, a non-finite logged value, "
+            f"stopped). {columns} Diverged: numerical failure (NaN guard, a non-finite logged value, "
             f"|Q| beyond the reward bound) or |Q| beyond monitor.q_return_factor x the largest |return| the run "
             f"played. Collapsed: the final level lost more than monitor.collapse_fraction of the gain of the run's "
             f"best level over its first evaluation; a level is the mean of monitor.collapse_window consecutive "
@@ -308,7 +279,7 @@ def markdown_report(summary: Report, plots: list[Path]) -> str:
     if not flagged:
         md.append("- none: no run diverged, collapsed or failed to learn")
     md += ["", "## Evaluations behind the metric", ""]
-    md += [f"- `{s['group']}`: {_num(s['late_evaluations'], 3)} late evaluation(s) per run (median) of "
+    md += [f"- `{s['group']}`: {num(s['late_evaluations'], 3)} late evaluation(s) per run (median) of "
            f"{s['eval_episodes']} episodes each" for s in rows]
     md += ["", "## Machines (where the wall times come from)", ""]
     md += [f"- `{s['group']}`: {s['machines'] or '-'}" for s in rows]
@@ -379,8 +350,8 @@ def seeds_table(runs: list[Run], effects: list[float] | None = None, baseline: s
     n_runs = sum(s["n"] for s in summary.table.to_dict("records"))
     base = summary.baseline.label  # type: ignore[union-attr]  # a Power exists only with a baseline
     lines = [f"Spread from {n_runs} runs in {len(summary.groups)} groups: {summary.metric}, within-group SD "
-             f"pooled over the groups {_num(pw.sd)} ({df} degrees of freedom; 80% upper bound {_num(sd_high)}); "
-             f"baseline `{base}` mean {_num(pw.base_mean)}, so CV {pw.sd / pw.base_mean:.1%}.",
+             f"pooled over the groups {num(pw.sd)} ({df} degrees of freedom; 80% upper bound {num(sd_high)}); "
+             f"baseline `{base}` mean {num(pw.base_mean)}, so CV {pw.sd / pw.base_mean:.1%}.",
              f"Seeds per group for {power:.0%} power, two-sided alpha {alpha:g} shared by {k} comparison(s) with "
              f"the baseline ({alpha / k:.3g} each):", ""]
     rows = []
@@ -388,7 +359,7 @@ def seeds_table(runs: list[Run], effects: list[float] | None = None, baseline: s
         diff = effect * pw.base_mean
         n = stats.runs_needed(diff, pw.sd, alpha / k, power)
         n_high = stats.runs_needed(diff, sd_high, alpha / k, power)
-        rows.append({"effect": f"±{effect:.0%}", "difference": _num(diff), "seeds per group": str(n),
+        rows.append({"effect": f"±{effect:.0%}", "difference": num(diff), "seeds per group": str(n),
                      "if the SD is at its upper bound": str(n_high),
                      f"runs in all ({k + 1} groups)": str(n * (k + 1))})
     lines.append(markdown_table(rows))
