@@ -15,7 +15,9 @@ from scipy import stats as scipy_stats
 
 from av_td3.analysis import stats
 from av_td3.analysis.compare import ALWAYS_BINDS, MIN_RUNS_FOR_VERDICT, NEVER_BINDS, Report, summarize
-from av_td3.analysis.metrics import METRICS, NET_COLUMNS, num, pct
+from av_td3.analysis.metrics import METRICS, NET_COLUMNS
+from av_td3.analysis.metrics import num as _num
+from av_td3.analysis.metrics import pct as _pct
 from av_td3.analysis.plots import plot_effects, write_plots
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import RULES, RULES_VERSION
@@ -33,23 +35,23 @@ def binding_notes(s: dict[str, Any]) -> list[str]:
             continue
         what = "units" if s["clip_mode"] == "agc" else "updates"  # AGC clips unit by unit
         if fraction <= NEVER_BINDS:
-            notes.append(f"the {net}'s limit never binds ({pct(fraction)} of {what} clipped): clipping the "
+            notes.append(f"the {net}'s limit never binds ({_pct(fraction)} of {what} clipped): clipping the "
                          f"{net} changes nothing here")
         elif s["clip_mode"] == "agc":
             if fraction >= ALWAYS_BINDS:
-                notes.append(f"AGC clips {pct(fraction)} of the {net}'s units: it rescales nearly every unit's "
+                notes.append(f"AGC clips {_pct(fraction)} of the {net}'s units: it rescales nearly every unit's "
                              "gradient to lambda x its weight norm")
         elif fraction >= ALWAYS_BINDS:
-            notes.append(f"the {net}'s limit binds on {pct(fraction)} of updates: its clipping acts as gradient "
-                         f"normalisation (norm p50 {num(s[f'{net}_norm_p50'])} vs limit "
-                         f"{num(s[f'{net}_clip_limit_used'])})")
+            notes.append(f"the {net}'s limit binds on {_pct(fraction)} of updates: its clipping acts as gradient "
+                         f"normalisation (norm p50 {_num(s[f'{net}_norm_p50'])} vs limit "
+                         f"{_num(s[f'{net}_clip_limit_used'])})")
     return notes
 
 
 
 # -------------------------------------------------------------------------------------------------- formatting
 def _metric_cell(s: dict[str, Any], percent: bool) -> str:
-    fmt = pct if percent else num
+    fmt = _pct if percent else _num
     if s["n"] >= 2:
         return f"{fmt(s['mean'])} [{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]"
     if s["n"] == 1:
@@ -78,7 +80,7 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
     runs += f", {s['incomplete']} incomplete)" if s["incomplete"] else ")"
     cells = {"group": f"`{s['group']}`", "runs": runs, "steps/run": f"{s['total_steps']:,}",
              f"{metric.title} mean [95% CI]": _metric_cell(s, metric.percent),
-             "CV": pct(s["cv"]),
+             "CV": _pct(s["cv"]),
              "effect vs baseline [adj. CI]": _effect_cell(s),
              "verdict": "baseline" if s["is_baseline"] else (s["verdict"] or "-")}
     cells.update({m.title: m.show(s[f"{m.name}_mean"]) for m in METRICS.values() if m.column})
@@ -89,7 +91,7 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
             cells[f"{net} {column.title}"] = column.cell(s, net) if logged else column.missing
     for verdict, title in (("diverged", "diverged"), ("collapsed", "collapsed"), ("failed", "failed to learn")):
         cells[title] = f"{s[verdict]}/{s['finished']}"
-    cells["wall h/run"] = num(s["wall_h_mean"], 2)
+    cells["wall h/run"] = _num(s["wall_h_mean"], 2)
     return cells
 
 
@@ -100,12 +102,12 @@ def power_lines(summary: Report) -> list[str]:
         return ["no baseline: no effects, no power"]
     if not np.isfinite(pw.sd) or not np.isfinite(pw.base_mean):
         return [f"{summary.metric}: too few runs with the metric to estimate its spread"]
-    unit = f"{pw.sd / pw.base_mean:.1%} of the baseline's mean {num(pw.base_mean)}" if pw.base_mean > 0 else \
-        f"the baseline's mean is {num(pw.base_mean)}"
-    lines = [f"within-group SD of {summary.metric}, pooled over the groups: {num(pw.sd)} ({unit})"]
+    unit = f"{pw.sd / pw.base_mean:.1%} of the baseline's mean {_num(pw.base_mean)}" if pw.base_mean > 0 else \
+        f"the baseline's mean is {_num(pw.base_mean)}"
+    lines = [f"within-group SD of {summary.metric}, pooled over the groups: {_num(pw.sd)} ({unit})"]
     shown = (f"{pw.detectable_share:.0%} of the baseline" if pw.base_mean > 0 and np.isfinite(pw.detectable) else
              "(not computable: the power solver found no solution)" if not np.isfinite(pw.detectable) else
-             f"a difference of {num(pw.detectable)} (in {summary.metric}'s units: the baseline's mean is not "
+             f"a difference of {_num(pw.detectable)} (in {summary.metric}'s units: the baseline's mean is not "
              f"positive, so no share of it)")
     lines.append(f"with n={pw.n} per group and {pw.comparisons} comparison(s) with the baseline (alpha "
                  f"{plan.alpha:g} / {pw.comparisons} = {pw.alpha:.3g} each, two-sided), these runs detect a "
@@ -120,8 +122,8 @@ def power_lines(summary: Report) -> list[str]:
 def verdict_line(s: dict[str, Any], summary: Report) -> str:
     """One sentence per group against the baseline, read off its effect's family-adjusted interval."""
     metric, plan, pw = summary.metric, summary.plan, summary.power
-    spread = f", CV {pct(s['cv'])}" if np.isfinite(s["cv"]) else ""
-    head = f"`{s['group']}`: {metric} {num(s['mean'])} (n={s['n']}{spread})"
+    spread = f", CV {_pct(s['cv'])}" if np.isfinite(s["cv"]) else ""
+    head = f"`{s['group']}`: {metric} {_num(s['mean'])} (n={s['n']}{spread})"
     if s["is_baseline"]:
         return f"{head}: the baseline"
     if summary.baseline is None:
@@ -279,7 +281,7 @@ def markdown_report(summary: Report, plots: list[Path]) -> str:
     if not flagged:
         md.append("- none: no run diverged, collapsed or failed to learn")
     md += ["", "## Evaluations behind the metric", ""]
-    md += [f"- `{s['group']}`: {num(s['late_evaluations'], 3)} late evaluation(s) per run (median) of "
+    md += [f"- `{s['group']}`: {_num(s['late_evaluations'], 3)} late evaluation(s) per run (median) of "
            f"{s['eval_episodes']} episodes each" for s in rows]
     md += ["", "## Machines (where the wall times come from)", ""]
     md += [f"- `{s['group']}`: {s['machines'] or '-'}" for s in rows]
@@ -350,8 +352,8 @@ def seeds_table(runs: list[Run], effects: list[float] | None = None, baseline: s
     n_runs = sum(s["n"] for s in summary.table.to_dict("records"))
     base = summary.baseline.label  # type: ignore[union-attr]  # a Power exists only with a baseline
     lines = [f"Spread from {n_runs} runs in {len(summary.groups)} groups: {summary.metric}, within-group SD "
-             f"pooled over the groups {num(pw.sd)} ({df} degrees of freedom; 80% upper bound {num(sd_high)}); "
-             f"baseline `{base}` mean {num(pw.base_mean)}, so CV {pw.sd / pw.base_mean:.1%}.",
+             f"pooled over the groups {_num(pw.sd)} ({df} degrees of freedom; 80% upper bound {_num(sd_high)}); "
+             f"baseline `{base}` mean {_num(pw.base_mean)}, so CV {pw.sd / pw.base_mean:.1%}.",
              f"Seeds per group for {power:.0%} power, two-sided alpha {alpha:g} shared by {k} comparison(s) with "
              f"the baseline ({alpha / k:.3g} each):", ""]
     rows = []
@@ -359,7 +361,7 @@ def seeds_table(runs: list[Run], effects: list[float] | None = None, baseline: s
         diff = effect * pw.base_mean
         n = stats.runs_needed(diff, pw.sd, alpha / k, power)
         n_high = stats.runs_needed(diff, sd_high, alpha / k, power)
-        rows.append({"effect": f"±{effect:.0%}", "difference": num(diff), "seeds per group": str(n),
+        rows.append({"effect": f"±{effect:.0%}", "difference": _num(diff), "seeds per group": str(n),
                      "if the SD is at its upper bound": str(n_high),
                      f"runs in all ({k + 1} groups)": str(n * (k + 1))})
     lines.append(markdown_table(rows))
