@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from av_td3.config import RENAMED_KEYS, Config, CsvConfig, EnvConfig, renamed_key
 from av_td3.config.tree import flatten  # the one walker of a config's values (re-exported for rundir's readers)
+from av_td3.tags import DIVERGENCE, INVARIANT, alerts_of
 
 HYDRA_DIR = ".hydra"
 CONFIG_FILE = f"{HYDRA_DIR}/config.yaml"
@@ -99,11 +100,11 @@ RETIRED_KEYS = ("monitor.warn_factor", "monitor.critical_factor", "monitor.refer
 # Keys that moved are read under today's names (av_td3.config.RENAMED_KEYS: the CARLA backend's env.host, ... are
 # env.carla.host, ...), so an old run and a new run of one configuration are one group.
 
-# Alerts (tags alert/<net>/<name>) that mean numerical failure: with the NaN guard and a non-finite logged
-# value, the only grounds on which a run is called diverged.
-DIVERGENCE_ALERTS = ("q_divergence",)
+# Alerts (tags alert/<net>/<name>) by severity, from the one table of alerts (av_td3.tags.ALERTS). Numerical
+# failure: with the NaN guard and a non-finite logged value, the only grounds on which a run is called diverged.
+DIVERGENCE_ALERTS = alerts_of(DIVERGENCE)
 # The monitor's own invariant (after-clip norm <= the limit used): firing means a broken clip, not a bad run.
-INVARIANT_ALERTS = ("clip_violation",)
+INVARIANT_ALERTS = alerts_of(INVARIANT)
 
 
 @dataclass

@@ -1,13 +1,16 @@
-"""Where one training step's time goes: a lap timer the trainer and the agent call between their phases.
+"""Where one training step's time goes: a lap timer charged at the trainer's hook points and around the agent's
+update.
 
-The trainer and :class:`av_td3.agent.td3.TD3` hold :data:`NO_PHASES` (every call a no-op) unless ``av-td3 bench``
-hands them a :class:`PhaseTimer` (``Trainer.time_phases``). Each ``lap(name)`` adds the wall time since the
+The trainer holds :data:`NO_PHASES` (every call a no-op) at its loop's hook points unless ``av-td3 bench`` hands
+it a :class:`PhaseTimer` (``Trainer.time_phases``), which also wraps a learning agent's update in
+:class:`UpdatePhases`: the update itself holds no timing calls. Each ``lap(name)`` adds the wall time since the
 previous lap to ``name``, so consecutive laps cover a step without gaps and the phases add up to the step's time.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -61,3 +64,48 @@ class PhaseTimer(NoPhases):
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class UpdatePhases:
+    """Charges a TD3 update's time to its phases from outside the update: the update's calls into its
+    :class:`~av_td3.agent.monitor.GradMonitor` mark where each phase ends. Installed on ``agent`` (its ``update``
+    and its monitor's ``before_clip``, ``after_clip`` and ``observe``), for ``av-td3 bench`` only.
+
+    Per network update: forward and backward up to ``before_clip`` -> the net ("critic", "actor"); the guard,
+    the clip and ``after_clip`` -> "monitor" (with the guard's drop of a non-finite update, its time goes to the
+    net); the optimizer step, up to the first ``observe`` -> the net; the observations -> "monitor"; after an
+    actor update, the rest of the update (the target networks' Polyak step) -> "target".
+    """
+
+    def __init__(self, agent: Any, timer: NoPhases) -> None:
+        self.timer = timer
+        self.net: str | None = None  # the net whose optimizer step runs until the next observe()
+        self.actor_stepped = False   # in this update: the actor and the targets were updated
+        monitor = agent.monitor
+        self._update, self._before, self._after, self._observe = (
+            agent.update, monitor.before_clip, monitor.after_clip, monitor.observe)
+        agent.update = self.update
+        monitor.before_clip, monitor.after_clip, monitor.observe = self.before_clip, self.after_clip, self.observe
+
+    def update(self, batch: Any, step: int) -> None:
+        self.net, self.actor_stepped = None, False
+        self._update(batch, step)
+        if self.actor_stepped:
+            self.timer.lap("target")
+
+    def before_clip(self, net: str, loss: torch.Tensor, step: int) -> Any:
+        self.timer.lap(net)
+        self.net = net
+        return self._before(net, loss, step)
+
+    def after_clip(self, net: str, before: Any, clip: Any) -> None:
+        self._after(net, before, clip)
+        self.timer.lap("monitor")
+        self.actor_stepped = net == "actor"
+
+    def observe(self, key: str, value: torch.Tensor) -> None:
+        if self.net is not None:
+            self.timer.lap(self.net)
+            self.net = None
+        self._observe(key, value)
+        self.timer.lap("monitor")

@@ -13,8 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from av_td3.agent.monitor import ALERTS
 from av_td3.config import Config
+from av_td3.tags import ALERTS
 
 Scalars = dict[str, list[tuple[int, float]]]
 NETS = ("actor", "critic")
@@ -71,9 +71,9 @@ def healthy_scalars(cfg: DictConfig, flushes: int = 6, log_every: int = 50, fina
                 log(f"grad/{net}/clip_limit", step, limit)
                 log(f"grad/{net}/clip_limit_max", step, limit)
                 log(f"grad/{net}/after_over_limit_max", step, 1.0)
-            for name in ALERTS:
-                if name != "action_saturation" or net == "actor":
-                    log(f"alert/{net}/{name}", step, 0)
+            for alert in ALERTS:
+                if net in alert.nets:
+                    log(f"alert/{net}/{alert.name}", step, 0)
         for tag, value in (("train/critic_loss", 1.0), ("train/actor_loss", -5.0), ("train/q1", 5.0),
                            ("train/q2", 5.1), ("train/q_abs_max", 8.0), ("perf/steps_per_s", 100.0)):
             log(tag, step, value)

@@ -5,6 +5,7 @@ step. (The numbers themselves are benchmarks, not timed tests.)"""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import re
@@ -19,13 +20,15 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from av_td3 import bench
+from av_td3.agent.td3 import TD3
 from av_td3.bench import regression, updates
 from av_td3.bench import run as bench_run
 from av_td3.bench.progress import about, estimate_s
 from av_td3.cli import main as cli
 from av_td3.config import Config, to_config
 from av_td3.envs.base import state_dim
-from av_td3.timing import PhaseTimer
+from av_td3.timing import NoPhases, PhaseTimer, UpdatePhases
+from tests.test_td3 import make_agent, make_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,6 +223,28 @@ def test_phase_timer_laps_and_start_step() -> None:
         timer.lap("b")
     assert timer.steps == 2 and list(timer.seconds) == ["a", "b"]
     assert timer.seconds["a"] > timer.seconds["b"] >= 0
+
+
+class Laps(NoPhases):
+    def __init__(self) -> None:
+        self.laps: list[str] = []
+
+    def lap(self, name: str) -> None:
+        self.laps.append(name)
+
+
+def test_the_update_is_timed_from_outside_in_its_phases() -> None:
+    """TD3.update holds no timing call; UpdatePhases charges it, in order, to the phases the bench reports:
+    per network update forward+backward -> the net, guard+clip -> monitor, optimizer step -> the net,
+    observations -> monitor; after an actor update, the target networks' step -> target."""
+    assert "lap(" not in inspect.getsource(TD3.update)
+    agent, timer = make_agent(policy_freq=2), Laps()
+    UpdatePhases(agent, timer)
+    for i in (1, 2):
+        agent.update(make_batch(i), step=i)
+    phases = [name for k, name in enumerate(timer.laps) if k == 0 or timer.laps[k - 1] != name]
+    critic = ["critic", "monitor", "critic", "monitor"]
+    assert phases == critic + critic + ["actor", "monitor", "actor", "monitor", "target"]
 
 
 def test_replay_bytes_are_the_allocated_arrays(tiny_run) -> None:

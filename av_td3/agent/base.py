@@ -12,8 +12,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from av_td3.timing import NoPhases
-
 
 @dataclass
 class Flush:
@@ -39,7 +37,6 @@ class Agent(Protocol):
     """
 
     learning: bool
-    phases: NoPhases  # the timer update() charges its phases to (``av-td3 bench``); no-ops otherwise
 
     def act(self, obs: dict[str, np.ndarray], noise: float = 0.0) -> np.ndarray:
         """Observations (image uint8 [n, stack, H, W], state float32 [n, k]) → actions float32 [n, 2] in [-1, 1];

@@ -17,7 +17,7 @@ only measures. For each network ("actor", "critic") and part ("cnn", "mlp", "tot
   and evaluates the alerts there.
 
 Alert thresholds follow the configuration (clip limits, ``monitor.*``, the reward scale), never fixed numbers.
-Which alerts mean divergence is decided in :mod:`av_td3.rundir` (DIVERGENCE_ALERTS), not here.
+The tag names, the percentiles and the alerts (with their severity and explanation) are :mod:`av_td3.tags`'s.
 """
 
 from __future__ import annotations
@@ -29,15 +29,35 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from av_td3 import tags
 from av_td3.agent.base import Flush
 from av_td3.agent.clipping import Clip, unit_norms
 from av_td3.config import ClipConfig, MonitorConfig
+from av_td3.tags import AFTER, ALERTS, BEFORE, NORM_PERCENTILES
 
 log = logging.getLogger(__name__)
 
-# Alert names per net, in the order they are logged (alert/<net>/<name>, 0 or 1 per flush).
-ALERTS = ("clip_violation", "grad_spike", "q_divergence", "dead_gradient", "action_saturation")
-NORM_PERCENTILES = (50, 90, 99)  # of the interval's before-clip total norms: grad/<net>/total/before_clip_p<q>
+
+class ClipRow(NamedTuple):
+    """What one update's clip did, accumulated per interval (mean and max of each field)."""
+    coef: torch.Tensor     # after / before total norm (1 when the norm is 0)
+    clipped: torch.Tensor  # 1 when the clip bound (under agc: the share of units clipped)
+    spike: torch.Tensor    # 1 when the before-clip norm was a spike (SpikeDetector)
+
+
+class LimitRow(NamedTuple):
+    """The limit one update was clipped to and the invariant's ratio, accumulated per interval."""
+    limit: torch.Tensor  # the limit used
+    ratio: torch.Tensor  # after-clip norm / limit (agc: the worst unit's); the invariant is ratio <= 1
+
+
+_ACC = "grad/"
+
+
+def _acc(net: str, what: str) -> str:
+    """The key of one of a net's device accumulators (checkpointed with the interval in progress; these are not
+    tags: :meth:`GradMonitor.flush` turns them into the :mod:`av_td3.tags` names)."""
+    return f"{_ACC}{net}/{what}"
 
 
 class NonFiniteError(RuntimeError):
@@ -178,6 +198,8 @@ class GradMonitor:
         self.spikes = {net: SpikeDetector(cfg.spike_z, cfg.spike_ema, cfg.spike_warmup, device)
                        for net in self.parts}
         self.q_bound = q_bound
+        self.thresholds = tags.Thresholds(self.per_unit, cfg.spike_z, q_bound, cfg.dead_steps,
+                                          cfg.saturation_threshold)  # what the alerts' explanations quote
         self.action_names = action_names
         self.device = device
         self.stats = DeviceStats(device)
@@ -227,17 +249,18 @@ class GradMonitor:
                 ratio = after_total.float() / clip.limit
             else:  # agc: on every unit; the ratio logged is the worst unit's
                 ratio = (torch.cat([unit_norms(g) for g in clip.grads]) / clip.unit_limits).max()
-            # [limit used, after / limit]: the invariant after <= limit is checked on the max of the ratio
-            self.stats.add(f"grad/{net}/limit", torch.stack([clip.limit.float(), ratio]))
+            # the invariant after <= limit is checked on the interval's max of the ratio
+            self.stats.add(_acc(net, "limit"), torch.stack(LimitRow(limit=clip.limit.float(), ratio=ratio)))
             clipped = clip.clipped
-        self.stats.add(f"grad/{net}/before", torch.cat([before.parts, total.reshape(1)]))
-        self.stats.add(f"grad/{net}/after", torch.cat([after_norms, after_total.reshape(1)]))
+        self.stats.add(_acc(net, BEFORE), torch.cat([before.parts, total.reshape(1)]))
+        self.stats.add(_acc(net, AFTER), torch.cat([after_norms, after_total.reshape(1)]))
         coef = torch.where(total > 0, after_total / total, torch.ones_like(total))
-        self.stats.add(f"grad/{net}/coef", torch.stack([coef, clipped, self.spikes[net](total)]))
+        row = ClipRow(coef=coef, clipped=clipped, spike=self.spikes[net](total))
+        self.stats.add(_acc(net, "coef"), torch.stack(row))
         self._norms[net].append(total.detach())
         zr = self._zero_run[net]
         torch.where(before.parts == 0, zr + 1, torch.zeros_like(zr), out=zr)
-        self.stats.add(f"grad/{net}/zero_run", zr)
+        self.stats.add(_acc(net, "zero_run"), zr)
 
     def observe(self, key: str, value: torch.Tensor) -> None:
         """Record a training quantity (loss, Q statistics, action saturation); mean and max per interval."""
@@ -267,7 +290,7 @@ class GradMonitor:
         q = torch.tensor([p / 100 for p in NORM_PERCENTILES], device=self.device)
         for net, norms in self._norms.items():
             if norms:
-                items.append((f"grad/{net}/total/before_clip", "pct", torch.quantile(torch.stack(norms).float(), q)))
+                items.append((_acc(net, "total/before_clip"), "pct", torch.quantile(torch.stack(norms).float(), q)))
         values = torch.cat([t.reshape(-1).float() for _, _, t in items]).cpu().tolist() if items else []
         raw: dict[tuple[str, str], list[float]] = {}
         i = 0
@@ -284,83 +307,66 @@ class GradMonitor:
                                      "guard/nonfinite_actions": float(self.nonfinite_actions)}
         fired: list[str] = []
         for net in self.parts:
-            if (f"grad/{net}/before", "mean") not in raw:
+            if (_acc(net, BEFORE), "mean") not in raw:
                 continue  # this net was not updated in the interval: no metrics rather than zeros
             fired += self._grad_scalars(net, raw, counts, scalars)
         for (key, kind), vals in raw.items():
-            if key.startswith("grad/"):
+            if key.startswith(_ACC):  # the nets' accumulators, turned into tags above
                 continue
             if key == "train/action_saturation":
                 if kind == "mean":
                     for name, v in zip(self.action_names, vals):
                         scalars[f"train/action_saturation/{name}"] = v
                     if max(vals) > self.cfg.saturation_threshold:
-                        fired.append("actor/action_saturation")
+                        fired.append(tags.alert_key("actor", "action_saturation"))
                 continue
             scalars[key if kind == "mean" else f"{key}_max"] = vals[0]
         if scalars.get("train/q_abs_max", 0.0) > self.q_bound:
-            fired.append("critic/q_divergence")
+            fired.append(tags.alert_key("critic", "q_divergence"))
         if abs(scalars.get("train/actor_loss_max", 0.0)) > self.q_bound or \
                 abs(scalars.get("train/actor_loss", 0.0)) > self.q_bound:
-            fired.append("actor/q_divergence")
+            fired.append(tags.alert_key("actor", "q_divergence"))
 
         for net in self.parts:
-            for name in ALERTS:
-                if name == "action_saturation" and net != "actor":
-                    continue
-                tag = f"{net}/{name}"
-                scalars[f"alert/{tag}"] = float(tag in fired)
-        for tag in fired:
-            self.alert_counts[tag] = self.alert_counts.get(tag, 0) + 1
-            log.warning("ALERT %s at step %d: %s", tag, step, self._explain(tag, scalars))
+            for a in ALERTS:
+                if net in a.nets:
+                    scalars[tags.alert(net, a.name)] = float(tags.alert_key(net, a.name) in fired)
+        for key in fired:
+            self.alert_counts[key] = self.alert_counts.get(key, 0) + 1
+            net, name = key.split("/")
+            log.warning("ALERT %s at step %d: %s", key, step,
+                        tags.ALERT_BY_NAME[name].explain(net, scalars, self.thresholds))
         return Flush(scalars, fired)
 
     def _grad_scalars(self, net: str, raw: dict, counts: dict, scalars: dict[str, float]) -> list[str]:
         names = [*self.parts[net], "total"]
-        for when in ("before", "after"):
-            for part, mean, mx in zip(names, raw[(f"grad/{net}/{when}", "mean")], raw[(f"grad/{net}/{when}", "max")]):
-                scalars[f"grad/{net}/{part}/{when}_clip"] = mean
-                scalars[f"grad/{net}/{part}/{when}_clip_max"] = mx
-        for pct, v in zip(NORM_PERCENTILES, raw.get((f"grad/{net}/total/before_clip", "pct"), [])):
-            scalars[f"grad/{net}/total/before_clip_p{pct}"] = v
-        coef_mean, clipped_share, spike_share = raw[(f"grad/{net}/coef", "mean")]
-        updates = counts[f"grad/{net}/before"]
-        scalars[f"grad/{net}/clip_coef"] = coef_mean
-        scalars[f"grad/{net}/clip_fraction"] = clipped_share
-        scalars[f"grad/{net}/updates"] = float(updates)
-        spikes = round(spike_share * updates)
-        scalars[f"grad/{net}/spikes"] = float(spikes)
+        for when in (BEFORE, AFTER):
+            for part, mean, mx in zip(names, raw[(_acc(net, when), "mean")], raw[(_acc(net, when), "max")]):
+                scalars[tags.grad_norm(net, part, when)] = mean
+                scalars[tags.grad_norm(net, part, when, maximum=True)] = mx
+        for pct, v in zip(NORM_PERCENTILES, raw.get((_acc(net, "total/before_clip"), "pct"), [])):
+            scalars[tags.norm_percentile(net, pct)] = v
+        row = ClipRow(*raw[(_acc(net, "coef"), "mean")])
+        updates = counts[_acc(net, BEFORE)]
+        scalars[tags.clip_coef(net)] = row.coef
+        scalars[tags.clip_fraction(net)] = row.clipped
+        scalars[tags.updates(net)] = float(updates)
+        spikes = round(row.spike * updates)
+        scalars[tags.spikes(net)] = float(spikes)
 
         fired = []
-        if (f"grad/{net}/limit", "mean") in raw:  # clipped in this interval
-            limit_mean, _ = raw[(f"grad/{net}/limit", "mean")]
-            limit_max, ratio_max = raw[(f"grad/{net}/limit", "max")]
-            scalars[f"grad/{net}/clip_limit"] = limit_mean
-            scalars[f"grad/{net}/clip_limit_max"] = limit_max
-            scalars[f"grad/{net}/after_over_limit_max"] = ratio_max
-            if ratio_max > 1 + self.cfg.tolerance:
-                fired.append(f"{net}/clip_violation")
+        if (_acc(net, "limit"), "mean") in raw:  # clipped in this interval
+            mean, top = LimitRow(*raw[(_acc(net, "limit"), "mean")]), LimitRow(*raw[(_acc(net, "limit"), "max")])
+            scalars[tags.clip_limit(net)] = mean.limit
+            scalars[tags.clip_limit(net, maximum=True)] = top.limit
+            scalars[tags.after_over_limit(net)] = top.ratio
+            if top.ratio > 1 + self.cfg.tolerance:
+                fired.append(tags.alert_key(net, "clip_violation"))
         if spikes > self.cfg.spike_alert_rate * updates:
-            fired.append(f"{net}/grad_spike")
-        if max(raw[(f"grad/{net}/zero_run", "max")]) >= self.cfg.dead_steps:
-            fired.append(f"{net}/dead_gradient")
+            fired.append(tags.alert_key(net, "grad_spike"))
+        if max(raw[(_acc(net, "zero_run"), "max")]) >= self.cfg.dead_steps:
+            fired.append(tags.alert_key(net, "dead_gradient"))
         return fired
-
-    def _explain(self, tag: str, s: dict[str, float]) -> str:
-        net, name = tag.split("/")
-        if name == "clip_violation":
-            which = "a unit's after-clip norm" if self.per_unit else "after-clip norm"
-            return (f"{which} {s[f'grad/{net}/after_over_limit_max']:.4g} x the limit used "
-                    f"(> 1 + monitor.tolerance): the clip did not hold")
-        if name == "grad_spike":
-            return (f"{s[f'grad/{net}/spikes']:.0f} of {s[f'grad/{net}/updates']:.0f} updates' before-clip norms "
-                    f"more than {self.cfg.spike_z:g} std above their running log-mean (max "
-                    f"{s[f'grad/{net}/total/before_clip_max']:.4g})")
-        if name == "q_divergence":
-            return f"|Q| or |actor loss| beyond {self.q_bound:.4g} = margin x max|r| / (1 - gamma)"
-        if name == "dead_gradient":
-            return f"a part of the {net} had zero gradient for {self.cfg.dead_steps}+ consecutive updates"
-        return f"actions pinned at the bounds more than {self.cfg.saturation_threshold:.0%} of the time"
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

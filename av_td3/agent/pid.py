@@ -12,7 +12,6 @@ from av_td3.agent.base import Flush, Health
 from av_td3.agent.monitor import NonFiniteError
 from av_td3.config import PidConfig
 from av_td3.envs.base import SPEED, lane_point_slice
-from av_td3.timing import NO_PHASES
 
 
 class PIDAgent:
@@ -20,7 +19,6 @@ class PIDAgent:
     :class:`av_td3.agent.base.Agent` without learning (no replay, no updates, nothing to measure)."""
 
     learning = False
-    phases = NO_PHASES
 
     def __init__(self, cfg: PidConfig, lane_points: int, dt: float, num_envs: int) -> None:
         self.cfg = cfg

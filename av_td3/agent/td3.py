@@ -25,7 +25,6 @@ from av_td3.agent.clipping import ClipStrategy, make_clipper
 from av_td3.agent.monitor import GradMonitor, NonFiniteError
 from av_td3.agent.networks import Actor, Critic, Encoder
 from av_td3.config import AgentConfig, MonitorConfig
-from av_td3.timing import NO_PHASES, NoPhases
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,6 @@ class TD3:
         self._augment = augment.make(cfg.augment, cfg.augment_pad, device, seed + 2)  # own stream: see update
         self.critic_updates = 0
         self.actor_updates = 0
-        self.phases: NoPhases = NO_PHASES  # av-td3 bench's per-phase timer (Trainer.time_phases); no-ops otherwise
         if cfg.compile:
             self._encode = torch.compile(self._encode)
 
@@ -172,21 +170,17 @@ class TD3:
         critic_loss = sum(F.mse_loss(q, y) for q in qs)
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
-        self.phases.lap("critic")
         norms = mon.before_clip("critic", critic_loss, step)  # None: non-finite, the update is dropped (guard)
         if norms is not None:
             clip = self.clippers["critic"].clip(norms.total)  # THE CLIP: scales the gradients in place
             mon.after_clip("critic", norms, clip)
-            self.phases.lap("monitor")  # norms, clipping, guard (charged to "critic" when the guard skips)
             self.critic_opt.step()
         self.critic_updates += 1
-        self.phases.lap("critic")
         mon.observe("train/critic_loss", critic_loss)
         mon.observe("train/q1", qs[0].mean())
         if len(qs) > 1:
             mon.observe("train/q2", qs[1].mean())
         mon.observe("train/q_abs", torch.stack([q.abs().max() for q in qs]).max())
-        self.phases.lap("monitor")
 
         # --- delayed actor step and target update, every policy_freq critic updates
         if self.critic_updates % cfg.policy_freq != 0:
@@ -196,23 +190,18 @@ class TD3:
         actor_loss = -self.critic.q1(features.detach(), states, policy_action).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
-        self.phases.lap("actor")
         norms = mon.before_clip("actor", actor_loss, step)
         if norms is None:
             return
         clip = self.clippers["actor"].clip(norms.total)  # THE CLIP
         mon.after_clip("actor", norms, clip)
-        self.phases.lap("monitor")
         self.actor_opt.step()
         self.actor_updates += 1
-        self.phases.lap("actor")
         mon.observe("train/actor_loss", actor_loss)
         mon.observe("train/action_saturation",
                     (policy_action.detach().abs() > mon.cfg.saturation_level).float().mean(0))
-        self.phases.lap("monitor")
         with torch.no_grad():  # Polyak averaging of every target parameter in one multi-tensor op
             torch._foreach_lerp_(self._target, self._online, cfg.tau)
-        self.phases.lap("target")
 
     def flush(self, step: int) -> Flush:
         """The monitor's metrics since the last flush (one host transfer); nothing before the first update."""

@@ -18,16 +18,15 @@ import numpy as np
 import pandas as pd
 
 from av_td3.analysis import stats
-from av_td3.analysis.events import series
-from av_td3.analysis.metrics import METRICS, late_evaluations
+from av_td3.analysis.metrics import METRICS, NET_METRICS, late_evaluations
 from av_td3.analysis.plan import Plan, departures, study_plan
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import NETS, collapse_rule, judge
+from av_td3.analysis.verdicts import collapse_rule, judge
 from av_td3.config import ClipConfig
 from av_td3.rundir import (COMPLETED, DEFAULTS_CHANGED, STOPPED, UNNAMED_OVERRIDES, flatten, is_experiment_key,
                            schema_default, without_other_backends)
+from av_td3.tags import NETS
 
-NORM_PERCENTILES = (50, 90, 99)
 # A limit that binds on at most / at least this share of updates "never binds" / "binds on every update".
 NEVER_BINDS, ALWAYS_BINDS = 0.001, 0.99
 # Fewer finished runs than this in a group or its baseline: no better / worse / equivalent verdict, however
@@ -159,7 +158,7 @@ def default_baseline(groups: list[Group]) -> Group | None:
 # ----------------------------------------------------------------------------------------------------- metrics
 def run_metrics(run: Run, late_fraction: float) -> dict[str, Any]:
     """One run's numbers for the comparison (NaN where the run never logged the quantity); every metric of
-    :data:`av_td3.analysis.metrics.METRICS` under its name."""
+    :data:`av_td3.analysis.metrics.METRICS` under its name, every one of ``NET_METRICS`` per net."""
     df = run.scalars
     summary = run.summary or {}
     verdict = judge(run)
@@ -173,15 +172,8 @@ def run_metrics(run: Run, late_fraction: float) -> dict[str, Any]:
     m["late_evaluations"] = late_evaluations(run, late_fraction)
     m["eval_episodes"] = int(run.known_config.trainer.eval_episodes)
     for net in NETS:
-        fraction = series(df, f"grad/{net}/clip_fraction")
-        after = series(df, f"grad/{net}/total/after_clip_max")
-        limit = series(df, f"grad/{net}/clip_limit")
-        m[f"{net}_clip_fraction"] = float(fraction.mean()) if len(fraction) else NAN
-        m[f"{net}_after_clip_max"] = float(after.max()) if len(after) else NAN
-        m[f"{net}_clip_limit_used"] = float(limit.median()) if len(limit) else NAN
-        for q in NORM_PERCENTILES:  # the median over the run's logging intervals of each interval's percentile
-            pct = series(df, f"grad/{net}/total/before_clip_p{q}")
-            m[f"{net}_norm_p{q}"] = float(pct.median()) if len(pct) else NAN
+        for net_metric in NET_METRICS:
+            m[net_metric.key(net)] = net_metric.of_run(df, net)
         spikes, updates = verdict.spikes.get(net, (NAN, NAN))
         m[f"{net}_spikes"], m[f"{net}_spike_updates"] = spikes, updates
     m["alerts"] = {k: int(v) for k, v in (summary.get("alerts") or {}).items() if v}
@@ -263,11 +255,8 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
     for net in NETS:
         limit = cfg.agent.clip[net]
         s[f"{net}_clip_limit"] = NAN if limit is None else float(limit)
-        s[f"{net}_clip_limit_used"] = _median(fin[f"{net}_clip_limit_used"])
-        s[f"{net}_clip_fraction"] = float(fin[f"{net}_clip_fraction"].mean()) if len(fin) else NAN
-        s[f"{net}_after_clip_max"] = float(fin[f"{net}_after_clip_max"].max()) if len(fin) else NAN
-        for q in NORM_PERCENTILES:
-            s[f"{net}_norm_p{q}"] = _median(fin[f"{net}_norm_p{q}"])
+        for net_metric in NET_METRICS:
+            s[net_metric.key(net)] = net_metric.of_group(fin, net)
         updates = fin[f"{net}_spike_updates"].sum(min_count=1)
         s[f"{net}_spikes_per_1k"] = (1000.0 * fin[f"{net}_spikes"].sum() / updates
                                      if pd.notna(updates) and updates > 0 else NAN)

@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 from av_td3.analysis import stats
 from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import NETS
 from av_td3.rundir import DIVERGENCE_ALERTS, INVARIANT_ALERTS
+from av_td3.tags import AFTER, ALERT_PREFIX, BEFORE, NETS, clip_limit, grad_norm, norm_percentile
 
 BAND_REPS = 500  # per evaluation step; a band is a visual aid, the table carries the precise intervals
 
@@ -80,8 +80,8 @@ def plot_grad_norms(groups: dict[str, list[Run]], path: Path) -> None:
             if not runs:
                 _empty(ax, "no finished runs")
                 continue
-            before = [series(r.scalars, f"grad/{net}/total/before_clip") for r in runs]
-            after = [series(r.scalars, f"grad/{net}/total/after_clip") for r in runs]
+            before = [series(r.scalars, grad_norm(net, "total", BEFORE)) for r in runs]
+            after = [series(r.scalars, grad_norm(net, "total", AFTER)) for r in runs]
             if not any(len(s) for s in before + after):
                 _empty(ax, "no gradient norms logged")
                 continue
@@ -89,11 +89,11 @@ def plot_grad_norms(groups: dict[str, list[Run]], path: Path) -> None:
                 ax.plot(b.index, b, color="C0", lw=0.8, label="before clip (mean)" if i == 0 else None)
                 ax.plot(a.index, a, color="C1", lw=0.8, ls="--", label="after clip (mean)" if i == 0 else None)
             for i, r in enumerate(runs):
-                p99 = series(r.scalars, f"grad/{net}/total/before_clip_p99")
+                p99 = series(r.scalars, norm_percentile(net, 99))
                 ax.plot(p99.index, p99, color="C2", lw=0.6, alpha=0.7, label="before clip p99" if i == 0 else None)
             cfg = runs[0].known_config
             limit = cfg.agent.clip[net]
-            used = [series(r.scalars, f"grad/{net}/clip_limit") for r in runs]
+            used = [series(r.scalars, clip_limit(net)) for r in runs]
             if limit is not None and cfg.agent.clip.mode != "norm" and any(len(u) for u in used):
                 for i, u in enumerate(used):  # the adaptive limit as it was used, interval means
                     ax.plot(u.index, u, color="k", lw=0.8, ls=":",
@@ -133,7 +133,7 @@ def plot_alerts(groups: dict[str, list[Run]], path: Path) -> None:
         colors = ["red" if t.rsplit("/", 1)[-1] in severe else "darkorange" for t in seeds["tag"]]
         ax.scatter(seeds["step"], seeds["tag"].map(tags.index), c=colors, marker="|", s=300, linewidths=2,
                    alpha=(0.3 + 0.7 * seeds["seeds"] / len(runs)).to_numpy())
-        ax.set_yticks(range(len(tags)), [t.removeprefix("alert/") for t in tags], fontsize="x-small")
+        ax.set_yticks(range(len(tags)), [t.removeprefix(ALERT_PREFIX) for t in tags], fontsize="x-small")
         ax.set_ylim(-0.5, len(tags) - 0.5)
         ax.set_xlim(0, max(int(df["step"].max()) for df in frames if not df.empty))
         ax.set_xlabel(f"env step (mark: fired in a flush; darker: more of the {len(runs)} seeds)")
@@ -168,7 +168,7 @@ def plot_effects(table: pd.DataFrame, margin: float, metric: str, confidence: fl
 
 def _fired(df: pd.DataFrame) -> pd.DataFrame:
     """The alert flushes where an alert fired."""
-    return df[df["tag"].str.startswith("alert/") & (df["value"] > 0)]
+    return df[df["tag"].str.startswith(ALERT_PREFIX) & (df["value"] > 0)]
 
 
 def write_plots(groups: dict[str, list[Run]], folder: Path) -> list[Path]:

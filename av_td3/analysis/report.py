@@ -14,12 +14,15 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from av_td3.analysis import stats
-from av_td3.analysis.compare import ALWAYS_BINDS, MIN_RUNS_FOR_VERDICT, NEVER_BINDS, NORM_PERCENTILES, Report, summarize
-from av_td3.analysis.metrics import METRICS
+from av_td3.analysis.compare import ALWAYS_BINDS, MIN_RUNS_FOR_VERDICT, NEVER_BINDS, Report, summarize
+from av_td3.analysis.metrics import METRICS, NET_COLUMNS
+from av_td3.analysis.metrics import num as _num
+from av_td3.analysis.metrics import pct as _pct
 from av_td3.analysis.plots import plot_effects, write_plots
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import NETS, RULES, RULES_VERSION
+from av_td3.analysis.verdicts import RULES, RULES_VERSION
 from av_td3.rundir import schema_default
+from av_td3.tags import NETS
 
 
 # ------------------------------------------------------------------------------------------------------ words
@@ -47,27 +50,6 @@ def binding_notes(s: dict[str, Any]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------- formatting
-def _num(x: float, digits: int = 4) -> str:
-    if x is None or not np.isfinite(x):
-        return "-"
-    return f"{x:,.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
-
-
-def _pct(x: float) -> str:
-    return "-" if not np.isfinite(x) else f"{100 * x:.0f}%"
-
-
-def _clipping_text(s: dict[str, Any], net: str) -> str:
-    """How often a net's clip bound, and its limit: per update for the global-norm modes, per unit for AGC (whose
-    limit moves with each unit's weight norm, so no single limit is shown)."""
-    fraction, mode = _pct(s[f"{net}_clip_fraction"]), s["clip_mode"]
-    if mode == "agc":
-        return f"{fraction} of units clipped (agc, lambda {_num(s['clip_agc'])})"
-    if mode == "norm":
-        return f"{fraction} clipped (limit {_num(s[f'{net}_clip_limit'])})"
-    return f"{fraction} clipped ({mode}, limit used ~{_num(s[f'{net}_clip_limit_used'])})"
-
-
 def _metric_cell(s: dict[str, Any], percent: bool) -> str:
     fmt = _pct if percent else _num
     if s["n"] >= 2:
@@ -100,20 +82,13 @@ def _cells(s: dict[str, Any]) -> dict[str, str]:
              f"{metric.title} mean [95% CI]": _metric_cell(s, metric.percent),
              "CV": _pct(s["cv"]),
              "effect vs baseline [adj. CI]": _effect_cell(s),
-             "verdict": "baseline" if s["is_baseline"] else (s["verdict"] or "-"),
-             "late success": _pct(s["late_success_mean"]),
-             "late collisions/ep": _num(s["late_collisions_mean"], 3)}
+             "verdict": "baseline" if s["is_baseline"] else (s["verdict"] or "-")}
+    cells.update({m.title: m.show(s[f"{m.name}_mean"]) for m in METRICS.values() if m.column})
     for net in NETS:
-        limit, top = s[f"{net}_clip_limit"], _num(s[f"{net}_after_clip_max"])
-        if not np.isfinite(s[f"{net}_clip_fraction"]) and not np.isfinite(s[f"{net}_after_clip_max"]):
-            cells[f"{net} clipping"] = "no gradients logged"  # e.g. agent=pid: nothing is learned
-            cells[f"{net} norm p50/p90/p99"] = "-"
-            cells[f"{net} spikes /1k upd."] = "-"
-            continue
-        cells[f"{net} clipping"] = (f"unclipped, max norm {top}" if not np.isfinite(limit) else
-                                    _clipping_text(s, net))
-        cells[f"{net} norm p50/p90/p99"] = "/".join(_num(s[f"{net}_norm_p{q}"], 3) for q in NORM_PERCENTILES)
-        cells[f"{net} spikes /1k upd."] = _num(s[f"{net}_spikes_per_1k"], 2)
+        # no gradients logged, e.g. agent=pid: nothing is learned
+        logged = np.isfinite(s[f"{net}_clip_fraction"]) or np.isfinite(s[f"{net}_after_clip_max"])
+        for column in NET_COLUMNS:
+            cells[f"{net} {column.title}"] = column.cell(s, net) if logged else column.missing
     for verdict, title in (("diverged", "diverged"), ("collapsed", "collapsed"), ("failed", "failed to learn")):
         cells[title] = f"{s[verdict]}/{s['finished']}"
     cells["wall h/run"] = _num(s["wall_h_mean"], 2)
@@ -261,6 +236,8 @@ def plan_lines(summary: Report) -> list[str]:
 def _legend(summary: Report) -> str:
     metric = METRICS[summary.metric]
     n_comp = summary.power.comparisons if summary.power else 1
+    columns = " ".join([m.legend for m in METRICS.values() if m.column and m.legend]
+                       + [column.legend for column in NET_COLUMNS])
     return (f"Primary metric `{summary.metric}`: {metric.what}, per run; per group its mean with a 95% Student-t "
             f"interval and its coefficient of variation (CV = SD / mean over the group's runs). Effect vs baseline: "
             f"the difference of the group's mean from the baseline's, in % of the baseline's mean, with a "
@@ -270,11 +247,7 @@ def _legend(summary: Report) -> str:
             f"excludes 0 with at least {MIN_RUNS_FOR_VERDICT} runs in each group; equivalent when it lies within the "
             f"plan's ±{summary.plan.effect:.0%}; otherwise inconclusive. comparison.csv also holds the Holm-adjusted "
             f"p-values, every metric per group and P(improvement). Statistics use finished runs (completed or "
-            f"stopped). Late success and collisions: means over the late evaluations. Clipping: share of updates "
-            f"clipped and the limit (for the adaptive modes the median limit used). Norm p50/p90/p99: percentiles of "
-            f"the before-clip global gradient norm within each logging interval, median over the run's intervals and "
-            f"the group's runs. Spikes: updates whose before-clip norm jumped more than monitor.spike_z std above its "
-            f"running log-mean, per 1,000 updates. Diverged: numerical failure (NaN guard, a non-finite logged value, "
+            f"stopped). {columns} Diverged: numerical failure (NaN guard, a non-finite logged value, "
             f"|Q| beyond the reward bound) or |Q| beyond monitor.q_return_factor x the largest |return| the run "
             f"played. Collapsed: the final level lost more than monitor.collapse_fraction of the gain of the run's "
             f"best level over its first evaluation; a level is the mean of monitor.collapse_window consecutive "

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from av_td3 import tags
 from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import NETS, Verdict, judge
+from av_td3.analysis.verdicts import Verdict, judge
 from av_td3.bounds import q_bound
 from av_td3.rundir import INVARIANT_ALERTS
+from av_td3.tags import AFTER, BEFORE, NETS
 
 
 @dataclass
@@ -43,13 +45,13 @@ def _finite(df: pd.DataFrame) -> pd.DataFrame:
 def _check_net(df: pd.DataFrame, net: str, run: Run, check: RunCheck) -> None:
     cfg = run.config
     assert cfg is not None
-    updates = series(df, f"grad/{net}/updates")
+    updates = series(df, tags.updates(net))
     if not (updates > 0).any():
-        check.problems.append(f"{net}: no updates logged (grad/{net}/updates never > 0)")
+        check.problems.append(f"{net}: no updates logged ({tags.updates(net)} never > 0)")
     # In shared-encoder mode the CNN is trained by the critic only, so the actor logs no cnn part.
     parts = ("mlp",) if net == "actor" and cfg.agent.encoder == "shared" else ("cnn", "mlp")
     for part in parts:
-        tag = f"grad/{net}/{part}/before_clip"
+        tag = tags.grad_norm(net, part, BEFORE)
         norms = series(df, tag)
         if norms.empty:
             check.problems.append(f"{net} {part}: no gradient norms logged ({tag} missing)")
@@ -59,7 +61,7 @@ def _check_net(df: pd.DataFrame, net: str, run: Run, check: RunCheck) -> None:
     tol = float(cfg.monitor.tolerance)
     # Every mode logs each interval's largest after-clip / limit-used ratio: the invariant is ratio <= 1. In the
     # global-norm modes it is the net's global norm over its limit; under agc, the worst unit's norm over its own.
-    ratio = _finite(df[df["tag"] == f"grad/{net}/after_over_limit_max"])
+    ratio = _finite(df[df["tag"] == tags.after_over_limit(net)])
     if len(ratio) and np.float32(ratio["value"].max()) > np.float32(1 + tol):
         worst = ratio.loc[ratio["value"].idxmax()]
         what = "a unit's after-clip norm" if cfg.agent.clip.mode == "agc" else "after-clip norm"
@@ -67,7 +69,7 @@ def _check_net(df: pd.DataFrame, net: str, run: Run, check: RunCheck) -> None:
                               f"{worst['step']} (> 1 + monitor.tolerance = {1 + tol:g}): the clip did not hold")
     # A fixed limit (mode=norm) also holds every after-clip tag: each part's norm is <= the global norm.
     limit = cfg.agent.clip[net] if cfg.agent.clip.mode == "norm" else None
-    after = _finite(df[df["tag"].str.fullmatch(rf"grad/{net}/[^/]+/after_clip(?:_max)?")])
+    after = _finite(df[df["tag"].str.fullmatch(tags.grad_norm_pattern(net, AFTER))])
     if after.empty:
         if cfg.agent.clip[net] is not None:
             check.problems.append(f"{net}: clipped ({cfg.agent.clip.mode}) but no after-clip norms logged")
@@ -83,7 +85,7 @@ def _check_net(df: pd.DataFrame, net: str, run: Run, check: RunCheck) -> None:
 
 def _check_alerts(df: pd.DataFrame, check: RunCheck) -> None:
     names = "|".join(INVARIANT_ALERTS)
-    fired = df[df["tag"].str.fullmatch(rf"alert/[^/]+/(?:{names})") & (df["value"] > 0)]
+    fired = df[df["tag"].str.fullmatch(rf"{tags.ALERT_PREFIX}[^/]+/(?:{names})") & (df["value"] > 0)]
     for tag, steps in fired.groupby("tag")["step"]:
         check.problems.append(f"alert {tag} fired at {len(steps)} flush(es), first at step {steps.min()}")
 

@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from av_td3 import tags
 from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
 from av_td3.bounds import q_bound
+from av_td3.tags import NETS
 
 # The versions of the verdict rules: a rule changed during a study must be visible in its report.
 RULES: dict[int, str] = {
@@ -47,7 +49,6 @@ RULES: dict[int, str] = {
        "'failed' under v3)",
 }
 RULES_VERSION = 4
-NETS = ("actor", "critic")
 # |actor loss| = |mean Q of the policy's actions|, so it is held to the same bound as the critics' Q values.
 Q_TAGS = ("train/q1", "train/q2", "train/q_abs_max", "train/actor_loss", "train/actor_loss_max")
 RETURN_TAGS = ("episode/return", "eval/return")
@@ -198,7 +199,7 @@ def judge(run: Run) -> Verdict:
             verdict.collapsed, verdict.collapsed_step = collapse
         verdict.failed = _failed_to_learn(df, run)
     for net in NETS:
-        spikes, updates = series(df, f"grad/{net}/spikes"), series(df, f"grad/{net}/updates")
+        spikes, updates = series(df, tags.spikes(net)), series(df, tags.updates(net))
         if len(spikes):
             verdict.spikes[net] = (int(spikes.sum()), int(updates.loc[updates.index.isin(spikes.index)].sum()))
     return verdict

@@ -22,8 +22,8 @@ from av_td3.analysis.plan import study_plan
 from av_td3.analysis.plots import plot_when_map
 from av_td3.analysis.report import markdown_table, write_comparison
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import NETS
 from av_td3.rundir import flatten
+from av_td3.tags import NETS
 
 # The columns of when_map.csv taken from each level's comparison.csv row.
 COLUMNS = ("group", "is_baseline", "n", "mean", "effect_pct", "effect_pct_low", "effect_pct_high", "verdict",

@@ -12,7 +12,8 @@ it (plus ``BenchConfig.overrides``), so they follow the defaults when those chan
 * ``e2e/default``: a real training run at that configuration; ``e2e/default_sb3``: Stable-Baselines3's
   ``TD3.learn()`` on the same registered env (``av_td3/Highway-v0``) and sizes, right after it in the same process;
 * the phase breakdown of ``e2e/default``'s training steps (act, env step, store, sample, critic, actor, target,
-  monitor, log, ...), timed by an :class:`av_td3.timing.PhaseTimer` the trainer and the agent lap;
+  monitor, log, ...), timed by an :class:`av_td3.timing.PhaseTimer` (the trainer's hook points, and
+  :class:`av_td3.timing.UpdatePhases` around the agent's update);
 * ``checkpoint/default_stall``, ``_write``, ``_size``: what a checkpoint with a full default-size replay buffer
   costs: the time ``Trainer.save_checkpoint`` holds the loop, the time until the file is complete, its size;
 * ``regression/<code>_threads<N>`` (only with ``BenchConfig.against``, ``av-td3 bench --against REF``): training

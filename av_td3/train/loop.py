@@ -25,7 +25,7 @@ from av_td3.envs import backend
 from av_td3.envs.base import SimulatorLostError, SimulatorUnusableError, StopRequested
 from av_td3.progress import Progress
 from av_td3.rundir import CHECKPOINT_DIR, COMPLETED, FAILED, STOPPED, Summary, write_summary
-from av_td3.timing import NO_PHASES, NoPhases
+from av_td3.timing import NO_PHASES, NoPhases, UpdatePhases
 from av_td3.train import evaluation, resume, summary
 from av_td3.train.build import (agent_spec, check_env, eval_shares_env, make_agent, make_envs, resolve_device,
                                 seed_everything)
@@ -84,11 +84,14 @@ class Trainer:
         self.episode_stats = Episodes(self.n, backend(e).reward_components)
         self._flushed_step = self.step  # the step of the agent's last flush into the logs
         self._interval = (time.perf_counter(), self.step)  # where the current log interval began: (time, step)
-        self.phases: NoPhases = NO_PHASES  # av-td3 bench's per-phase timer (see time_phases); no-ops otherwise
+        self.phases: NoPhases = NO_PHASES  # the loop's hook points (see time_phases); no-ops otherwise
 
     def time_phases(self, timer: NoPhases) -> None:
-        """Charge each phase of the loop and of the agent's update to ``timer`` (``av-td3 bench``)."""
-        self.phases = self.agent.phases = timer
+        """Charge each phase of the loop, at its hook points, and of a learning agent's update to ``timer``
+        (``av-td3 bench``): the update is timed from outside (:class:`av_td3.timing.UpdatePhases`)."""
+        self.phases = timer
+        if self.agent.learning:
+            UpdatePhases(self.agent, timer)
 
     # ---------------------------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
@@ -171,7 +174,7 @@ class Trainer:
         for _ in range(self.cfg.trainer.updates_per_step * self.n):
             batch = self.buffer.sample(a.batch_size, a.n_step, a.gamma)
             self.phases.lap("sample")
-            self.agent.update(batch, self.step)  # laps critic, monitor, actor, target
+            self.agent.update(batch, self.step)  # under time_phases: laps critic, monitor, actor, target
 
     def _log_interval(self, bar: Progress) -> None:
         """The agent's metrics since the last interval, the interval's env steps per second, progress."""
