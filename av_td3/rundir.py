@@ -30,15 +30,15 @@ import json
 import os
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from av_td3.config import RENAMED_KEYS, Config, CsvConfig, EnvConfig, renamed_key
-from av_td3.config.tree import flatten  # the one walker of a config's values (re-exported for rundir's readers)
+from av_td3.config import RENAMED_KEYS, Config, CsvConfig, renamed_key
+from av_td3.config.tree import flatten, schema_fields  # the walkers of values and types (flatten re-exported)
 from av_td3.tags import DIVERGENCE, INVARIANT, alerts_of
 
 HYDRA_DIR = ".hydra"
@@ -370,7 +370,8 @@ def without_other_backends(flat: dict[str, Any]) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _backend_names() -> tuple[str, ...]:
-    return next(f.metadata["choices"] for f in fields(EnvConfig) if f.name == "name")
+    """``env.name``'s choices, read through the one walker of the schema's types."""
+    return next(f.metadata["choices"] for f in schema_fields(Config) if f.key == "env.name")
 
 
 def is_experiment_key(key: str) -> bool:
