@@ -23,7 +23,7 @@ from av_td3 import commands
 from av_td3.config import Config
 from av_td3.rundir import (COMPLETED, COMPLETED_CONFIG, LAUNCH_LOG, RUN_ONLY_KEYS, RUNNING, SUMMARY_FILE, SWEEP_SUMMARY,
                            UnsafePathError, check_inside, find_run_dirs, flatten, read_json, read_summary,
-                           upgrade_config)
+                           upgrade_config, write_text_atomic)
 
 log = logging.getLogger("av_td3")
 
@@ -49,7 +49,8 @@ def _config_record(config: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ skip on rerun
 def record_completed(config: Config, run_dir: Path) -> None:
     """Remember the config a run completed with, for :func:`completed_objective` on a later rerun."""
-    (run_dir / COMPLETED_CONFIG).write_text(json.dumps(_config_record(config), indent=2))
+    # atomic: a rerun that finds a half-written record would fail to read it instead of skipping the job
+    write_text_atomic(run_dir / COMPLETED_CONFIG, json.dumps(_config_record(config), indent=2))
 
 
 def completed_objective(config: Config, run_dir: Path) -> float | None:
@@ -167,7 +168,7 @@ class SweepSummary(Callback):
             raise SweepIncomplete()
         record = {"sweep_dir": str(sweep_dir), "jobs": len(jobs), "completed": len(jobs) - len(failed),
                   "not_completed": failed, "results": [dataclasses.asdict(j) for j in jobs]}
-        (sweep_dir / SWEEP_SUMMARY).write_text(json.dumps(record, indent=2))
+        write_text_atomic(sweep_dir / SWEEP_SUMMARY, json.dumps(record, indent=2))
         print(report(sweep_dir, jobs, baseline), flush=True)
         if failed:
             # SystemExit passes through Hydra's error handler (it catches Exception): a plain non-zero exit.

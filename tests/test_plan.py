@@ -141,6 +141,22 @@ def test_a_declared_plan_is_printed_and_departures_are_flagged(tmp_path: Path,
             in printed)
 
 
+def test_seed_counts_say_when_no_run_of_the_group_records_the_plan(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A group whose runs all record another plan (e.g. an arm's runs at a setting the plan replaced) is not
+    reported as if the plan had asked for its missing seeds without saying so."""
+    plan = ("plan.seeds=[0,1,2,3,4]",)
+    _study(tmp_path, [300.0] * 4, seeds=3, sd=30.0, rng=np.random.default_rng(7), extra=plan)
+    for seed in range(3):  # the baseline's runs recorded an earlier plan (other seeds)
+        write_run(tmp_path / f"default_{seed}", ["plan.seeds=[9]"], seed, events=False, csv=True,
+                  scalars=healthy_scalars(make_config(["plan.seeds=[9]"]), level=300.0 + seed))
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert ("Departure: `default`: 3 of 5 planned seeds finished (missing 3, 4; none of its runs records this "
+            "plan)") in printed
+    assert ("Departure: `agent.clip.critic=50.0`: 3 of 5 planned seeds finished (missing 3, 4)\n") in printed
+
+
 @pytest.mark.parametrize("key, value, changed", [
     ("plan.metric", "final_return", "metric"),
     ("plan.late_fraction", "0.9", "mean"),

@@ -19,7 +19,7 @@ import pandas as pd
 
 from av_td3.analysis import stats
 from av_td3.analysis.metrics import METRICS, NET_METRICS, late_evaluations
-from av_td3.analysis.plan import Plan, departures, study_plan
+from av_td3.analysis.plan import Plan, departures, records, study_plan
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import collapse_rule, judge
 from av_td3.config import ClipConfig
@@ -405,7 +405,8 @@ def summarize(runs: list[Run], baseline: str | None = None, metric: str | None =
     for g, s in zip(groups, rows):
         if base is not None and g is not base:
             s.update(improvement(metrics[g.label].query("finished"), metrics[base.label].query("finished"), metric))
+    unplanned = [] if not plan.recorded else [g.label for g in groups if not any(records(r, plan) for r in g.runs)]
     away = departures(plan, metric, None if base is None else base.label,
-                      {s["group"]: s["seeds"] for s in rows})
+                      {s["group"]: s["seeds"] for s in rows}, unplanned)
     return Report(groups, base, label is not None, metrics, pd.DataFrame(rows), warnings,
                   [r for r in runs if r.config is None], common, plan, metric, plan_notes, away, power)

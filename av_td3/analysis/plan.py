@@ -12,6 +12,7 @@ that were not planned, runs that record different plans, runs made before plans 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -68,9 +69,17 @@ def study_plan(runs: list[Run]) -> tuple[Plan, list[str]]:
     return plan, notes
 
 
-def departures(plan: Plan, metric: str, baseline: str | None, seeds_by_group: dict[str, list[int]]) -> list[str]:
+def records(run: Run, plan: Plan) -> bool:
+    """Whether ``run`` recorded ``plan`` when it started."""
+    return run.config is not None and run.records_plan and _plan(run.config.plan, recorded=True) == plan
+
+
+def departures(plan: Plan, metric: str, baseline: str | None, seeds_by_group: dict[str, list[int]],
+               unplanned: Collection[str] = ()) -> list[str]:
     """Every way this analysis departs from ``plan``: ``metric`` and ``baseline`` are what the analysis uses,
-    ``seeds_by_group`` the seeds of each group's finished runs."""
+    ``seeds_by_group`` the seeds of each group's finished runs, ``unplanned`` the groups none of whose runs
+    records ``plan`` (made before it, or under another): their seed counts are said to be so, since the plan
+    may not have meant them at all (e.g. an arm's runs at a setting the plan replaced)."""
     out = []
     if metric != plan.metric:
         out.append(f"the metric analysed is {metric}, the plan's primary metric is {plan.metric}")
@@ -83,9 +92,10 @@ def departures(plan: Plan, metric: str, baseline: str | None, seeds_by_group: di
         for label, seeds in seeds_by_group.items():
             missing = sorted(set(plan.seeds) - set(seeds))
             extra = sorted(set(seeds) - set(plan.seeds))
+            why = "; none of its runs records this plan" if label in unplanned else ""
             if missing:
                 out.append(f"`{label}`: {len(seeds)} of {len(plan.seeds)} planned seeds finished (missing "
-                           f"{', '.join(map(str, missing))})")
+                           f"{', '.join(map(str, missing))}{why})")
             if extra:
                 out.append(f"`{label}`: seeds {', '.join(map(str, extra))} are not in the plan")
     return out
