@@ -1,6 +1,6 @@
 # Two commands for a newcomer (see README): `make train` and `make test`. Both set up .venv first if needed:
 # `make train` installs what training (and validate/compare) needs, `make test` adds the development extras
-# (CARLA client, wandb, mlflow, launcher plugins, Stable-Baselines3, pytest, ruff).
+# (CARLA client, wandb, mlflow, launcher plugins, Stable-Baselines3, pytest, ruff, mypy).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
@@ -34,11 +34,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed-train
 train: setup
 	$(PY) launch.py $(ARGS)
 
-# Everything CI runs: the linter (configured in pyproject.toml), then the whole test suite (server/GPU tests skip
-# themselves when those are absent). Each step fails the target.
+# Everything CI runs: the linter and the type checker (both configured in pyproject.toml), then the whole test suite
+# (server/GPU tests skip themselves when those are absent). Each step fails the target.
 LINT_PATHS := av_td3 tests scripts launch.py
 test: setup-dev
 	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m mypy av_td3
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Compares against Stable-Baselines3, a development extra.

@@ -372,7 +372,8 @@ def _pack(a: np.ndarray) -> dict:
     tensor. Lossless; zlib's checksum catches a corrupted chunk on load."""
     row_bytes = max(1, math.prod(a.shape[2:]) * a.itemsize)
     per_chunk = max(1, _CHECKPOINT_CHUNK_BYTES // row_bytes)
-    chunks = [torch.frombuffer(bytearray(zlib.compress(np.ascontiguousarray(stream[i:i + per_chunk]), 1)),
+    # .data: the array's memoryview (numpy's stubs give ndarray the buffer protocol only for Python 3.12+)
+    chunks = [torch.frombuffer(bytearray(zlib.compress(np.ascontiguousarray(stream[i:i + per_chunk]).data, 1)),
                                dtype=torch.uint8)
               for stream in a for i in range(0, a.shape[1], per_chunk)]
     return {"dtype": a.dtype.str, "shape": list(a.shape), "chunks": chunks}

@@ -65,14 +65,16 @@ def _recipe(makefile: str, target: str) -> list[str]:
 
 
 def test_the_test_target_lints_before_the_suite() -> None:
-    """`make test` (what CI runs) stops at a lint finding before running pytest: the two are separate recipe lines,
-    and make stops at the first that fails."""
+    """`make test` (what CI runs) stops at a lint or type finding before running pytest: ruff, mypy and pytest are
+    separate recipe lines, in that order, and make stops at the first that fails."""
     recipe = _recipe(_read(ROOT / "Makefile"), "test")
     tools = [next((i for i, line in enumerate(recipe) if f" -m {tool}" in line), None)
-             for tool in ("ruff check", "pytest")]
+             for tool in ("ruff check", "mypy", "pytest")]
     assert None not in tools and tools == sorted(tools), recipe
     ruff = shlex.split(recipe[tools[0]])
     assert set(ruff[ruff.index("check") + 1:]) == {"av_td3", "tests", "scripts", "launch.py"}
+    mypy = shlex.split(recipe[tools[1]])
+    assert mypy[mypy.index("mypy") + 1:] == ["av_td3"]  # its settings are pyproject.toml's [tool.mypy]
     assert not any(line.startswith("-") or "|| true" in line for line in recipe), "a step whose failure is ignored"
 
 

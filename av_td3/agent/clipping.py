@@ -274,7 +274,7 @@ class AGC(ClipStrategy):
     @torch.no_grad()
     def clip(self, norm: torch.Tensor) -> Clip:
         params = [p for p in self.params if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if p.grad is not None]  # all of params'; the test only narrows the type
         limits = self.lam * torch.cat([unit_norms(p) for p in params]).clamp_min(AGC_EPS)
         g_norms = torch.cat([unit_norms(g) for g in grads])
         coef = torch.clamp(limits / (g_norms + EPS), max=1.0)

@@ -346,21 +346,23 @@ class GradMonitor:
                 scalars[tags.grad_norm(net, part, when, maximum=True)] = mx
         for pct, v in zip(NORM_PERCENTILES, raw.get((_acc(net, "total/before_clip"), "pct"), [])):
             scalars[tags.norm_percentile(net, pct)] = v
-        row = ClipRow(*raw[(_acc(net, "coef"), "mean")])
+        # the flushed rows are floats: read by ClipRow's and LimitRow's field names
+        row = dict(zip(ClipRow._fields, raw[(_acc(net, "coef"), "mean")], strict=True))
         updates = counts[_acc(net, BEFORE)]
-        scalars[tags.clip_coef(net)] = row.coef
-        scalars[tags.clip_fraction(net)] = row.clipped
+        scalars[tags.clip_coef(net)] = row["coef"]
+        scalars[tags.clip_fraction(net)] = row["clipped"]
         scalars[tags.updates(net)] = float(updates)
-        spikes = round(row.spike * updates)
+        spikes = round(row["spike"] * updates)
         scalars[tags.spikes(net)] = float(spikes)
 
         fired = []
         if (_acc(net, "limit"), "mean") in raw:  # clipped in this interval
-            mean, top = LimitRow(*raw[(_acc(net, "limit"), "mean")]), LimitRow(*raw[(_acc(net, "limit"), "max")])
-            scalars[tags.clip_limit(net)] = mean.limit
-            scalars[tags.clip_limit(net, maximum=True)] = top.limit
-            scalars[tags.after_over_limit(net)] = top.ratio
-            if top.ratio > 1 + self.cfg.tolerance:
+            mean = dict(zip(LimitRow._fields, raw[(_acc(net, "limit"), "mean")], strict=True))
+            top = dict(zip(LimitRow._fields, raw[(_acc(net, "limit"), "max")], strict=True))
+            scalars[tags.clip_limit(net)] = mean["limit"]
+            scalars[tags.clip_limit(net, maximum=True)] = top["limit"]
+            scalars[tags.after_over_limit(net)] = top["ratio"]
+            if top["ratio"] > 1 + self.cfg.tolerance:
                 fired.append(tags.alert_key(net, "clip_violation"))
         if spikes > self.cfg.spike_alert_rate * updates:
             fired.append(tags.alert_key(net, "grad_spike"))

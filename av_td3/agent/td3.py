@@ -13,6 +13,7 @@ reads the critic's features of the same batch (detached, computed before the cri
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,12 @@ def _optimizer(params: list[torch.nn.Parameter], lr: float, cfg: AgentConfig) ->
     return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
+def _own_encoder(actor: Actor) -> Encoder:
+    """The actor's own encoder: only under ``agent.encoder=separate`` (shared: None, it reads the critic's)."""
+    assert actor.encoder is not None, "agent.encoder=shared: the actor has no encoder of its own"
+    return actor.encoder
+
+
 class TD3:
     """Implements :class:`av_td3.agent.base.Agent`; its metrics come from :class:`GradMonitor` (``self.monitor``)."""
 
@@ -67,16 +74,18 @@ class TD3:
         # benchmarks/README.md). Same values to float rounding. CUDA keeps the default layout (not measured).
         self._memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         torch.manual_seed(seed)
-        self.critic = Critic(enc(), state_dim, spec.action_dim, cfg.hidden_dim, cfg.hidden_layers,
-                             cfg.num_critics).to(device, memory_format=self._memory_format)
+        self.critic = Critic(enc(), state_dim, spec.action_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.num_critics)
         self.actor = Actor(None if self.shared else enc(), cfg.features_dim, state_dim, spec.action_dim,
-                           cfg.hidden_dim, cfg.hidden_layers).to(device, memory_format=self._memory_format)
+                           cfg.hidden_dim, cfg.hidden_layers)
+        for net in (self.critic, self.actor):  # in place (Module.to returns the module itself)
+            # torch's stubs leave memory_format out of Module.to's overloads; Module.to accepts it
+            net.to(device, memory_format=self._memory_format)  # type: ignore[call-overload]
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.actor_opt = _optimizer(list(self.actor.parameters()), cfg.lr.actor, cfg)
         self.critic_opt = _optimizer(list(self.critic.parameters()), cfg.lr.critic, cfg)
-        self._online = list(self.actor.parameters()) + list(self.critic.parameters())
-        self._target = list(self.actor_target.parameters()) + list(self.critic_target.parameters())
+        self._online: list[torch.Tensor] = [*self.actor.parameters(), *self.critic.parameters()]
+        self._target: list[torch.Tensor] = [*self.actor_target.parameters(), *self.critic_target.parameters()]
         parts = {"actor": self.actor.parts(), "critic": self.critic.parts()}
         # agent.clip.mode: one strategy per net owns its clip (av_td3/agent/clipping.py); the monitor only measures
         self.clippers: dict[str, ClipStrategy] = {
@@ -87,8 +96,10 @@ class TD3:
         self._augment = augment.make(cfg.augment, cfg.augment_pad, device, seed + 2)  # own stream: see update
         self.critic_updates = 0
         self.actor_updates = 0
+        # an attribute, not a method, so that agent.compile can put the compiled function in its place
+        self._encode: Callable[[Encoder, torch.Tensor], torch.Tensor] = self._encode_eager
         if cfg.compile:
-            self._encode = torch.compile(self._encode)
+            self._encode = torch.compile(self._encode_eager)
 
     # ------------------------------------------------------------------------------------------------- helpers
     def _images(self, image: torch.Tensor) -> torch.Tensor:
@@ -107,7 +118,7 @@ class TD3:
             return state.new_zeros(state.shape[0], 0, device=self.device)
         return state.to(self.device, non_blocking=True) * self._state_scale
 
-    def _encode(self, encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
+    def _encode_eager(self, encoder: Encoder, images: torch.Tensor) -> torch.Tensor:
         """Images [B, stack, H, W] → float32 features [B, features_dim]; under ``agent.precision=bf16`` the
         encoder runs in bfloat16 autocast (its backward follows the forward's dtypes)."""
         if self.cfg.precision == "fp32":
@@ -128,7 +139,7 @@ class TD3:
         ``noise`` is the std of Gaussian exploration noise (0 for evaluation)."""
         images = self._images(torch.as_tensor(obs["image"]))
         states = self._states(torch.as_tensor(obs["state"]))
-        encoder = self.critic.encoder if self.shared else self.actor.encoder
+        encoder = self.critic.encoder if self.shared else _own_encoder(self.actor)
         action = self.actor(self._encode(encoder, images), states)
         if noise > 0:
             action = action + noise * torch.randn(action.shape, generator=self._noise_gen, device=self.device)
@@ -155,7 +166,7 @@ class TD3:
         with torch.no_grad():
             next_critic_features = self._encode(self.critic_target.encoder, next_images)
             next_actor_features = (next_critic_features if self.shared
-                                   else self._encode(self.actor_target.encoder, next_images))
+                                   else self._encode(_own_encoder(self.actor_target), next_images))
             next_action = self.actor_target(next_actor_features, next_states)
             if cfg.policy_noise > 0:  # target policy smoothing
                 noise = torch.randn(next_action.shape, generator=self._noise_gen, device=self.device)
@@ -168,6 +179,7 @@ class TD3:
         features = self._encode(self.critic.encoder, images)
         qs = self.critic(features, states, action)
         critic_loss = sum(F.mse_loss(q, y) for q in qs)
+        assert isinstance(critic_loss, torch.Tensor)  # a tensor, not sum()'s start 0: num_critics >= 1
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         norms = mon.before_clip("critic", critic_loss, step)  # None: non-finite, the update is dropped (guard)
@@ -185,7 +197,7 @@ class TD3:
         # --- delayed actor step and target update, every policy_freq critic updates
         if self.critic_updates % cfg.policy_freq != 0:
             return
-        actor_features = features.detach() if self.shared else self._encode(self.actor.encoder, images)
+        actor_features = features.detach() if self.shared else self._encode(_own_encoder(self.actor), images)
         policy_action = self.actor(actor_features, states)
         actor_loss = -self.critic.q1(features.detach(), states, policy_action).mean()
         self.actor_opt.zero_grad(set_to_none=True)

@@ -93,7 +93,7 @@ def _differs_from_study(run: Run, study_runs: list[Run], study: Path) -> str | N
     why = []
     if steps not in lengths:
         why.append(f"trainer.total_steps={steps} (they: {', '.join(map(str, sorted(lengths)))})")
-    extra = sorted(run.presets - set.union(*(r.presets for r in study_runs)))
+    extra = sorted(run.presets - set[str]().union(*(r.presets for r in study_runs)))
     if extra:
         why.append(f"launched with {', '.join(extra)} (none of them was)")
     if not why:

@@ -102,12 +102,12 @@ def group_runs(runs: list[Run]) -> tuple[list[Group], list[str], list[str]]:
     for members, labels in zip(by_config.values(), launched):
         # the most common way its runs were launched, then the shortest; not a name another group has
         ranked = sorted(set(labels), key=lambda t: (-labels.count(t), len(t), t))
-        items = next((t for t in ranked if t not in unanimous or len(ranked) == 1), ranked[0])
+        picked = next((t for t in ranked if t not in unanimous or len(ranked) == 1), ranked[0])
         if len(ranked) > 1:
             shown = sorted({",".join(t) or "default" for t in labels})
-            warnings.append(f"group `{','.join(items) or 'default'}` pools runs launched as {', '.join(shown)}: "
+            warnings.append(f"group `{','.join(picked) or 'default'}` pools runs launched as {', '.join(shown)}: "
                             "their configurations are the same")
-        named.append((list(items), members))
+        named.append((list(picked), members))
     # Runs launched under one label whose configurations differ (debug=smoke is not a label item): split, named.
     by_label: dict[str, list[int]] = {}
     for n, (items, _) in enumerate(named):

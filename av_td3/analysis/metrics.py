@@ -17,6 +17,7 @@ primary metric defaults to the late mean; the snapshot stays available for older
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +144,7 @@ NET_METRICS: tuple[NetMetric, ...] = (  # in comparison.csv's order
     NetMetric("clip_fraction", tags.clip_fraction, "mean", "mean"),
     NetMetric("after_clip_max", lambda net: tags.grad_norm(net, "total", tags.AFTER, maximum=True), "max", "max"),
     # the median over the run's logging intervals of each interval's percentile, then over the group's runs
-    *(NetMetric(f"norm_p{q}", lambda net, q=q: tags.norm_percentile(net, q), "median", "median")
+    *(NetMetric(f"norm_p{q}", functools.partial(tags.norm_percentile, q=q), "median", "median")
       for q in NORM_PERCENTILES),
 )
 

@@ -52,7 +52,7 @@ def eval_return_figure(groups: dict[str, list[Run]]) -> Figure:
             ax.plot(curves.index, curves[name], color=color, lw=0.7, alpha=0.35)
         steps = curves.index.to_numpy()
         values = [row[np.isfinite(row)] for row in curves.to_numpy()]
-        level = [stats.iqm(v) if len(v) else np.nan for v in values]
+        level = [float(stats.iqm(v)) if len(v) else np.nan for v in values]  # 1-D rows: one scalar each
         if len(steps) == 1:
             ax.plot(steps, level, color=color, marker="o", ls="none")
             ax.axhline(level[0], color=color, lw=1.5, ls="--",

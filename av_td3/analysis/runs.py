@@ -129,7 +129,7 @@ def load_run(run_dir: Path, root: Path, event_files: list[Path] | None = None) -
         path=run_dir,
         name=_relative_name(run_dir, root),
         config=config,
-        overrides=([rundir.renamed_override(str(o)) for o in OmegaConf.load(overrides)]  # type: ignore[union-attr]
+        overrides=([rundir.renamed_override(str(o)) for o in OmegaConf.load(overrides)]
                    if overrides.is_file() else None),
         summary=rundir.read_summary(run_dir),
         event_files=events,

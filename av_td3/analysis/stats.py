@@ -31,7 +31,7 @@ def iqm(x: ArrayLike, axis: int | None = None) -> float | np.ndarray:
 
 def _percentiles(samples: ArrayLike, confidence: float) -> tuple[float, float]:
     tail = (1.0 - confidence) / 2.0 * 100.0
-    lo, hi = np.percentile(samples, [tail, 100.0 - tail])
+    lo, hi = np.percentile(np.asarray(samples, dtype=float), [tail, 100.0 - tail])
     return float(lo), float(hi)
 
 

@@ -37,15 +37,14 @@ def checkpoint_config(cfg: BenchConfig) -> Config:
     return bench_trainer(conf, cfg)
 
 
-def record_env_steps(trainer: Trainer, steps: int, seed: int) -> list[tuple[Any, ...]]:
-    """``steps`` vector steps of the trainer's envs with uniform random actions, as
-    ``(action, reward, next_obs, terminated, truncated, restart_obs)``; ``restart_obs`` holds the first
-    observations of the episodes started where one ended (None when none did). The first element is the
-    initial observation of every env."""
+def record_env_steps(trainer: Trainer, steps: int, seed: int) -> tuple[dict, list[tuple[Any, ...]]]:
+    """The initial observation of every env, and ``steps`` vector steps of the trainer's envs with uniform random
+    actions, as ``(action, reward, next_obs, terminated, truncated, restart_obs)``; ``restart_obs`` holds the first
+    observations of the episodes started where one ended (None when none did)."""
     rng = np.random.default_rng(seed)
     n, a = trainer.n, trainer.spec.action_dim
     obs, _ = trainer.envs.reset(seed=[seed + i for i in range(n)])
-    recorded: list[tuple[Any, ...]] = [obs]
+    recorded: list[tuple[Any, ...]] = []
     for i in range(steps):
         action = rng.uniform(-1.0, 1.0, size=(n, a)).astype(np.float32)
         next_obs, reward, term, trunc, _ = trainer.envs.step(action)
@@ -55,14 +54,15 @@ def record_env_steps(trainer: Trainer, steps: int, seed: int) -> list[tuple[Any,
             seeds = [seed + n * (i + 1) + j if e else None for j, e in enumerate(ended)]
             restart, _ = trainer.envs.reset(seed=seeds, options={"reset_mask": ended})
         recorded.append((action, reward.astype(np.float32), next_obs, term, trunc, restart))
-    return recorded
+    return obs, recorded
 
 
-def fill_buffer(trainer: Trainer, recorded: list[tuple[Any, ...]]) -> None:
+def fill_buffer(trainer: Trainer, recorded: tuple[dict, list[tuple[Any, ...]]]) -> None:
     """Fill the trainer's replay buffer to capacity with the recorded steps, cycled, stored as the loop stores
     them (one row per env per step: ``rows_per_env`` steps wrap every stream)."""
     buf = trainer.buffer
-    first, steps = recorded[0], recorded[1:]
+    assert buf is not None  # the default agent (td3) learns from a replay buffer
+    first, steps = recorded
     buf.start_episode(first)
     for i in range(buf.rows_per_env):
         action, reward, next_obs, term, trunc, restart = steps[i % len(steps)]
@@ -83,11 +83,13 @@ def bench_checkpoint(cfg: BenchConfig, out: Path, result: BenchResult, say: Call
     run_dir.mkdir(parents=True, exist_ok=True)
     with quiet("av_td3.agent.monitor", "av_td3.train"):
         trainer = Trainer(conf, run_dir)
+        buffer = trainer.buffer
         try:
+            assert buffer is not None  # the default agent (td3) learns from a replay buffer
             fill_buffer(trainer, record_env_steps(trainer, cfg.checkpoint_env_steps, cfg.seed))
             for _ in range(a.policy_freq):  # the optimizers' state exists, as in a run
-                trainer.agent.update(trainer.buffer.sample(a.batch_size, a.n_step, a.gamma), trainer.step)
-            trainer.step = len(trainer.buffer)
+                trainer.agent.update(buffer.sample(a.batch_size, a.n_step, a.gamma), trainer.step)
+            trainer.step = len(buffer)
             # untimed: the first copies in a process also pay for fresh memory pages (up to ~1 s on a 2-core VM)
             trainer.save_checkpoint()
             trainer.ckpt.wait()
@@ -101,7 +103,7 @@ def bench_checkpoint(cfg: BenchConfig, out: Path, result: BenchResult, say: Call
                 size.append(path.stat().st_size / 1e6)
         finally:
             trainer.close_envs()
-    what = (f"{describe_default(conf)}, agent.buffer_size={a.buffer_size} full ({len(trainer.buffer)} "
+    what = (f"{describe_default(conf)}, agent.buffer_size={a.buffer_size} full ({len(buffer)} "
             f"transitions, {cfg.checkpoint_env_steps} rendered env steps cycled), "
             f"trainer.checkpoint_buffer={str(conf.trainer.checkpoint_buffer).lower()}")
     result.rows.append(Row("checkpoint/default_stall", "s", stall,

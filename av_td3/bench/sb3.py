@@ -60,10 +60,12 @@ def sb3_updater(cfg: BenchConfig, device: torch.device) -> Callable[[int], float
     model.set_logger(Logger(folder=None, output_formats=[]))  # records in memory only: no files
     rng = np.random.default_rng(cfg.seed)
     shape = (1, cfg.stack, cfg.height, cfg.width)
+    buffer = model.replay_buffer
+    assert buffer is not None  # SB3 builds it in the constructor (_setup_model)
     for _ in range(cfg.fill):
         frames = rng.integers(0, 256, (2, *shape), dtype=np.uint8)
-        model.replay_buffer.add(frames[0], frames[1], rng.uniform(-1, 1, (1, 2)).astype(np.float32),
-                                rng.standard_normal(1).astype(np.float32), np.zeros(1, dtype=np.float32), [{}])
+        buffer.add(frames[0], frames[1], rng.uniform(-1, 1, (1, 2)).astype(np.float32),
+                   rng.standard_normal(1).astype(np.float32), np.zeros(1, dtype=np.float32), [{}])
 
     def run(n: int) -> float:
         sync(device)
@@ -97,7 +99,8 @@ def gym_kwargs(env_cfg: EnvConfig) -> dict[str, Any]:
     for f in dataclasses.fields(env_cfg):
         value = getattr(env_cfg, f.name)
         if f.name not in ("camera", "route") and value != getattr(schema, f.name):  # CARLA only
-            kwargs[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            is_section = dataclasses.is_dataclass(value) and not isinstance(value, type)  # an instance: a section
+            kwargs[f.name] = dataclasses.asdict(value) if is_section else value
     return kwargs
 
 

@@ -61,6 +61,6 @@ def schema_fields(cls: type, prefix: str = "") -> tuple[SchemaField, ...]:
         nullable = type(None) in args
         inner = next((t for t in args if t is not type(None)), hint) if nullable else hint
         found.append(SchemaField(prefix + f.name, inner, nullable, f.metadata))
-        if dataclasses.is_dataclass(inner):
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):  # a section: its dataclass
             found += schema_fields(inner, f"{prefix}{f.name}.")
     return tuple(found)

@@ -28,9 +28,11 @@ if HIGHWAY_ID not in gym.registry:  # gymnasium warns when an id is registered a
     gym.register(id=HIGHWAY_ID, entry_point="av_td3.envs.highway:from_kwargs")
 
 
-def make(cfg: EnvConfig, seed: int | None = None) -> DrivingEnv:
+def make(cfg: EnvConfig, seed: int | None = None) -> gym.Env:
     """Build the ``env.name`` backend (its :class:`Backend` declaration says which class). A seed seeds the
-    simulator's random stream (so unseeded ``reset()`` calls replay the same episodes) and the action space."""
+    simulator's random stream (so unseeded ``reset()`` calls replay the same episodes) and the action space.
+    Every backend follows the :class:`DrivingEnv` contract, but CARLA's env is not a subclass: it relays the calls
+    to a :class:`DrivingEnv` in a worker process (:mod:`av_td3.envs.carla.worker`)."""
     declared = backend(cfg)
     warn_ignored(cfg)
     env = declared.build(cfg, seed)  # the simulator's packages are imported here, only for the chosen backend
@@ -39,7 +41,7 @@ def make(cfg: EnvConfig, seed: int | None = None) -> DrivingEnv:
     return env
 
 
-def make_vector(cfg: EnvConfig, num_envs: int) -> gym.vector.VectorEnv:
+def make_vector(cfg: EnvConfig, num_envs: int) -> gym.vector.SyncVectorEnv | gym.vector.AsyncVectorEnv:
     """``num_envs`` copies of ``make(cfg)``: in worker processes (AsyncVectorEnv), or in this one when
     ``num_envs == 1``. ``reset(seed=s)`` gives sub-env i the seed s + i. No autoreset: see the module doc."""
     fns = [lambda: make(cfg) for _ in range(num_envs)]

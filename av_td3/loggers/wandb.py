@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal, cast
 
 import numpy as np
 
@@ -50,11 +51,13 @@ class WandbBackend:
             run_id = uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
         offline = cfg.mode != "online"
+        # the schema allows only these (one_of); wandb's signature spells them as a Literal
+        mode = cast(Literal["offline", "online", "disabled"], cfg.mode)
         # wandb-core is started by the first init and reads these once: its debug log goes to the cache dir
         # (default ~/.cache/wandb), and without the second it may send crash reports.
         with _env_defaults({"WANDB_CACHE_DIR": str(root / "cache"), "WANDB_ERROR_REPORTING": "false"}):
             self.run = wandb.init(
-                project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(run_dir), id=run_id,
+                project=cfg.project, entity=cfg.entity, mode=mode, dir=str(run_dir), id=run_id,
                 resume="allow",
                 settings=wandb.Settings(
                     # No banner and no stdout capture: the trainer owns the terminal.

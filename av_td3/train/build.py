@@ -17,7 +17,7 @@ from av_td3.agent.base import Agent
 from av_td3.agent.pid import PIDAgent
 from av_td3.agent.td3 import TD3, Spec
 from av_td3.config import Config, ConfigError, EnvConfig
-from av_td3.envs.base import ACTION_NAMES, DrivingEnv, EnvUnavailableError
+from av_td3.envs.base import ACTION_NAMES, EnvUnavailableError
 from av_td3.replay import ReplayBuffer
 
 log = logging.getLogger("av_td3.train")  # the trainer's log lines carry one name, whichever module writes them
@@ -55,7 +55,7 @@ def eval_shares_env(e: EnvConfig) -> bool:
     return envs_lib.backend(e).eval_shares_env
 
 
-def make_envs(e: EnvConfig) -> tuple[gym.vector.VectorEnv, DrivingEnv]:
+def make_envs(e: EnvConfig) -> tuple[gym.vector.SyncVectorEnv | gym.vector.AsyncVectorEnv, gym.Env]:
     """The training envs (``env.num_envs``) and the evaluation env, which is the first training env when
     :func:`eval_shares_env`. Built before the replay buffer and the networks: a bad env.town or an unreachable
     server fails in seconds, before memory is allocated."""
@@ -66,7 +66,10 @@ def make_envs(e: EnvConfig) -> tuple[gym.vector.VectorEnv, DrivingEnv]:
                           "server per parallel job').")
     train_envs = envs_lib.make_vector(e, e.num_envs)
     try:
-        return train_envs, train_envs.envs[0] if shares else envs_lib.make(e)
+        if not shares:
+            return train_envs, envs_lib.make(e)
+        assert isinstance(train_envs, gym.vector.SyncVectorEnv)  # num_envs is 1: make_vector built it in-process
+        return train_envs, train_envs.envs[0]
     except BaseException:
         train_envs.close()  # a CARLA env restores the server's settings on close
         raise
@@ -94,11 +97,12 @@ def make_agent(cfg: Config, spec: Spec, device: torch.device, q_bound: float) ->
     return agent, buffer
 
 
-def check_env(probe: DrivingEnv, space: gym.spaces.Dict, seed: int) -> None:
+def check_env(probe: gym.Env, space: gym.spaces.Dict, seed: int) -> None:
     """Stop before training on a black or frozen camera, or on observations the networks don't expect
     (``space``: the training envs' single observation space). Drives ``probe`` for a few steps."""
     o, _ = probe.reset(seed=seed)
     for key, want in space.items():
+        assert isinstance(want, gym.spaces.Box)  # the contract's arrays (av_td3.envs.base.observation_space)
         got = o[key]
         if got.dtype != want.dtype or got.shape != want.shape:
             raise EnvUnavailableError(f"observation '{key}' is {got.dtype}{list(got.shape)} but the "

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import gymnasium as gym
 import numpy as np
 
 from av_td3.agent.base import Agent
-from av_td3.envs.base import DrivingEnv, SimulatorLostError
+from av_td3.envs.base import SimulatorLostError
 from av_td3.loggers.base import FanOut
 
 log = logging.getLogger("av_td3.train")
@@ -29,7 +30,7 @@ class _Episode:
     frames: list[np.ndarray] = field(default_factory=list)
 
 
-def _run_episode(env: DrivingEnv, agent: Agent, seed: int, step: int, keep_frames: bool) -> _Episode:
+def _run_episode(env: gym.Env, agent: Agent, seed: int, step: int, keep_frames: bool) -> _Episode:
     obs, _ = env.reset(seed=seed)
     policy = agent.for_evaluation()
     ep, done = _Episode(), False
@@ -40,7 +41,7 @@ def _run_episode(env: DrivingEnv, agent: Agent, seed: int, step: int, keep_frame
         if info.get("interrupted", False):
             ep.interrupted = True
             return ep
-        ep.ret += r
+        ep.ret += float(r)  # a float already (the contract); gymnasium types it SupportsFloat
         ep.collisions += int(info["collision"])
         ep.invasions += int(info["lane_invasion"])
         if keep_frames and len(ep.frames) < FRAMES_KEPT:
@@ -50,7 +51,7 @@ def _run_episode(env: DrivingEnv, agent: Agent, seed: int, step: int, keep_frame
     return ep
 
 
-def evaluate(env: DrivingEnv, agent: Agent, episodes: int, eval_seed: int, step: int,
+def evaluate(env: gym.Env, agent: Agent, episodes: int, eval_seed: int, step: int,
              logger: FanOut) -> dict[str, float]:
     """Run ``episodes`` episodes with seeds ``eval_seed + i`` and no exploration noise; return the ``eval/*``
     means (return, success rate, collisions and lane invasions per episode). A success is an episode that

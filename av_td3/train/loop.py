@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -97,7 +98,9 @@ class Trainer:
     def _loop(self) -> None:
         t, n = self.cfg.trainer, self.n
         if self.step == 0:
-            check_env(self.eval_env, self.envs.single_observation_space, self.cfg.env.eval_seed)
+            space = self.envs.single_observation_space
+            assert isinstance(space, gym.spaces.Dict)  # every backend's: {"image", "state"} (av_td3.envs.base)
+            check_env(self.eval_env, space, self.cfg.env.eval_seed)
         obs, _ = self.envs.reset(seed=[self._episode_seed() for _ in range(n)])
         self._episodes_started(obs, np.arange(n))
         self._interval = (time.perf_counter(), self.step)
@@ -124,7 +127,7 @@ class Trainer:
                 self.buffer.add(action, reward, next_obs, term, trunc, interrupted)
             self.phases.lap("store")
             ended = term | trunc
-            for i in np.flatnonzero(ended):
+            for i in np.flatnonzero(ended).tolist():
                 if interrupted[i]:
                     self.episode_stats.abandon(i)
                 else:
@@ -171,6 +174,7 @@ class Trainer:
 
     def _update(self) -> None:
         a = self.cfg.agent
+        assert self.buffer is not None  # _update_due: only an agent with a replay buffer updates
         for _ in range(self.cfg.trainer.updates_per_step * self.n):
             batch = self.buffer.sample(a.batch_size, a.n_step, a.gamma)
             self.phases.lap("sample")
@@ -227,8 +231,9 @@ class Trainer:
         cfg = self.cfg
         self.summary.provenance = summary.provenance()
         write_summary(self.run_dir, self.summary)
-        self.logger.log_run_info(OmegaConf.to_container(OmegaConf.structured(cfg)), summary.flat_hparams(cfg),
-                                 {"seed": str(cfg.seed), **self.summary.provenance})
+        config = OmegaConf.to_container(OmegaConf.structured(cfg))
+        assert isinstance(config, dict)  # the Config dataclass converts to a mapping
+        self.logger.log_run_info(config, summary.flat_hparams(cfg), {"seed": str(cfg.seed), **self.summary.provenance})
         self.signals.install()
         log.info("training %d env steps into %s", cfg.trainer.total_steps, self.run_dir)
         start, wall0 = time.perf_counter(), self.summary.wall_s

@@ -90,13 +90,16 @@ class CarlaSession(WorldTakeOver, DrivingEnv):
     ``carla_module`` and ``sleep`` exist for tests (a test double of the client and a fake clock for the reconnect
     back-off when there is no supervisor); leave them out to use the real ``carla`` package."""
 
+    _prev_s: float | None  # the ego's position along the route at the last observation; None after a reset
+
     def __init__(self, cfg: EnvConfig, seed: int | None = None, *, carla_module: Any = None,
                  sleep: Callable[[float], None] = time.sleep, supervisor: Supervisor | None = None) -> None:
         if carla_module is None:
             try:
-                import carla as carla_module
+                import carla
             except ImportError:
                 raise EnvUnavailableError("env=carla needs the CARLA client: pip install '.[carla]'") from None
+            carla_module = carla
         super().__init__(cfg.image.height, cfg.image.width, cfg.image.stack, cfg.lane_points, cfg.max_episode_steps,
                          cfg.reward, dt=CARLA.decision_dt(cfg), rules=CARLA.rules, state_tail=len(CARLA.state_tail))
         self.carla = carla_module

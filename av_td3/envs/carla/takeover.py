@@ -8,7 +8,10 @@ reconnect; the session holds the state it sets (``_client``, ``_world``, ``_map`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from av_td3.config import ConfigError, EnvConfig
 from av_td3.envs.base import SimulatorUnusableError
@@ -32,6 +35,13 @@ class WorldTakeOver:
     carla: Any
     cfg: EnvConfig
     _supervisor: Any  # the session's Supervisor (env.py): progress is reported to it
+    # Set by the session (env.py) before the take-over runs:
+    _rng: np.random.Generator
+    _weather: Any  # the env.carla.weather preset
+    _original_settings: Any  # the server's settings before our first take-over (None until then), restored at close
+    _sensors: list[Any]
+    _npc_ids: list[int]
+    _first_images: Callable[[], None]  # the session's method: tick until the new camera's images flow
 
     # --- config ----------------------------------------------------------------------------------------------
     def _weather_preset(self, name: str) -> Any:
@@ -164,7 +174,8 @@ class WorldTakeOver:
             return [points[index]]
         ours = set(self._npc_ids) | ({self._ego.id} if self._ego is not None else set())
         others = [a.get_location() for a in self._world.get_actors().filter("vehicle.*") if a.id not in ours]
-        free, taken = [], []
+        free: list[Any] = []
+        taken: list[Any] = []
         for i in self._rng.permutation(len(points)):
             point = points[int(i)]
             (free if all(point.location.distance(car) > FREE_RADIUS_M for car in others) else taken).append(point)

@@ -308,6 +308,7 @@ class CarlaDrivingEnv(gym.Env):
             # Nothing happened this step: the episode ends as truncated (an interruption, not a failure, so the
             # learner bootstraps) on the last good observation, with nothing earned.
             info = interrupted_info(self._reward_components)
+            assert self._last_obs is not None, "step() before reset()"  # gymnasium's contract: reset comes first
             return self._last_obs, 0.0, False, True, self._info(info, self._last_obs)
         return obs, reward, terminated, truncated, self._info(info, obs)
 
