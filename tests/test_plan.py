@@ -12,8 +12,10 @@ import pytest
 from statsmodels.stats.power import TTestIndPower
 
 from av_td3.analysis.compare import effects_against_baseline, summarize
+from av_td3.analysis.metrics import METRICS
 from av_td3.analysis.plan import Plan
 from av_td3.analysis.runs import find_runs
+from av_td3.analysis.verdicts import RULES, RULES_VERSION
 from av_td3.cli import main
 from tests.analysis_fixtures import healthy_scalars, make_config, write_run
 
@@ -139,6 +141,25 @@ def test_a_declared_plan_is_printed_and_departures_are_flagged(tmp_path: Path,
     assert "Departure: the metric analysed is final_return, the plan's primary metric is late_return" in printed
     assert ("Departure: the baseline is `default`, the plan's is `agent.clip.actor=null,agent.clip.critic=null`"
             in printed)
+
+
+def test_a_run_the_nan_guard_stopped_scores_its_warm_up_return_for_the_evaluations_it_missed(tmp_path: Path) -> None:
+    """Rules v5: a diverged run stays in the return metrics, each evaluation after its stop at its random-action
+    warm-up mean, so an arm's worst runs cannot leave its mean; a run that went on is scored as it was evaluated."""
+    overrides = ["trainer.total_steps=300", "trainer.eval_every=50", "trainer.learning_starts=100"]
+    full = healthy_scalars(make_config(overrides), level=300.0)  # evaluations 220 (steps 50-150), 300 (200-300)
+    full["episode/return"] = [(50, -10.0), (100, -30.0), (200, 250.0)]  # warm-up (<= step 100): mean -20
+    stopped = {tag: [(step, v) for step, v in points if step <= 150] for tag, points in full.items()}
+    write_run(tmp_path / "stopped", overrides, 0, scalars=stopped, events=False, csv=True,
+              summary={"status": "stopped", "steps": 160, "total_steps": 300,
+                       "nan_guard": {"triggered": True, "quantity": "policy action", "step": 160}})
+    write_run(tmp_path / "went_on", overrides, 1, scalars=full, events=False, csv=True)
+    runs = {r.name: r for r in find_runs(tmp_path)}
+    score = {name: {m: METRICS[m].compute(run, 0.5) for m in ("late_return", "auc_return", "final_return")}
+             for name, run in runs.items()}
+    assert score["stopped"] == {"late_return": -20.0, "auc_return": 100.0, "final_return": -20.0}
+    assert score["went_on"] == {"late_return": 300.0, "auc_return": 260.0, "final_return": 300.0}
+    assert RULES_VERSION == 5 and "NaN guard stopped" in RULES[5]
 
 
 def test_seed_counts_say_when_no_run_of_the_group_records_the_plan(tmp_path: Path,

@@ -28,6 +28,7 @@ import pandas as pd
 from av_td3 import tags
 from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
+from av_td3.analysis.verdicts import untrained_level
 from av_td3.tags import NORM_PERCENTILES
 
 NAN = float("nan")
@@ -57,10 +58,40 @@ def late_start(run: Run, late_fraction: float) -> float:
     return (1.0 - late_fraction) * float(run.config.trainer.total_steps)
 
 
+def nan_guard_step(run: Run) -> int | None:
+    """The env step at which the NaN guard stopped the run (summary.json ``nan_guard``); None when it did not."""
+    guard = (run.summary or {}).get("nan_guard") or {}
+    return int(guard["step"]) if guard.get("triggered") and guard.get("step") is not None else None
+
+
+def scored_returns(run: Run) -> pd.Series:
+    """``eval/return`` per evaluation, as the return metrics score it (rules v5). A run the NaN guard stopped
+    also scores every evaluation its schedule (each ``trainer.eval_every`` steps, and the last step) held after the
+    stop, at what the untrained agent scores (:func:`~av_td3.analysis.verdicts.untrained_level`: the mean return of
+    its random-action warm-up episodes): a policy that diverged is worth no more than random actions, and leaving
+    those evaluations out would drop an arm's worst runs from its mean."""
+    returns = evaluations(run, "eval/return")
+    stop = nan_guard_step(run)
+    if stop is None or run.config is None:
+        return returns
+    floor = untrained_level(run.scalars, run)
+    if floor is None:
+        return returns
+    t = run.config.trainer
+    schedule = {*range(int(t.eval_every), int(t.total_steps) + 1, int(t.eval_every)), int(t.total_steps)}
+    missed = sorted(s for s in schedule if s > stop and s not in returns.index)
+    return pd.concat([returns, pd.Series(floor[0], index=missed, dtype=float)]).sort_index()
+
+
 def late(run: Run, tag: str, late_fraction: float) -> pd.Series:
     """The evaluations of ``tag`` in the late window (see :func:`late_start`)."""
     s = evaluations(run, tag)
     return s[s.index > late_start(run, late_fraction)]
+
+
+def _late_scored(run: Run, late_fraction: float) -> pd.Series:
+    returns = scored_returns(run)
+    return returns[returns.index > late_start(run, late_fraction)]
 
 
 def _mean(s: pd.Series) -> float:
@@ -89,14 +120,15 @@ class Metric:
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("late_return", "late return",
-           "mean evaluation return over the evaluations in the last plan.late_fraction of training",
-           lambda run, f: _mean(late(run, "eval/return", f))),
+           "mean evaluation return over the evaluations in the last plan.late_fraction of training (a run the NaN "
+           "guard stopped scores its random-action warm-up return for each evaluation it did not reach)",
+           lambda run, f: _mean(_late_scored(run, f))),
     Metric("auc_return", "mean eval return (AUC)",
            "mean evaluation return over all evaluations of the run (the area under its learning curve, per evaluation)",
-           lambda run, f: _mean(evaluations(run, "eval/return"))),
+           lambda run, f: _mean(scored_returns(run))),
     Metric("final_return", "final return",
            "the return of the last evaluation alone (a snapshot of one policy: the noisiest of these metrics)",
-           lambda run, f: _last(evaluations(run, "eval/return"))),
+           lambda run, f: _last(scored_returns(run))),
     Metric("late_success", "late success",
            "mean success rate (episodes that reached their step limit without crashing or leaving the road) over "
            "the late evaluations", lambda run, f: _mean(late(run, "eval/success_rate", f)), percent=True,

@@ -47,8 +47,11 @@ RULES: dict[int, str] = {
     4: "v3, with failed to learn judged against the random-action warm-up episodes' mean return instead of the "
        "first evaluation (changed 2026-12-07 after a stress pilot that learned by its first evaluation read "
        "'failed' under v3)",
+    5: "v4, with a run the NaN guard stopped kept in the return metrics (late, AUC, final): each evaluation it did "
+       "not reach scores its random-action warm-up mean return, instead of the run being left out of its group's "
+       "mean (2026-12-07, declared before the when-map's runs; no archived study or control run was stopped)",
 }
-RULES_VERSION = 4
+RULES_VERSION = 5
 # |actor loss| = |mean Q of the policy's actions|, so it is held to the same bound as the critics' Q values.
 Q_TAGS = ("train/q1", "train/q2", "train/q_abs_max", "train/actor_loss", "train/actor_loss_max")
 RETURN_TAGS = ("episode/return", "eval/return")

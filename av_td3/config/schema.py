@@ -372,7 +372,7 @@ class PlanConfig:
     seeds: list[int] = field(default_factory=list)
     # Version of the verdict rules the plan was written for (av_td3/analysis/verdicts.py, RULES): compare flags
     # a report made with another version.
-    rules: int = rng(4, 1)
+    rules: int = rng(5, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------ logger
