@@ -80,7 +80,10 @@ def scored_returns(run: Run) -> pd.Series:
     t = run.config.trainer
     schedule = {*range(int(t.eval_every), int(t.total_steps) + 1, int(t.eval_every)), int(t.total_steps)}
     missed = sorted(s for s in schedule if s > stop and s not in returns.index)
-    return pd.concat([returns, pd.Series(floor[0], index=missed, dtype=float)]).sort_index()
+    if not missed:
+        return returns
+    filled = pd.Series(floor[0], index=missed, dtype=float)
+    return filled if returns.empty else pd.concat([returns, filled]).sort_index()
 
 
 def late(run: Run, tag: str, late_fraction: float) -> pd.Series:
