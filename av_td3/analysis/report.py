@@ -251,8 +251,8 @@ def _legend(summary: Report) -> str:
             f"|Q| beyond the reward bound) or |Q| beyond monitor.q_return_factor x the largest |return| the run "
             f"played. Collapsed: the final level lost more than monitor.collapse_fraction of the gain of the run's "
             f"best level over its first evaluation; a level is the mean of monitor.collapse_window consecutive "
-            f"evaluations. Failed to learn: the best level never rose more than monitor.learn_min_gain above the "
-            f"first evaluation.")
+            f"evaluations. Failed to learn: the best level never rose more than monitor.learn_min_gain above what "
+            f"random actions scored (the mean return of the run's warm-up episodes; rules v4 on).")
 
 
 def markdown_report(summary: Report, plots: list[Path]) -> str:
