@@ -21,7 +21,7 @@ from av_td3.analysis import stats
 from av_td3.analysis.metrics import METRICS, NET_METRICS, late_evaluations
 from av_td3.analysis.plan import Plan, departures, records, study_plan
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import collapse_rule, judge
+from av_td3.analysis.verdicts import collapse_rule, judge, nan_guard_stop
 from av_td3.config import ClipConfig
 from av_td3.rundir import (COMPLETED, DEFAULTS_CHANGED, STOPPED, UNNAMED_OVERRIDES, flatten, is_experiment_key,
                            schema_default, without_other_backends)
@@ -177,7 +177,7 @@ def run_metrics(run: Run, late_fraction: float) -> dict[str, Any]:
         spikes, updates = verdict.spikes.get(net, (NAN, NAN))
         m[f"{net}_spikes"], m[f"{net}_spike_updates"] = spikes, updates
     m["alerts"] = {k: int(v) for k, v in (summary.get("alerts") or {}).items() if v}
-    m["nan_guard"] = bool((summary.get("nan_guard") or {}).get("triggered"))
+    m["nan_guard"] = nan_guard_stop(run) is not None
     m["diverged"] = verdict.diverged is not None
     m["diverged_why"] = verdict.diverged
     m["collapsed"] = verdict.collapsed is not None

@@ -28,7 +28,7 @@ import pandas as pd
 from av_td3 import tags
 from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
-from av_td3.analysis.verdicts import untrained_level
+from av_td3.analysis.verdicts import nan_guard_stop, untrained_level
 from av_td3.tags import NORM_PERCENTILES
 
 NAN = float("nan")
@@ -58,12 +58,6 @@ def late_start(run: Run, late_fraction: float) -> float:
     return (1.0 - late_fraction) * float(run.config.trainer.total_steps)
 
 
-def nan_guard_step(run: Run) -> int | None:
-    """The env step at which the NaN guard stopped the run (summary.json ``nan_guard``); None when it did not."""
-    guard = (run.summary or {}).get("nan_guard") or {}
-    return int(guard["step"]) if guard.get("triggered") and guard.get("step") is not None else None
-
-
 def scored_returns(run: Run) -> pd.Series:
     """``eval/return`` per evaluation, as the return metrics score it (rules v5). A run the NaN guard stopped
     also scores every evaluation its schedule (each ``trainer.eval_every`` steps, and the last step) held after the
@@ -71,9 +65,10 @@ def scored_returns(run: Run) -> pd.Series:
     its random-action warm-up episodes): a policy that diverged is worth no more than random actions, and leaving
     those evaluations out would drop an arm's worst runs from its mean."""
     returns = evaluations(run, "eval/return")
-    stop = nan_guard_step(run)
-    if stop is None or run.config is None:
+    guard = nan_guard_stop(run)
+    if guard is None or guard.get("step") is None or run.config is None:
         return returns
+    stop = int(guard["step"])
     floor = untrained_level(run.scalars, run)
     if floor is None:
         return returns
@@ -86,15 +81,14 @@ def scored_returns(run: Run) -> pd.Series:
     return filled if returns.empty else pd.concat([returns, filled]).sort_index()
 
 
-def late(run: Run, tag: str, late_fraction: float) -> pd.Series:
-    """The evaluations of ``tag`` in the late window (see :func:`late_start`)."""
-    s = evaluations(run, tag)
+def in_late_window(run: Run, s: pd.Series, late_fraction: float) -> pd.Series:
+    """The points of ``s`` (indexed by env step) in the late window (see :func:`late_start`)."""
     return s[s.index > late_start(run, late_fraction)]
 
 
-def _late_scored(run: Run, late_fraction: float) -> pd.Series:
-    returns = scored_returns(run)
-    return returns[returns.index > late_start(run, late_fraction)]
+def late(run: Run, tag: str, late_fraction: float) -> pd.Series:
+    """The evaluations of ``tag`` in the late window."""
+    return in_late_window(run, evaluations(run, tag), late_fraction)
 
 
 def _mean(s: pd.Series) -> float:
@@ -125,7 +119,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("late_return", "late return",
            "mean evaluation return over the evaluations in the last plan.late_fraction of training (a run the NaN "
            "guard stopped scores its random-action warm-up return for each evaluation it did not reach)",
-           lambda run, f: _mean(_late_scored(run, f))),
+           lambda run, f: _mean(in_late_window(run, scored_returns(run), f))),
     Metric("auc_return", "mean eval return (AUC)",
            "mean evaluation return over all evaluations of the run (the area under its learning curve, per evaluation)",
            lambda run, f: _mean(scored_returns(run))),

@@ -25,6 +25,7 @@ Each verdict carries the rule that fired and the step, so a report can say why. 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -73,9 +74,16 @@ class Verdict:
         return 1000.0 * spikes / updates if updates else float("nan")
 
 
-def _nan_guard(run: Run) -> tuple[str, int | None] | None:
+def nan_guard_stop(run: Run) -> dict[str, Any] | None:
+    """The NaN guard's record in the run's summary.json (``quantity``, ``step``) when it stopped the run; None
+    when it did not."""
     guard = (run.summary or {}).get("nan_guard") or {}
-    if not guard.get("triggered"):
+    return guard if guard.get("triggered") else None
+
+
+def _nan_guard(run: Run) -> tuple[str, int | None] | None:
+    guard = nan_guard_stop(run)
+    if guard is None:
         return None
     return f"NaN guard: non-finite {guard.get('quantity')} at step {guard.get('step')}", guard.get("step")
 
