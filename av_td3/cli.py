@@ -179,6 +179,8 @@ def _bench_checked(args: argparse.Namespace) -> int:
         return _usage_error("bench", "--device cuda but no CUDA device is available: use --device cpu")
     if args.threads < 0:
         return _usage_error("bench", f"--threads {args.threads}: give 0 (torch's default) or more")
+    if args.pairs is not None and args.pairs < 1:
+        return _usage_error("bench", f"--pairs {args.pairs}: give 1 or more")
     out = args.out or default_out()
     if out.is_file():
         return _usage_error("bench", f"--out {out}: is a file, give a folder")
@@ -186,6 +188,8 @@ def _bench_checked(args: argparse.Namespace) -> int:
     cfg.device, cfg.threads = args.device, args.threads
     if args.threads > 0:  # the regression runs too: on a busy machine, skip torch's spinning default threads
         cfg.regression_threads = (args.threads,)
+    if args.pairs is not None:
+        cfg.regression_pairs = cfg.busy_pairs = args.pairs
     if args.only:
         sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
         unknown = [s for s in sections if s not in ALL_SECTIONS]
@@ -320,6 +324,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated subset of update,replay,env,e2e,checkpoint (default: all), regression "
                         "(with --against) and busy (today's default under two busy processes, torch's default "
                         "threads vs one; never by default: it loads the machine on purpose)")
+    p.add_argument("--pairs", type=int, default=None, metavar="N",
+                   help="pairs of runs behind each regression and busy ratio, interleaved A B B A (default 2). A "
+                        "machine whose speed drifts by minutes (a shared VM) needs more: the table prints the "
+                        "lowest and highest pair's ratio next to the median")
     p.add_argument("--against", default=None, metavar="REF",
                    help="add the regression rows: training env steps/s of today's code (this checkout) vs the "
                         "commit REF (hash, tag, branch, HEAD~1) of this repository, checked out into a temporary "

@@ -572,7 +572,32 @@ def test_regression_interleaves_a_b_b_a_and_pairs_the_runs(tmp_path: Path, monke
     assert not any(str(old_root) in line for line in bench_worktrees())
     for suffix in ("threads1", "threads_default"):
         assert result.ratios[f"regression_vs_{label}_{suffix}"] == pytest.approx(1.5)
+        assert result.ratios[f"regression_vs_{label}_{suffix}_lowest_pair"] == pytest.approx(1.0)
+        assert result.ratios[f"regression_vs_{label}_{suffix}_highest_pair"] == pytest.approx(2.0)
         assert result.row(f"regression/today_{suffix}").values == rate["today"]
+    assert f"| regression_vs_{label}_threads1_lowest_pair | 1 |" in bench.markdown(result)
+
+
+def test_cli_pairs_sets_the_regression_and_busy_pairs(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--pairs N: N pairs behind every regression and busy ratio; below 1 is a usage error (exit 2)."""
+    head_or_skip()
+    seen: list[tuple[int, int]] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run_bench(cfg, out, quick=False):
+        seen.append((cfg.regression_pairs, cfg.busy_pairs))
+        raise Stop
+
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    for pairs in (["--pairs", "5"], []):
+        with pytest.raises(Stop):
+            cli(["bench", "--only", "regression", "--against", "HEAD", *pairs, "--out", str(tmp_path / "o")])
+    assert seen == [(5, 5), (2, 2)]
+    assert cli(["bench", "--only", "regression", "--against", "HEAD", "--pairs", "0", "--out",
+                str(tmp_path / "o")]) == 2
+    assert "--pairs 0: give 1 or more" in capsys.readouterr().err
 
 
 def test_regression_runs_only_code_that_imports_itself(tmp_path: Path) -> None:

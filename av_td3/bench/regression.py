@@ -205,9 +205,10 @@ def bench_regression(cfg: BenchConfig, out: Path, result: BenchResult, say: Call
                     rates.setdefault(name, []).append(learning_rate(code, cfg, threads, run_dir))
                     order.append(run_dir.name)
             new, was = rates[regression_row(TODAY, threads)], rates[regression_row(label, threads)]
+            pairs = [a / b for a, b in zip(new, was)]
             say(f"regression at trainer.torch_threads={threads}: today {statistics.median(new):.1f}, {label} "
                 f"{statistics.median(was):.1f} env steps/s while training; today / {label} = "
-                f"{paired_ratio(new, was):.2f} (median over pairs)")
+                f"{paired_ratio(new, was):.2f} (median over pairs; pairs from {min(pairs):.2f} to {max(pairs):.2f})")
     window = (f"{cfg.regression_total_steps}-step runs learning from {cfg.regression_learning_starts}, env steps/s "
               f"over the log intervals of {cfg.regression_log_every} after that, one value per run, each paired "
               "with the other code's run next to it")

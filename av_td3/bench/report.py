@@ -66,7 +66,11 @@ def compute_ratios(result: BenchResult) -> dict[str, float]:
         if name.startswith(REGRESSION_PREFIX) and not name.startswith(today):
             code, threads = name.removeprefix(REGRESSION_PREFIX).split("_", 1)
             if today + threads in rows:
-                ratios[f"regression_vs_{code}_{threads}"] = paired_ratio(rows[today + threads].values, row.values)
+                key, new = f"regression_vs_{code}_{threads}", rows[today + threads].values
+                ratios[key] = paired_ratio(new, row.values)
+                if len(row.values) > 1:  # the spread of the pairs: how far one ratio could sit from the median
+                    pairs = [a / b for a, b in zip(new, row.values)]
+                    ratios[f"{key}_lowest_pair"], ratios[f"{key}_highest_pair"] = min(pairs), max(pairs)
     return ratios
 
 
