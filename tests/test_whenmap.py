@@ -86,6 +86,24 @@ def test_a_level_without_the_baseline_is_named_not_dropped(tmp_path: Path) -> No
     assert "`env.npcs=40`: 5 run(s), no report: " in md
 
 
+def test_a_level_of_another_study_keeps_its_own_plan_outside_the_maps_family(tmp_path: Path) -> None:
+    """Runs read beside the map (here: env.npcs=5, recording another plan, as the main study's default condition
+    beside the SGD map) are compared at their own plan's alpha, and the map's alpha is shared by the levels its
+    own plan covers only: 1 arm x 3 levels, not x 4."""
+    _map(tmp_path)
+    other = ["env.npcs=5", "plan.effect=0.25"]
+    _arm(tmp_path / "n5", [*other, *UNCLIPPED], BASE)
+    _arm(tmp_path / "n5", other, [410.0, 390.0, 380.0, 420.0, 400.0])
+    result = write_when_map(find_runs(tmp_path), ["env.npcs"], tmp_path / "out",
+                            baseline="agent.clip.actor=null,agent.clip.critic=null")
+    assert [lv.beside for lv in result.levels] == [True, False, False, False]
+    assert result.comparisons == 3 and result.alpha == pytest.approx(0.05 / 3)
+    assert "alpha 0.05 / 1 = 0.05 each" in (tmp_path / "out" / result.levels[0].folder / "comparison.md").read_text()
+    assert "alpha 0.05 / 3 = 0.0167 each" in (tmp_path / "out" / result.levels[1].folder / "comparison.md").read_text()
+    assert "`env.npcs=5`: 10 run(s)" in (md := (tmp_path / "out" / "when_map.md").read_text())
+    assert "read beside the map: its runs record another study's plan" in md
+
+
 def test_bad_axis_or_baseline_ends_with_exit_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _map(tmp_path)
     out = str(tmp_path / "out")

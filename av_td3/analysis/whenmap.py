@@ -2,7 +2,9 @@
 config keys (``--axis agent.optimizer --axis agent.lr.critic``); at each level every arm is compared with that
 level's own baseline exactly as ``compare`` compares a study (:func:`av_td3.analysis.compare.summarize`), and all
 comparisons of the map share the plan's alpha (Bonferroni over arms x levels), so that scanning the levels for
-"where clipping starts to matter" is not a fishing trip. Output: ``when_map.md`` (one table of effects, one of how
+"where clipping starts to matter" is not a fishing trip. A level whose runs record another study's plan (the main
+study's default condition read beside a map of stress levels) is compared under that plan, outside the map's
+family. Output: ``when_map.md`` (one table of effects, one of how
 often each arm's clip bound), ``when_map.csv`` (one row per level and group), ``plots/when_map.png`` and each
 level's full report under ``levels/<n>_<level>/comparison.md``.
 """
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from av_td3.analysis.compare import Report
-from av_td3.analysis.plan import study_plan
+from av_td3.analysis.plan import Plan, records, study_plan
 from av_td3.analysis.plots import plot_when_map
 from av_td3.analysis.report import markdown_table, write_comparison
 from av_td3.analysis.runs import Run
@@ -37,6 +39,7 @@ class Level:
     report: Report | None   # None: no comparison at this level (``problem`` says why)
     problem: str = ""
     folder: str = ""        # its full report, relative to the map's folder
+    beside: bool = False    # its runs record another study's plan: compared under that plan, outside the map's family
 
 
 @dataclass
@@ -46,7 +49,7 @@ class WhenMap:
     table: pd.DataFrame     # one row per (level, group): COLUMNS plus "level"
     margin: float           # the plan's smallest effect of interest, a share of the baseline
     alpha: float            # per comparison: the plan's alpha over every comparison of the map
-    comparisons: int
+    comparisons: int        # the family: the comparisons of the levels the map's plan covers
     metric: str
 
 
@@ -79,6 +82,15 @@ def split_levels(runs: list[Run], axis: list[str]) -> list[tuple[str, list[Run]]
             for values in sorted(by_level, key=_order)]
 
 
+def _beside(level_runs: list[Run], plan: Plan) -> bool:
+    """Whether a level's runs belong to another study, read beside the map (e.g. the main study's default
+    condition next to a map of stress levels): the map's plan is a recorded one, no run of the level records it
+    and some record another. Such a level is compared under its own plan's family of comparisons; the map's
+    alpha is shared only by the levels its plan declared."""
+    return (plan.recorded and not any(records(r, plan) for r in level_runs)
+            and any(r.records_plan for r in level_runs))
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
@@ -91,15 +103,18 @@ def write_when_map(runs: list[Run], axis: list[str], out: Path, baseline: str | 
     grouped = [r for r in runs if r.config is not None]
     split = split_levels(grouped, axis)
     plan, _ = study_plan(grouped)
+    beside = {label for label, level_runs in split if _beside(level_runs, plan)}
+    in_map = len(split) - len(beside)
     levels, rows = [], []
     for i, (label, level_runs) in enumerate(split):
         folder = f"levels/{i}_{_slug(label)}"
         try:
-            report = write_comparison(level_runs, out / folder, baseline, metric, levels=len(split)).summary
+            report = write_comparison(level_runs, out / folder, baseline, metric,
+                                      levels=1 if label in beside else in_map).summary
         except ValueError as e:  # this level has no such baseline group (or no run with a config)
-            levels.append(Level(label, level_runs, None, str(e)))
+            levels.append(Level(label, level_runs, None, str(e), beside=label in beside))
             continue
-        level = Level(label, level_runs, report, folder=folder)
+        level = Level(label, level_runs, report, folder=folder, beside=label in beside)
         if report.baseline is None:
             level.problem = "no baseline group at this level"
         levels.append(level)
@@ -108,7 +123,8 @@ def write_when_map(runs: list[Run], axis: list[str], out: Path, baseline: str | 
     if all(level.report is None or level.report.baseline is None for level in levels):
         raise ValueError("no level has the baseline group "
                          f"{baseline or plan.baseline!r}: " + "; ".join(f"{lv.label}: {lv.problem}" for lv in levels))
-    comparisons = max((lv.report.power.comparisons for lv in levels if lv.report and lv.report.power), default=1)
+    comparisons = max((lv.report.power.comparisons for lv in levels
+                       if lv.report and lv.report.power and not lv.beside), default=1)
     table = pd.DataFrame(rows, columns=["level", *COLUMNS])
     result = WhenMap(axis, levels, table, plan.effect, plan.alpha / comparisons, comparisons,
                      metric or plan.metric)
@@ -170,6 +186,9 @@ def markdown(result: WhenMap) -> str:
     for level in result.levels:
         where = f"[report]({level.folder}/comparison.md)" if level.folder else "no report"
         extra = f": {level.problem}" if level.problem else ""
+        if level.beside:
+            extra += (" (read beside the map: its runs record another study's plan, so its intervals are that "
+                      "plan's own, outside the map's family of comparisons)")
         md.append(f"- `{level.label}`: {len(level.runs)} run(s), {where}{extra}")
     md += ["", "![when map](plots/when_map.png)"]
     return "\n".join(md) + "\n"
