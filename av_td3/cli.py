@@ -138,7 +138,7 @@ def _archive(args: argparse.Namespace) -> int:
         return _usage_error("archive", f"{args.dest}: inside {args.source}; archive into a folder outside it "
                                        "(e.g. results/<study>/<sweep name>)")
     try:
-        result = archive(args.source, args.dest)
+        result = archive(args.source, args.dest, resumable_stops=args.resumable_stops)
     except RunDiscoveryError as e:
         return _usage_error("archive", str(e))
     for target in result.archived:
@@ -295,6 +295,10 @@ def _add_archive(sub: argparse._SubParsersAction) -> None:
                                    "Exit 0: archived; 1: nothing to archive; 2: bad usage.")
     p.add_argument("source", type=Path, metavar="RUN_OR_SWEEP", help="a run folder or a sweep folder")
     p.add_argument("dest", type=Path, metavar="DEST", help="the archive folder, e.g. results/clip_study/<sweep>")
+    p.add_argument("--resumable-stops", action="store_true",
+                   help="archive runs stopped resumably (by a signal, a time-out or a lost simulator) as they are; "
+                        "by default they are skipped: such a run is unfinished, resume it and archive it when it "
+                        "ends (a stop by the NaN guard is a result and is always archived)")
     p.set_defaults(run=_archive)
 
 

@@ -90,6 +90,25 @@ def test_archive_refuses_to_overwrite_another_runs_archive(tmp_path: Path, capsy
     assert main(["archive", str(tmp_path / "a"), str(tmp_path / "a" / "inside")]) == 2
 
 
+def test_a_run_stopped_resumably_is_not_archived_unless_asked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run a signal stopped halfway is unfinished (resume it), unlike a stop by the NaN guard, which is a result:
+    archive skips it, naming the step and the way on, unless --resumable-stops."""
+    stop = {"status": "stopped", "steps": 3517, "total_steps": 15000, "reason": "interrupted by SIGTERM",
+            "nan_guard": {"triggered": False, "quantity": None, "step": None}}
+    guard = {**stop, "reason": "non-finite critic loss at env step 1027", "steps": 1027,
+             "nan_guard": {"triggered": True, "quantity": "critic loss", "step": 1027}}
+    write_run(tmp_path / "sweep" / "signal", [], 0, summary=stop)
+    write_run(tmp_path / "sweep" / "guard", [], 1, summary=guard)
+    dest = tmp_path / "results" / "study" / "x"
+    assert main(["archive", str(tmp_path / "sweep"), str(dest)]) == 0
+    out = capsys.readouterr().out
+    assert ("skipped signal: stopped at step 3517 of 15000 (interrupted by SIGTERM), not at its end: resume it"
+            in out) and "--resumable-stops" in out
+    assert (dest / "guard").is_dir() and not (dest / "signal").exists()
+    assert main(["archive", str(tmp_path / "sweep"), str(dest), "--resumable-stops"]) == 0
+    assert (dest / "signal" / "summary.json").is_file()
+
+
 def test_an_older_config_is_read_with_the_values_it_ran_with(tmp_path: Path) -> None:
     run = write_run(tmp_path / "old", [], 0)
     config = (run / rundir.CONFIG_FILE).read_text()

@@ -102,9 +102,10 @@ def _differs_from_study(run: Run, study_runs: list[Run], study: Path) -> str | N
             "will show it as a group of its own; archive it elsewhere unless it belongs to this study")
 
 
-def archive(source: Path, dest: Path) -> ArchiveResult:
+def archive(source: Path, dest: Path, resumable_stops: bool = False) -> ArchiveResult:
     """Archive every finished run found at ``source`` (a run folder or a sweep folder) into ``dest``, each under
-    its name relative to ``source``. Unfinished runs (running, crashed, failed) are skipped and named; a run whose
+    its name relative to ``source``. Unfinished runs (running, crashed, failed) are skipped and named, and so is a
+    run stopped resumably (a signal, a time-out: it has not reached its end) unless ``resumable_stops``; a run whose
     target already holds the archive of another run is refused (choose another ``dest``). A run that does not look
     like the runs already in the study (``dest``'s parent, e.g. results/<study>, or ``dest``): another length, or a
     preset such as debug=smoke none of them had, is archived with a warning saying so.
@@ -122,6 +123,12 @@ def archive(source: Path, dest: Path) -> ArchiveResult:
         if not run.finished:
             result.skipped.append(f"{run.name}: {run.state}; only finished runs (completed or stopped) are "
                                   "archived")
+            continue
+        if rundir.is_resumable_stop(run.summary) and not resumable_stops:
+            s = run.summary or {}
+            result.skipped.append(f"{run.name}: stopped at step {s.get('steps')} of {s.get('total_steps')} "
+                                  f"({s.get('reason')}), not at its end: resume it (the same command again) and "
+                                  "archive it when it ends, or archive it as it is with --resumable-stops")
             continue
         name = run.path.name if run.path == source else run.name
         target = dest / name
