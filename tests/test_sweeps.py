@@ -80,6 +80,7 @@ def summary(job_dir: Path) -> dict:
     ("clip_when", {"arm": "td3_noclip,td3,td3_adaptive,td3_zscore,td3_agc", "agent.lr.critic": "0.001,0.01,0.03",
                    "seed": "40,41,42,43,44"}),
     ("clip_control", {"arm": "td3_noclip,td3_adaptive", "seed": "30,31,32,33,34"}),
+    ("clip_control_lr1e-1", {"arm": "td3_noclip,td3_sgd_limits", "seed": "50,51,52,53,54"}),
 ])
 def test_experiment_files_set_name_sweep_dir_and_params(experiment: str, params: dict) -> None:
     cfg = hydra_compose(f"experiment={experiment}", "debug=smoke")
