@@ -221,6 +221,10 @@ def _sweep(root: Path) -> Path:
     write_run(sweep / "agent.clip.critic=5.0,seed=0", [*common, "agent.clip.critic=5.0"], 0)
     write_run(sweep / "agent.clip.critic=5.0,seed=1", [*common, "agent.clip.critic=5.0"], 1, write_summary=False,
               stale=True)
+    # stopped by a signal halfway, with evaluations in the late window: unfinished until resumed, not a result
+    write_run(sweep / "agent.clip.critic=5.0,seed=2", [*common, "agent.clip.critic=5.0"], 2,
+              summary={"status": "stopped", "reason": "interrupted by SIGTERM", "steps": 250, "final_eval": None,
+                       "nan_guard": {"triggered": False, "quantity": None, "step": None}})
     write_run(sweep / "seed=9", common, 9, summary={"status": "running", "steps": 100, "final_eval": None},
               stale=True)
     write_run(sweep / "seed=8", common, 8, summary={"status": "running", "steps": 150, "final_eval": None})
@@ -254,6 +258,8 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert np.isnan(unclipped["actor_clip_limit"]) and default["actor_clip_limit"] == 1.5
 
     assert "83.33 (n=1, no interval)" in md and "agent.clip.critic=5.0,seed=1: crashed" in md
+    assert one["incomplete"] == 2 and one["stopped"] == 0 and one["n"] == 1
+    assert "agent.clip.critic=5.0,seed=2: stopped resumably at step 250 of 300 (interrupted by SIGTERM)" in md
     assert "seed=9: crashed at step 100 of 300" in md and "seed=8: running at step 150 of 300" in md
     assert "agent.clip.actor=null,agent.clip.critic=null,seed=3: diverged: NaN guard: non-finite critic_loss at " \
            "step 200" in md

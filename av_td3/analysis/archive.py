@@ -120,15 +120,15 @@ def archive(source: Path, dest: Path, resumable_stops: bool = False) -> ArchiveR
         if rundir.is_archived(run.path):
             result.skipped.append(f"{run.name}: already an archive (copy the folder instead)")
             continue
-        if not run.finished:
-            result.skipped.append(f"{run.name}: {run.state}; only finished runs (completed or stopped) are "
-                                  "archived")
-            continue
-        if rundir.is_resumable_stop(run.summary) and not resumable_stops:
+        if run.resumable_stop and not resumable_stops:
             s = run.summary or {}
             result.skipped.append(f"{run.name}: stopped at step {s.get('steps')} of {s.get('total_steps')} "
                                   f"({s.get('reason')}), not at its end: resume it (the same command again) and "
                                   "archive it when it ends, or archive it as it is with --resumable-stops")
+            continue
+        if not run.finished and not run.resumable_stop:
+            result.skipped.append(f"{run.name}: {run.state}; only finished runs (completed, or stopped by the NaN "
+                                  "guard) are archived")
             continue
         name = run.path.name if run.path == source else run.name
         target = dest / name

@@ -230,7 +230,8 @@ def summarize_group(group: Group, rows: pd.DataFrame, metric: str) -> dict[str, 
     n = len(values)
     s: dict[str, Any] = {
         "group": group.label, "runs": len(rows), "completed": int((rows["state"] == COMPLETED).sum()),
-        "stopped": int((rows["state"] == STOPPED).sum()), "incomplete": int((~rows["finished"]).sum()),
+        "stopped": int(((rows["state"] == STOPPED) & rows["finished"]).sum()),
+        "incomplete": int((~rows["finished"]).sum()),
         "seeds": sorted(int(x) for x in fin["seed"].dropna()),
         "total_steps": int(np.median([int(r.known_config.trainer.total_steps) for r in group.runs])),
         "metric": metric, "n": n,

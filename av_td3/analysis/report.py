@@ -21,7 +21,7 @@ from av_td3.analysis.metrics import pct as _pct
 from av_td3.analysis.plots import plot_effects, write_plots
 from av_td3.analysis.runs import Run
 from av_td3.analysis.verdicts import RULES, RULES_VERSION
-from av_td3.rundir import schema_default
+from av_td3.rundir import STOPPED, schema_default
 from av_td3.tags import NETS
 
 
@@ -180,7 +180,7 @@ def results_table(summary: Report) -> str:
 
 
 def _left_out_line(m: dict[str, Any]) -> str:
-    line = f"- {m['run']}: {m['state']}"
+    line = f"- {m['run']}: {m['state']}" + (" resumably" if m["state"] == STOPPED else "")
     if pd.notna(m["steps"]):
         line += f" at step {int(m['steps'])}" + (f" of {int(m['total_steps'])}" if pd.notna(m["total_steps"]) else "")
     return line + (f" ({m['reason']})" if pd.notna(m["reason"]) else "")
@@ -246,8 +246,9 @@ def _legend(summary: Report) -> str:
             f"their values correlate (one-sided Pearson test at 0.05). Verdict: better / worse when that interval "
             f"excludes 0 with at least {MIN_RUNS_FOR_VERDICT} runs in each group; equivalent when it lies within the "
             f"plan's ±{summary.plan.effect:.0%}; otherwise inconclusive. comparison.csv also holds the Holm-adjusted "
-            f"p-values, every metric per group and P(improvement). Statistics use finished runs (completed or "
-            f"stopped). {columns} Diverged: numerical failure (NaN guard, a non-finite logged value, "
+            f"p-values, every metric per group and P(improvement). Statistics use finished runs (completed, or "
+            f"stopped by the NaN guard; a run stopped resumably, by a signal or a time-out, counts once resumed to "
+            f"its end). {columns} Diverged: numerical failure (NaN guard, a non-finite logged value, "
             f"|Q| beyond the reward bound) or |Q| beyond monitor.q_return_factor x the largest |return| the run "
             f"played. Collapsed: the final level lost more than monitor.collapse_fraction of the gain of the run's "
             f"best level over its first evaluation; a level is the mean of monitor.collapse_window consecutive "
@@ -288,7 +289,8 @@ def markdown_report(summary: Report, plots: list[Path]) -> str:
     md += ["", "## Alerts fired (flushes where each alert fired, summed over the group's runs)", ""]
     md += [f"- `{s['group']}`: {s['alerts_by_name'] or 'none'}" for s in rows]
     left_out = [m for df in summary.metrics.values() for m in df.to_dict("records") if not m["finished"]]
-    md += ["", "## Runs left out of the statistics (crashed, failed or still running)", ""]
+    md += ["", "## Runs left out of the statistics (crashed, failed, still running or stopped before their end)",
+           ""]
     md += [_left_out_line(m) for m in left_out]
     md += [f"- {r.name}: no .hydra/config.yaml, cannot be grouped" for r in summary.ungrouped]
     if not left_out and not summary.ungrouped:

@@ -103,8 +103,13 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        """Ran to its end or was stopped on purpose (NaN guard, signal): its results count."""
-        return self.state in FINISHED
+        """Ran to its end, or the NaN guard stopped it: its results count. A run stopped resumably (a signal, a
+        time-out, a lost simulator) has not reached its end and does not count until it is resumed."""
+        return self.state in FINISHED and not self.resumable_stop
+
+    @property
+    def resumable_stop(self) -> bool:
+        return rundir.is_resumable_stop(self.summary)
 
     def _last_write(self) -> float:
         files = [self.path / rundir.SUMMARY_FILE, self.scalars_file, *self.event_files]
