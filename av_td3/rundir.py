@@ -214,11 +214,17 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     return read_json(run_dir / SUMMARY_FILE)
 
 
+def nan_guard_stop(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The NaN guard's record in a run's summary (``quantity``, ``step``) when it stopped the run; None when it
+    did not (or there is no summary)."""
+    guard = (summary or {}).get("nan_guard") or {}
+    return guard if guard.get("triggered") else None
+
+
 def is_resumable_stop(summary: dict[str, Any] | None) -> bool:
     """Whether a run with this summary was stopped resumably: by a signal, a time-out or a lost simulator, not by
     the NaN guard (resuming would diverge again)."""
-    return (summary is not None and summary.get("status") == STOPPED
-            and not (summary.get("nan_guard") or {}).get("triggered"))
+    return summary is not None and summary.get("status") == STOPPED and nan_guard_stop(summary) is None
 
 
 def is_run_dir(path: Path) -> bool:

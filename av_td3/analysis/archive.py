@@ -126,7 +126,7 @@ def archive(source: Path, dest: Path, resumable_stops: bool = False) -> ArchiveR
                                   f"({s.get('reason')}), not at its end: resume it (the same command again) and "
                                   "archive it when it ends, or archive it as it is with --resumable-stops")
             continue
-        if not run.finished and not run.resumable_stop:
+        if run.state not in rundir.FINISHED:
             result.skipped.append(f"{run.name}: {run.state}; only finished runs (completed, or stopped by the NaN "
                                   "guard) are archived")
             continue

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from av_td3 import tags
+from av_td3 import rundir, tags
 from av_td3.analysis.events import series
 from av_td3.analysis.runs import Run
 from av_td3.bounds import q_bound
@@ -76,9 +76,8 @@ class Verdict:
 
 def nan_guard_stop(run: Run) -> dict[str, Any] | None:
     """The NaN guard's record in the run's summary.json (``quantity``, ``step``) when it stopped the run; None
-    when it did not."""
-    guard = (run.summary or {}).get("nan_guard") or {}
-    return guard if guard.get("triggered") else None
+    when it did not (:func:`av_td3.rundir.nan_guard_stop`, the one reader of that record)."""
+    return rundir.nan_guard_stop(run.summary)
 
 
 def _nan_guard(run: Run) -> tuple[str, int | None] | None:

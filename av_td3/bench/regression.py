@@ -26,7 +26,7 @@ from pathlib import Path
 
 from av_td3.bench.config import BenchConfig
 from av_td3.bench.e2e import learning_intervals
-from av_td3.bench.result import REGRESSION_PREFIX, TODAY, BenchResult, Row, paired_ratio, regression_row
+from av_td3.bench.result import REGRESSION_PREFIX, TODAY, BenchResult, Row, pair_ratios, paired_ratio, regression_row
 from av_td3.rundir import DEFAULT_SCALARS_FILE
 
 OUTPUT_TAIL_LINES = 25  # of a failed run's console output, quoted in the error
@@ -205,7 +205,7 @@ def bench_regression(cfg: BenchConfig, out: Path, result: BenchResult, say: Call
                     rates.setdefault(name, []).append(learning_rate(code, cfg, threads, run_dir))
                     order.append(run_dir.name)
             new, was = rates[regression_row(TODAY, threads)], rates[regression_row(label, threads)]
-            pairs = [a / b for a, b in zip(new, was)]
+            pairs = pair_ratios(new, was)
             say(f"regression at trainer.torch_threads={threads}: today {statistics.median(new):.1f}, {label} "
                 f"{statistics.median(was):.1f} env steps/s while training; today / {label} = "
                 f"{paired_ratio(new, was):.2f} (median over pairs; pairs from {min(pairs):.2f} to {max(pairs):.2f})")

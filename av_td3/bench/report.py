@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from av_td3.bench.machine import busy_warning
-from av_td3.bench.result import REGRESSION_PREFIX, TODAY, BenchResult, busy_row, paired_ratio, targets
+from av_td3.bench.result import REGRESSION_PREFIX, TODAY, BenchResult, busy_row, pair_ratios, paired_ratio, targets
 
 
 def compute_ratios(result: BenchResult) -> dict[str, float]:
@@ -69,7 +69,7 @@ def compute_ratios(result: BenchResult) -> dict[str, float]:
                 key, new = f"regression_vs_{code}_{threads}", rows[today + threads].values
                 ratios[key] = paired_ratio(new, row.values)
                 if len(row.values) > 1:  # the spread of the pairs: how far one ratio could sit from the median
-                    pairs = [a / b for a, b in zip(new, row.values)]
+                    pairs = pair_ratios(new, row.values)
                     ratios[f"{key}_lowest_pair"], ratios[f"{key}_highest_pair"] = min(pairs), max(pairs)
     return ratios
 

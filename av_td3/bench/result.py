@@ -101,9 +101,14 @@ class BenchResult:
                 "breakdown": self.breakdown}
 
 
+def pair_ratios(a: list[float], b: list[float]) -> list[float]:
+    """a_i / b_i per repetition: each repetition ran both back to back, under the same load."""
+    return [x / y for x, y in zip(a, b)]
+
+
 def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median over repetitions of a_i / b_i: each repetition ran both back to back, under the same load."""
-    return float(statistics.median(x / y for x, y in zip(a, b)))
+    """Median over repetitions of a_i / b_i (:func:`pair_ratios`)."""
+    return float(statistics.median(pair_ratios(a, b)))
 
 
 def targets(ratios: dict[str, float]) -> list[dict[str, Any]]:
