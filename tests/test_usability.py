@@ -264,6 +264,56 @@ def test_importing_av_td3_makes_torch_threads_wait_passively_unless_the_user_cho
     assert out.stdout.split() == ["ACTIVE", "False"], out.stderr
 
 
+# The default update's page faults, counted in a fresh process: what glibc does with the memory torch frees.
+UPDATE_FAULTS_PROBE = """
+import resource, torch, av_td3
+from av_td3 import machine
+from av_td3.bench.config import default_config
+from av_td3.bench.updates import build_agent, random_buffer
+torch.set_num_threads(1)
+agent = build_agent(default_config(), torch.device("cpu"))
+buf = random_buffer(agent.spec, 256, 0, torch.device("cpu"))
+for i in range(4):
+    agent.update(buf.sample(128), i)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(8):
+    agent.update(buf.sample(128), 4 + i)
+print(machine.freed_memory, "|", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc and ru_minflt: Linux")
+def test_importing_av_td3_keeps_freed_memory_for_the_next_update_unless_the_user_chose() -> None:
+    """An update frees and reallocates tensors of 1-10 MB; with glibc's defaults every one is fresh pages from the
+    kernel (thousands of page faults per update). av_td3 sets malloc on import to keep them, and leaves malloc
+    alone when the user set a tunable (here a harmless one: glibc's defaults then hold)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+    def faults(**extra: str) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", UPDATE_FAULTS_PROBE], capture_output=True, text=True, cwd=ROOT,
+                             env={**env, **extra}, timeout=300)
+        setting, per_update = out.stdout.strip().rsplit("|", 1)
+        return setting.strip(), float(per_update)
+
+    kept, kept_faults = faults()
+    chosen, default_faults = faults(GLIBC_TUNABLES="glibc.malloc.check=0")
+    assert kept.startswith("kept for reuse") and chosen == "as set by GLIBC_TUNABLES"
+    assert kept_faults < 200 < 1000 < default_faults, (kept_faults, default_faults)
+
+
+def test_another_allocator_or_a_malloc_variable_is_the_users_choice(monkeypatch) -> None:
+    from av_td3 import machine
+
+    monkeypatch.setattr(machine, "freed_memory", machine.freed_memory)  # restored after the test
+    for var in [v for v in os.environ if v.startswith("MALLOC_") or v in ("GLIBC_TUNABLES", "LD_PRELOAD")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert machine.keep_freed_memory() == "as set by LD_PRELOAD, MALLOC_ARENA_MAX" == machine.freed_memory
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libasan.so")  # not an allocator of its own: left out
+    assert machine.keep_freed_memory() == "as set by MALLOC_ARENA_MAX"
+
+
 def test_a_busy_machine_is_named_with_what_the_run_does_about_it(monkeypatch) -> None:
     from av_td3 import machine
 

@@ -21,12 +21,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]  # where the git commit is read 
 
 def provenance() -> dict[str, str]:
     """Git commit, package versions, the machine (CPU model and cores), torch's threads and their OpenMP wait
-    policy, recorded with every run: `av-td3 compare` quotes wall times with them."""
+    policy, what malloc does with freed memory (``machine.freed_memory``), recorded with every run: `av-td3
+    compare` quotes wall times with them."""
     from importlib.metadata import PackageNotFoundError, version
 
     info = {"python": platform.python_version(), "host": platform.node(), "machine": machine.describe(),
             "torch_threads": str(torch.get_num_threads()),
-            "omp_wait_policy": os.environ.get(machine.WAIT_POLICY_VAR, "unset")}
+            "omp_wait_policy": os.environ.get(machine.WAIT_POLICY_VAR, "unset"),
+            "freed_memory": machine.freed_memory}
     for pkg in ("av-td3", "torch", "numpy", "gymnasium", "highway-env", "hydra-core"):
         try:
             info[pkg] = version(pkg)
