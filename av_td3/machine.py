@@ -48,8 +48,8 @@ freed_memory = "not set yet"  # what keep_freed_memory() made of it, for summary
 def keep_freed_memory() -> str:
     """Let glibc's malloc keep the memory torch frees for the next allocation instead of returning it to the
     kernel, unless the user chose for malloc (a ``MALLOC_*`` variable, ``GLIBC_TUNABLES``, or another allocator
-    in ``LD_PRELOAD`` such as jemalloc or tcmalloc). Returns what holds, in
-    words, also kept in ``freed_memory`` for the run's provenance. ``av_td3/__init__.py`` calls it on import.
+    in ``LD_PRELOAD`` such as jemalloc or tcmalloc). Returns what holds, in words, also kept in ``freed_memory``
+    for the run's provenance. ``av_td3/__init__.py`` calls it on import.
 
     An update allocates and frees tensors of 1-10 MB (the batch's float frames, [128, 4, 64, 64] float32, are
     8.4 MB). glibc serves such sizes from fresh ``mmap`` pages, or trims them off the heap's top when freed, so
