@@ -19,7 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from av_td3 import bench
+from av_td3 import bench, machine
 from av_td3.agent.td3 import TD3
 from av_td3.bench import regression, updates
 from av_td3.bench import run as bench_run
@@ -264,6 +264,7 @@ def test_markdown_lists_every_row_and_ratio(tiny_run) -> None:
     for name in ROWS + RATIOS:
         assert f"| {name} |" in md, name
     assert "AMD" in md or "Intel" in md or "Machine:" in md
+    assert f"freed memory {machine.freed_memory}" in md  # a setting that moves every update row
 
 
 def test_every_file_lands_in_the_out_dir(tiny_run) -> None:

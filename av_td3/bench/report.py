@@ -90,7 +90,8 @@ def markdown(result: BenchResult) -> str:
              f"torch {m['torch']} ({m['torch_threads']} threads, {m['cpu_capability']}), device {m['device']}"
              + (f" ({m['gpu']})" if m.get("gpu") else "") + f", SB3 {m['stable_baselines3'] or 'not installed'}"
              + (f", load average {load:.2f} at start" if load is not None else "")
-             + "".join(f", {k}={v}" for k, v in m.get("env", {}).items() if v is not None) + ".", "",
+             + "".join(f", {k}={v}" for k, v in m.get("env", {}).items() if v is not None)
+             + (f", freed memory {m['freed_memory']}" if m.get("freed_memory") else "") + ".", "",
              "Headline rows (`default`): the shipped configuration"
              + (f" with {' '.join(c['overrides'])}" if c.get("overrides") else "") + ". "
              f"Secondary rows' sizes: batch {c['batch_size']}, image {c['stack']}x{c['height']}x{c['width']}, "
